@@ -1,1 +1,72 @@
-//! placeholder
+//! Storage for Custos.
+//!
+//! The store keeps **sealed** resource versions, **blind** index rows and
+//! **wrapped** data keys. It never sees a key-encryption key, an unwrapped
+//! data key or a clear resource body: everything PHI-bearing arrives already
+//! sealed or hashed by `custos-records`. Backends implement [`Store`]; the
+//! [`conformance`] suite states the contract every backend must pass.
+//!
+//! Work is submitted as closures over a transaction ([`ReadTx`] /
+//! [`WriteTx`]), so that multi-step logic (conditional create, optimistic
+//! locking, a whole transaction Bundle) runs atomically on the backend
+//! while the trait stays async and backend-neutral.
+
+pub mod conformance;
+mod model;
+mod sqlite;
+
+pub use model::*;
+pub use sqlite::{SqliteConfig, SqliteStore, Synchronous};
+
+use std::any::Any;
+
+/// A job run in a read transaction (a consistent snapshot).
+pub type ReadJob = Box<dyn FnOnce(&mut dyn ReadTx) -> StoreResult<Box<dyn Any + Send>> + Send>;
+/// A job run in a write transaction: all of its changes commit or none do.
+pub type WriteJob = Box<dyn FnOnce(&mut dyn WriteTx) -> StoreResult<Box<dyn Any + Send>> + Send>;
+
+/// A storage backend.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Run `job` in a read transaction.
+    async fn run_read(&self, job: ReadJob) -> StoreResult<Box<dyn Any + Send>>;
+    /// Run `job` in a write transaction. An `Err` from the job rolls back
+    /// everything it did; other jobs are unaffected.
+    async fn run_write(&self, job: WriteJob) -> StoreResult<Box<dyn Any + Send>>;
+    /// A short name for logs and reports (`sqlite`, `postgres`).
+    fn backend(&self) -> &'static str;
+    /// Files holding the store's data (for scans and backups); empty for server databases.
+    fn files(&self) -> Vec<std::path::PathBuf> {
+        Vec::new()
+    }
+}
+
+/// Typed helpers over [`Store`].
+#[async_trait::async_trait]
+pub trait StoreExt: Store {
+    /// Run a typed read job.
+    async fn read<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn ReadTx) -> StoreResult<T> + Send + 'static,
+    {
+        let any = self
+            .run_read(Box::new(move |tx| f(tx).map(|t| Box::new(t) as Box<dyn Any + Send>)))
+            .await?;
+        Ok(*any.downcast::<T>().expect("read job returns its own type"))
+    }
+
+    /// Run a typed write job.
+    async fn write<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn WriteTx) -> StoreResult<T> + Send + 'static,
+    {
+        let any = self
+            .run_write(Box::new(move |tx| f(tx).map(|t| Box::new(t) as Box<dyn Any + Send>)))
+            .await?;
+        Ok(*any.downcast::<T>().expect("write job returns its own type"))
+    }
+}
+
+impl<S: Store + ?Sized> StoreExt for S {}

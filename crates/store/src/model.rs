@@ -1,0 +1,257 @@
+//! The data model of the store: what is kept, what is asked.
+
+/// A blind index token (an HMAC output computed by `custos-crypto`).
+pub type Token = [u8; 16];
+
+/// Errors of a storage backend.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// An optimistic-locking precondition did not hold.
+    #[error("version conflict on {rtype}/{id}: expected {expected}, found {found}")]
+    Conflict { rtype: String, id: String, expected: String, found: String },
+    /// The job itself decided to abort (its error is carried back to the caller).
+    #[error("aborted: {0}")]
+    Aborted(Box<dyn std::error::Error + Send + Sync>),
+    /// The backend failed (I/O, corruption, connection). Never contains PHI.
+    #[error("storage backend: {0}")]
+    Backend(String),
+}
+
+impl StoreError {
+    /// Wrap a job's own error so that it can be recovered with [`StoreError::into_aborted`].
+    pub fn abort<E: std::error::Error + Send + Sync + 'static>(e: E) -> StoreError {
+        StoreError::Aborted(Box::new(e))
+    }
+    /// Recover the job's own error of type `E`, if this is one.
+    pub fn into_aborted<E: std::error::Error + 'static>(self) -> Result<E, StoreError> {
+        match self {
+            StoreError::Aborted(b) => match b.downcast::<E>() {
+                Ok(e) => Ok(*e),
+                Err(b) => Err(StoreError::Aborted(b)),
+            },
+            other => Err(other),
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// One stored version of a resource, as the store holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredVersion {
+    /// The store's internal row id of the resource (stable across versions).
+    pub rid: i64,
+    pub rtype: String,
+    pub id: String,
+    pub version: i64,
+    /// UTC microseconds since the epoch.
+    pub last_updated: i64,
+    pub state: RecordState,
+    /// The name of the data key that sealed `body` (`patient/{id}` or `shared`).
+    pub key_name: String,
+    /// The sealed body (empty for a deletion tombstone).
+    pub body: Vec<u8>,
+    /// The value the query was ordered by, for paging cursors.
+    pub sort_key: Option<f64>,
+    /// The write sequence number of this version (monotonic across the store).
+    pub seq: i64,
+}
+
+/// Whether a version is live, a deletion, or erased by crypto-shredding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordState {
+    Live = 0,
+    Deleted = 1,
+    Erased = 2,
+}
+
+impl RecordState {
+    pub(crate) fn from_i64(v: i64) -> RecordState {
+        match v {
+            0 => RecordState::Live,
+            1 => RecordState::Deleted,
+            _ => RecordState::Erased,
+        }
+    }
+}
+
+/// A new version to write.
+#[derive(Debug, Clone)]
+pub struct NewVersion {
+    pub rtype: String,
+    pub id: String,
+    pub version: i64,
+    pub last_updated: i64,
+    /// True for a deletion tombstone (`body` empty).
+    pub deleted: bool,
+    pub key_name: String,
+    /// The patient whose compartment this resource belongs to, if any
+    /// (a random id, never PHI); used for erasure and access control.
+    pub compartment: Option<String>,
+    pub body: Vec<u8>,
+}
+
+/// What the current version must be for a write to proceed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// The resource must not exist (or only as a deleted tombstone).
+    Absent,
+    /// The current version must be exactly this one.
+    Version(i64),
+}
+
+/// A range row: a search value that is compared, not matched
+/// (clinical dates in UTC micros, numbers and quantities).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RangeEntry {
+    /// Identifies (resource type, parameter[, unit]); see `custos-records`.
+    pub pkey: i64,
+    pub lo: f64,
+    pub hi: f64,
+}
+
+/// The index rows of one resource version.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IndexEntries {
+    pub tokens: Vec<Token>,
+    pub ranges: Vec<RangeEntry>,
+}
+
+/// A condition on a range row; every bound given must hold.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct RangeCond {
+    pub lo_ge: Option<f64>,
+    pub lo_lt: Option<f64>,
+    pub hi_gt: Option<f64>,
+    pub hi_le: Option<f64>,
+}
+
+/// One AND-ed filter of an index query.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Filter {
+    /// The resource has an index row with one of these tokens.
+    AnyToken(Vec<Token>),
+    /// The resource has no index row with any of these tokens.
+    NoToken(Vec<Token>),
+    /// The resource has a range row of `pkey` meeting one of the conditions.
+    AnyRange { pkey: i64, any: Vec<RangeCond> },
+    /// The resource id is one of these.
+    Ids(Vec<String>),
+    /// `last_updated` meets one of the conditions (lo = hi = last_updated).
+    LastUpdated(Vec<RangeCond>),
+    /// The resource is in this patient's compartment.
+    Compartment(String),
+}
+
+/// How results are ordered (always followed by the row id for a total order).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Order {
+    /// Insertion order.
+    Rid,
+    LastUpdated,
+    /// By the smallest `lo` (ascending) or largest `hi` (descending) of a range parameter;
+    /// resources without a value sort last.
+    Range(i64),
+}
+
+/// A keyset position: results strictly after (or before) this one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Keyset {
+    pub sort_key: f64,
+    pub rid: i64,
+}
+
+/// A search over the current, live versions of one resource type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexQuery {
+    pub rtype: String,
+    pub filters: Vec<Filter>,
+    pub order: Order,
+    pub descending: bool,
+    /// Start strictly after this position in the ordering.
+    pub after: Option<Keyset>,
+    /// Walk the ordering backwards from `after` (for `previous` links);
+    /// results still come back in forward order.
+    pub backwards: bool,
+    pub limit: usize,
+}
+
+impl IndexQuery {
+    /// All live resources of a type in insertion order.
+    pub fn all(rtype: &str, limit: usize) -> IndexQuery {
+        IndexQuery {
+            rtype: rtype.to_string(),
+            filters: Vec::new(),
+            order: Order::Rid,
+            descending: false,
+            after: None,
+            backwards: false,
+            limit,
+        }
+    }
+}
+
+/// Which history to read.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HistoryScope {
+    Instance { rtype: String, id: String },
+    Type(String),
+    System,
+}
+
+/// A history query: newest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryQuery {
+    pub scope: HistoryScope,
+    /// Only versions updated at or after (UTC micros).
+    pub since: Option<i64>,
+    /// Only versions updated before (UTC micros), `_at`-style upper bound.
+    pub before: Option<i64>,
+    /// Only versions with a sequence number below this (paging).
+    pub seq_below: Option<i64>,
+    pub limit: usize,
+}
+
+/// A wrapped data key as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub name: String,
+    pub kek_id: String,
+    pub blob: Vec<u8>,
+}
+
+/// Read operations of a transaction.
+pub trait ReadTx {
+    /// The current version (live, deleted or erased) of a resource.
+    fn current(&mut self, rtype: &str, id: &str) -> StoreResult<Option<StoredVersion>>;
+    /// A specific version.
+    fn version(&mut self, rtype: &str, id: &str, version: i64) -> StoreResult<Option<StoredVersion>>;
+    /// Search current live versions.
+    fn search(&mut self, q: &IndexQuery) -> StoreResult<Vec<StoredVersion>>;
+    /// Count matches of `q` (ignoring order, keyset and limit), counting at most `cap`.
+    fn count(&mut self, q: &IndexQuery, cap: u64) -> StoreResult<u64>;
+    /// Versions, newest first.
+    fn history(&mut self, q: &HistoryQuery) -> StoreResult<Vec<StoredVersion>>;
+    /// Count versions of a history query, at most `cap`.
+    fn history_count(&mut self, q: &HistoryQuery, cap: u64) -> StoreResult<u64>;
+    /// A wrapped data key by name.
+    fn data_key(&mut self, name: &str) -> StoreResult<Option<KeyRecord>>;
+    /// Up to `limit` data keys not wrapped under `kek_id` (for rotation).
+    fn data_keys_not_under(&mut self, kek_id: &str, limit: usize) -> StoreResult<Vec<KeyRecord>>;
+    /// How many data keys each KEK wraps.
+    fn data_key_counts(&mut self) -> StoreResult<Vec<(String, u64)>>;
+    /// Counts of live resources per type.
+    fn type_counts(&mut self) -> StoreResult<Vec<(String, u64)>>;
+}
+
+/// Write operations of a transaction.
+pub trait WriteTx: ReadTx {
+    /// Write a new version and replace the resource's index rows with `index`.
+    fn put(&mut self, v: &NewVersion, index: &IndexEntries, expect: Expect) -> StoreResult<()>;
+    /// Insert a wrapped data key; `replace` allows overwriting (re-wrapping).
+    fn put_data_key(&mut self, key: &KeyRecord, replace: bool) -> StoreResult<()>;
+    /// Crypto-shredding: delete the named data key, mark every resource of
+    /// the patient's compartment erased and drop their index rows. Returns
+    /// the number of resources erased.
+    fn erase_compartment(&mut self, patient_id: &str, key_name: &str) -> StoreResult<u64>;
+}

@@ -1,0 +1,837 @@
+//! The embedded default backend: SQLite in WAL mode.
+//!
+//! One writer thread owns the only write connection and **group-commits**:
+//! it drains every queued write job into one SQLite transaction, each job
+//! inside its own savepoint, so that a failing job rolls back alone and a
+//! burst of small writes costs one commit. Readers use a pool of read-only
+//! connections on the blocking thread pool; WAL gives them consistent
+//! snapshots while the writer works.
+use std::any::Any;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use parking_lot::Mutex;
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params, params_from_iter};
+use tokio::sync::oneshot;
+
+use crate::model::*;
+use crate::{ReadJob, Store, WriteJob};
+
+/// How hard SQLite works to survive power loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Synchronous {
+    /// fsync the WAL at every commit: no acknowledged write is lost even on power loss.
+    #[default]
+    Full,
+    /// fsync only at checkpoints: survives a process crash, may lose the last
+    /// commits on power loss.
+    Normal,
+}
+
+/// Settings of the SQLite backend.
+#[derive(Debug, Clone)]
+pub struct SqliteConfig {
+    /// The database file (created if missing).
+    pub path: PathBuf,
+    pub synchronous: Synchronous,
+    /// Page cache of the writer connection, in MiB (readers get a quarter each).
+    pub cache_mib: u32,
+}
+
+impl SqliteConfig {
+    /// Defaults for a database at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> SqliteConfig {
+        SqliteConfig { path: path.into(), synchronous: Synchronous::Full, cache_mib: 256 }
+    }
+}
+
+type Reply = oneshot::Sender<StoreResult<Box<dyn Any + Send>>>;
+
+/// The SQLite store.
+pub struct SqliteStore {
+    config: SqliteConfig,
+    writer: Mutex<Option<mpsc::Sender<(WriteJob, Reply)>>>,
+    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS current (
+    rid INTEGER PRIMARY KEY,
+    rtype TEXT NOT NULL,
+    id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    last_updated INTEGER NOT NULL,
+    state INTEGER NOT NULL,
+    compartment TEXT,
+    index_blob BLOB,
+    UNIQUE (rtype, id)
+);
+CREATE INDEX IF NOT EXISTS current_type_updated ON current (rtype, last_updated);
+CREATE INDEX IF NOT EXISTS current_compartment ON current (compartment) WHERE compartment IS NOT NULL;
+CREATE TABLE IF NOT EXISTS versions (
+    seq INTEGER PRIMARY KEY,
+    rid INTEGER NOT NULL,
+    rtype TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    last_updated INTEGER NOT NULL,
+    state INTEGER NOT NULL,
+    key_name TEXT NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS versions_rid ON versions (rid, version);
+CREATE INDEX IF NOT EXISTS versions_type ON versions (rtype, seq);
+CREATE TABLE IF NOT EXISTS idx_token (
+    token BLOB NOT NULL,
+    rid INTEGER NOT NULL,
+    PRIMARY KEY (token, rid)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS idx_range (
+    pkey INTEGER NOT NULL,
+    lo REAL NOT NULL,
+    rid INTEGER NOT NULL,
+    hi REAL NOT NULL,
+    PRIMARY KEY (pkey, lo, rid, hi)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS idx_sort (
+    pkey INTEGER NOT NULL,
+    rid INTEGER NOT NULL,
+    min_lo REAL NOT NULL,
+    max_hi REAL NOT NULL,
+    PRIMARY KEY (pkey, rid)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS data_keys (
+    name TEXT PRIMARY KEY,
+    kek_id TEXT NOT NULL,
+    blob BLOB NOT NULL
+);
+INSERT OR IGNORE INTO meta (k, v) VALUES ('schema_version', '1');
+"#;
+
+fn backend_err(e: rusqlite::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn open_connection(config: &SqliteConfig, read_only: bool) -> StoreResult<Connection> {
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = Connection::open_with_flags(&config.path, flags).map_err(backend_err)?;
+    let cache_kib = if read_only { config.cache_mib as i64 * 256 } else { config.cache_mib as i64 * 1024 };
+    let sync = match config.synchronous {
+        Synchronous::Full => "FULL",
+        Synchronous::Normal => "NORMAL",
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA busy_timeout = 10000; PRAGMA cache_size = -{cache_kib}; PRAGMA temp_store = MEMORY; \
+         PRAGMA mmap_size = 268435456; PRAGMA synchronous = {sync};"
+    ))
+    .map_err(backend_err)?;
+    if !read_only {
+        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(())).map_err(backend_err)?;
+        conn.execute_batch("PRAGMA wal_autocheckpoint = 4000;").map_err(backend_err)?;
+    }
+    conn.set_prepared_statement_cache_capacity(256);
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) the database and start the writer thread.
+    pub fn open(config: SqliteConfig) -> StoreResult<SqliteStore> {
+        if let Some(parent) = config.path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| StoreError::Backend(e.to_string()))?;
+        }
+        let conn = open_connection(&config, false)?;
+        conn.execute_batch(SCHEMA).map_err(backend_err)?;
+        let (tx, rx) = mpsc::channel::<(WriteJob, Reply)>();
+        let handle = std::thread::Builder::new()
+            .name("custos-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        Ok(SqliteStore {
+            config,
+            writer: Mutex::new(Some(tx)),
+            writer_thread: Mutex::new(Some(handle)),
+            readers: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.config.path
+    }
+
+    /// Stop the writer after the queued jobs and checkpoint the WAL.
+    pub fn close(&self) {
+        self.writer.lock().take();
+        if let Some(h) = self.writer_thread.lock().take() {
+            let _ = h.join();
+        }
+        self.readers.lock().clear();
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Most write jobs drained into one group commit.
+const GROUP_MAX: usize = 256;
+
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<(WriteJob, Reply)>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < GROUP_MAX {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut results: Vec<(StoreResult<Box<dyn Any + Send>>, Reply)> = Vec::with_capacity(batch.len());
+        let begin = conn.execute_batch("BEGIN IMMEDIATE");
+        if let Err(e) = begin {
+            for (_, reply) in batch {
+                let _ = reply.send(Err(StoreError::Backend(e.to_string())));
+            }
+            continue;
+        }
+        for (job, reply) in batch {
+            let result = run_in_savepoint(&mut conn, job);
+            results.push((result, reply));
+        }
+        if let Err(e) = conn.execute_batch("COMMIT") {
+            let _ = conn.execute_batch("ROLLBACK");
+            for (_, reply) in results {
+                let _ = reply.send(Err(StoreError::Backend(e.to_string())));
+            }
+            continue;
+        }
+        for (result, reply) in results {
+            let _ = reply.send(result);
+        }
+    }
+    let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+}
+
+fn run_in_savepoint(conn: &mut Connection, job: WriteJob) -> StoreResult<Box<dyn Any + Send>> {
+    conn.execute_batch("SAVEPOINT job").map_err(backend_err)?;
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut tx = SqliteTx { conn };
+        job(&mut tx)
+    }));
+    let result = match outcome {
+        Ok(r) => r,
+        Err(_) => Err(StoreError::Backend("write job panicked; its changes were rolled back".into())),
+    };
+    if result.is_err() {
+        conn.execute_batch("ROLLBACK TO job").map_err(backend_err)?;
+    }
+    conn.execute_batch("RELEASE job").map_err(backend_err)?;
+    result
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn run_read(&self, job: ReadJob) -> StoreResult<Box<dyn Any + Send>> {
+        let readers = self.readers.clone();
+        let config = self.config.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = readers.lock().pop();
+            let mut conn = match conn {
+                Some(c) => c,
+                None => open_connection(&config, true)?,
+            };
+            conn.execute_batch("BEGIN").map_err(backend_err)?;
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let mut tx = SqliteTx { conn: &mut conn };
+                job(&mut tx)
+            }));
+            let ended = conn.execute_batch("COMMIT");
+            if ended.is_ok() {
+                readers.lock().push(conn);
+            }
+            match result {
+                Ok(r) => r,
+                Err(_) => Err(StoreError::Backend("read job panicked".into())),
+            }
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("read task failed: {e}")))?
+    }
+
+    async fn run_write(&self, job: WriteJob) -> StoreResult<Box<dyn Any + Send>> {
+        let (reply, wait) = oneshot::channel();
+        {
+            let writer = self.writer.lock();
+            let sender = writer.as_ref().ok_or_else(|| StoreError::Backend("store is closed".into()))?;
+            sender
+                .send((job, reply))
+                .map_err(|_| StoreError::Backend("writer thread stopped".into()))?;
+        }
+        wait.await.map_err(|_| StoreError::Backend("writer thread stopped".into()))?
+    }
+
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn files(&self) -> Vec<PathBuf> {
+        let p = &self.config.path;
+        let mut wal = p.clone().into_os_string();
+        wal.push("-wal");
+        let mut shm = p.clone().into_os_string();
+        shm.push("-shm");
+        vec![p.clone(), wal.into(), shm.into()]
+    }
+}
+
+/// A transaction on one connection.
+struct SqliteTx<'c> {
+    conn: &'c mut Connection,
+}
+
+const VERSION_COLUMNS: &str = "c.rid, c.rtype, c.id, v.version, v.last_updated, \
+     CASE WHEN c.state = 2 THEN 2 ELSE v.state END, v.key_name, v.body, v.seq";
+
+fn row_to_version(row: &rusqlite::Row<'_>, sort_col: Option<usize>) -> rusqlite::Result<StoredVersion> {
+    Ok(StoredVersion {
+        rid: row.get(0)?,
+        rtype: row.get(1)?,
+        id: row.get(2)?,
+        version: row.get(3)?,
+        last_updated: row.get(4)?,
+        state: RecordState::from_i64(row.get(5)?),
+        key_name: row.get(6)?,
+        body: row.get(7)?,
+        seq: row.get(8)?,
+        sort_key: match sort_col {
+            Some(i) => row.get(i)?,
+            None => None,
+        },
+    })
+}
+
+fn encode_index(index: &IndexEntries) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + index.tokens.len() * 16 + index.ranges.len() * 24);
+    out.extend_from_slice(&(index.tokens.len() as u32).to_le_bytes());
+    for t in &index.tokens {
+        out.extend_from_slice(t);
+    }
+    out.extend_from_slice(&(index.ranges.len() as u32).to_le_bytes());
+    for r in &index.ranges {
+        out.extend_from_slice(&r.pkey.to_le_bytes());
+        out.extend_from_slice(&r.lo.to_le_bytes());
+        out.extend_from_slice(&r.hi.to_le_bytes());
+    }
+    out
+}
+
+fn decode_index(blob: &[u8]) -> Option<IndexEntries> {
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        if b.len() < n {
+            return None;
+        }
+        let (h, t) = b.split_at(n);
+        *b = t;
+        Some(h)
+    }
+    let mut b = blob;
+    let n = u32::from_le_bytes(take(&mut b, 4)?.try_into().ok()?) as usize;
+    let mut index = IndexEntries::default();
+    for _ in 0..n {
+        index.tokens.push(take(&mut b, 16)?.try_into().ok()?);
+    }
+    let m = u32::from_le_bytes(take(&mut b, 4)?.try_into().ok()?) as usize;
+    for _ in 0..m {
+        let pkey = i64::from_le_bytes(take(&mut b, 8)?.try_into().ok()?);
+        let lo = f64::from_le_bytes(take(&mut b, 8)?.try_into().ok()?);
+        let hi = f64::from_le_bytes(take(&mut b, 8)?.try_into().ok()?);
+        index.ranges.push(RangeEntry { pkey, lo, hi });
+    }
+    Some(index)
+}
+
+/// Large finite stand-ins for "no value" in sort keys (NULL sorts last either way).
+const SORT_LAST_ASC: f64 = 1e308;
+const SORT_LAST_DESC: f64 = -1e308;
+
+fn push_range_cond(sql: &mut String, args: &mut Vec<SqlValue>, lo: &str, hi: &str, c: &RangeCond) {
+    let mut parts = Vec::new();
+    if let Some(x) = c.lo_ge {
+        parts.push(format!("{lo} >= ?"));
+        args.push(SqlValue::Real(x));
+    }
+    if let Some(x) = c.lo_lt {
+        parts.push(format!("{lo} < ?"));
+        args.push(SqlValue::Real(x));
+    }
+    if let Some(x) = c.hi_gt {
+        parts.push(format!("{hi} > ?"));
+        args.push(SqlValue::Real(x));
+    }
+    if let Some(x) = c.hi_le {
+        parts.push(format!("{hi} <= ?"));
+        args.push(SqlValue::Real(x));
+    }
+    if parts.is_empty() {
+        sql.push_str("1");
+    } else {
+        sql.push('(');
+        sql.push_str(&parts.join(" AND "));
+        sql.push(')');
+    }
+}
+
+fn push_placeholders(sql: &mut String, n: usize) {
+    for i in 0..n {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push('?');
+    }
+}
+
+/// Append the WHERE conditions of `filters` (each prefixed by ` AND `).
+fn push_filters(sql: &mut String, args: &mut Vec<SqlValue>, filters: &[Filter]) {
+    for f in filters {
+        sql.push_str(" AND ");
+        match f {
+            Filter::AnyToken(tokens) | Filter::NoToken(tokens) => {
+                if tokens.is_empty() {
+                    sql.push_str(if matches!(f, Filter::AnyToken(_)) { "0" } else { "1" });
+                    continue;
+                }
+                let not = if matches!(f, Filter::NoToken(_)) { "NOT " } else { "" };
+                sql.push_str(&format!("c.rid {not}IN (SELECT rid FROM idx_token WHERE token IN ("));
+                push_placeholders(sql, tokens.len());
+                sql.push_str("))");
+                args.extend(tokens.iter().map(|t| SqlValue::Blob(t.to_vec())));
+            }
+            Filter::AnyRange { pkey, any } => {
+                sql.push_str("c.rid IN (SELECT rid FROM idx_range WHERE pkey = ? AND (");
+                args.push(SqlValue::Integer(*pkey));
+                if any.is_empty() {
+                    sql.push('0');
+                }
+                for (i, c) in any.iter().enumerate() {
+                    if i > 0 {
+                        sql.push_str(" OR ");
+                    }
+                    push_range_cond(sql, args, "lo", "hi", c);
+                }
+                sql.push_str("))");
+            }
+            Filter::Ids(ids) => {
+                if ids.is_empty() {
+                    sql.push('0');
+                    continue;
+                }
+                sql.push_str("c.id IN (");
+                push_placeholders(sql, ids.len());
+                sql.push(')');
+                args.extend(ids.iter().map(|i| SqlValue::Text(i.clone())));
+            }
+            Filter::LastUpdated(any) => {
+                sql.push('(');
+                if any.is_empty() {
+                    sql.push('0');
+                }
+                for (i, c) in any.iter().enumerate() {
+                    if i > 0 {
+                        sql.push_str(" OR ");
+                    }
+                    push_range_cond(sql, args, "c.last_updated", "c.last_updated", c);
+                }
+                sql.push(')');
+            }
+            Filter::Compartment(p) => {
+                sql.push_str("c.compartment = ?");
+                args.push(SqlValue::Text(p.clone()));
+            }
+        }
+    }
+}
+
+impl SqliteTx<'_> {
+    fn query_versions(&self, sql: &str, args: Vec<SqlValue>, sort_col: Option<usize>) -> StoreResult<Vec<StoredVersion>> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(backend_err)?;
+        let rows = stmt
+            .query_map(params_from_iter(args), |row| row_to_version(row, sort_col))
+            .map_err(backend_err)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(backend_err)
+    }
+
+    fn history_sql(q: &HistoryQuery, select: &str) -> (String, Vec<SqlValue>) {
+        let mut sql = format!("SELECT {select} FROM versions v JOIN current c ON c.rid = v.rid WHERE 1");
+        let mut args = Vec::new();
+        match &q.scope {
+            HistoryScope::Instance { rtype, id } => {
+                sql.push_str(" AND c.rtype = ? AND c.id = ?");
+                args.push(SqlValue::Text(rtype.clone()));
+                args.push(SqlValue::Text(id.clone()));
+            }
+            HistoryScope::Type(rtype) => {
+                sql.push_str(" AND v.rtype = ?");
+                args.push(SqlValue::Text(rtype.clone()));
+            }
+            HistoryScope::System => {}
+        }
+        if let Some(since) = q.since {
+            sql.push_str(" AND v.last_updated >= ?");
+            args.push(SqlValue::Integer(since));
+        }
+        if let Some(before) = q.before {
+            sql.push_str(" AND v.last_updated < ?");
+            args.push(SqlValue::Integer(before));
+        }
+        if let Some(seq) = q.seq_below {
+            sql.push_str(" AND v.seq < ?");
+            args.push(SqlValue::Integer(seq));
+        }
+        (sql, args)
+    }
+
+    fn search_sql(q: &IndexQuery, count_only: bool) -> (String, Vec<SqlValue>) {
+        let mut args: Vec<SqlValue> = Vec::new();
+        let desc = q.descending != q.backwards;
+        let (sort_expr, join) = match q.order {
+            Order::Rid => ("CAST(c.rid AS REAL)".to_string(), String::new()),
+            Order::LastUpdated => ("CAST(c.last_updated AS REAL)".to_string(), String::new()),
+            Order::Range(pkey) => {
+                let (col, missing) = if q.descending { ("s.max_hi", SORT_LAST_DESC) } else { ("s.min_lo", SORT_LAST_ASC) };
+                (
+                    format!("COALESCE({col}, {missing:e})"),
+                    format!(" LEFT JOIN idx_sort s ON s.pkey = {pkey} AND s.rid = c.rid"),
+                )
+            }
+        };
+        let mut sql = if count_only {
+            "SELECT 1 FROM current c WHERE c.rtype = ? AND c.state = 0".to_string()
+        } else {
+            format!(
+                "SELECT {VERSION_COLUMNS}, {sort_expr} AS sk FROM current c \
+                 JOIN versions v ON v.rid = c.rid AND v.version = c.version{join} \
+                 WHERE c.rtype = ? AND c.state = 0"
+            )
+        };
+        args.push(SqlValue::Text(q.rtype.clone()));
+        push_filters(&mut sql, &mut args, &q.filters);
+        if count_only {
+            return (sql, args);
+        }
+        if let Some(k) = q.after {
+            let op = if desc { "<" } else { ">" };
+            sql.push_str(&format!(" AND ({sort_expr} {op} ? OR ({sort_expr} = ? AND c.rid {op} ?))"));
+            args.push(SqlValue::Real(k.sort_key));
+            args.push(SqlValue::Real(k.sort_key));
+            args.push(SqlValue::Integer(k.rid));
+        }
+        let dir = if desc { "DESC" } else { "ASC" };
+        sql.push_str(&format!(" ORDER BY sk {dir}, c.rid {dir} LIMIT ?"));
+        args.push(SqlValue::Integer(q.limit as i64));
+        (sql, args)
+    }
+}
+
+impl ReadTx for SqliteTx<'_> {
+    fn current(&mut self, rtype: &str, id: &str) -> StoreResult<Option<StoredVersion>> {
+        let sql = format!(
+            "SELECT {VERSION_COLUMNS} FROM current c JOIN versions v ON v.rid = c.rid AND v.version = c.version \
+             WHERE c.rtype = ?1 AND c.id = ?2"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(backend_err)?;
+        stmt.query_row(params![rtype, id], |r| row_to_version(r, None)).optional().map_err(backend_err)
+    }
+
+    fn version(&mut self, rtype: &str, id: &str, version: i64) -> StoreResult<Option<StoredVersion>> {
+        let sql = format!(
+            "SELECT {VERSION_COLUMNS} FROM current c JOIN versions v ON v.rid = c.rid \
+             WHERE c.rtype = ?1 AND c.id = ?2 AND v.version = ?3"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(backend_err)?;
+        stmt.query_row(params![rtype, id, version], |r| row_to_version(r, None)).optional().map_err(backend_err)
+    }
+
+    fn search(&mut self, q: &IndexQuery) -> StoreResult<Vec<StoredVersion>> {
+        let (sql, args) = Self::search_sql(q, false);
+        let mut rows = self.query_versions(&sql, args, Some(9))?;
+        if q.backwards {
+            rows.reverse();
+        }
+        Ok(rows)
+    }
+
+    fn count(&mut self, q: &IndexQuery, cap: u64) -> StoreResult<u64> {
+        let (inner, mut args) = Self::search_sql(q, true);
+        let sql = format!("SELECT count(*) FROM ({inner} LIMIT ?)");
+        args.push(SqlValue::Integer(cap.min(i64::MAX as u64) as i64));
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(backend_err)?;
+        let n: i64 = stmt.query_row(params_from_iter(args), |r| r.get(0)).map_err(backend_err)?;
+        Ok(n as u64)
+    }
+
+    fn history(&mut self, q: &HistoryQuery) -> StoreResult<Vec<StoredVersion>> {
+        let (mut sql, mut args) = Self::history_sql(q, VERSION_COLUMNS);
+        sql.push_str(" ORDER BY v.seq DESC LIMIT ?");
+        args.push(SqlValue::Integer(q.limit as i64));
+        self.query_versions(&sql, args, None)
+    }
+
+    fn history_count(&mut self, q: &HistoryQuery, cap: u64) -> StoreResult<u64> {
+        let (inner, mut args) = Self::history_sql(q, "1");
+        let sql = format!("SELECT count(*) FROM ({inner} LIMIT ?)");
+        args.push(SqlValue::Integer(cap.min(i64::MAX as u64) as i64));
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(backend_err)?;
+        let n: i64 = stmt.query_row(params_from_iter(args), |r| r.get(0)).map_err(backend_err)?;
+        Ok(n as u64)
+    }
+
+    fn data_key(&mut self, name: &str) -> StoreResult<Option<KeyRecord>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name, kek_id, blob FROM data_keys WHERE name = ?1")
+            .map_err(backend_err)?;
+        stmt.query_row(params![name], |r| Ok(KeyRecord { name: r.get(0)?, kek_id: r.get(1)?, blob: r.get(2)? }))
+            .optional()
+            .map_err(backend_err)
+    }
+
+    fn data_keys_not_under(&mut self, kek_id: &str, limit: usize) -> StoreResult<Vec<KeyRecord>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name, kek_id, blob FROM data_keys WHERE kek_id <> ?1 LIMIT ?2")
+            .map_err(backend_err)?;
+        let rows = stmt
+            .query_map(params![kek_id, limit as i64], |r| {
+                Ok(KeyRecord { name: r.get(0)?, kek_id: r.get(1)?, blob: r.get(2)? })
+            })
+            .map_err(backend_err)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(backend_err)
+    }
+
+    fn data_key_counts(&mut self) -> StoreResult<Vec<(String, u64)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT kek_id, count(*) FROM data_keys GROUP BY kek_id ORDER BY kek_id")
+            .map_err(backend_err)?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))).map_err(backend_err)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(backend_err)
+    }
+
+    fn type_counts(&mut self) -> StoreResult<Vec<(String, u64)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT rtype, count(*) FROM current WHERE state = 0 GROUP BY rtype ORDER BY rtype")
+            .map_err(backend_err)?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))).map_err(backend_err)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(backend_err)
+    }
+}
+
+impl WriteTx for SqliteTx<'_> {
+    fn put(&mut self, v: &NewVersion, index: &IndexEntries, expect: Expect) -> StoreResult<()> {
+        let existing: Option<(i64, i64, i64, Option<Vec<u8>>)> = {
+            let mut stmt = self
+                .conn
+                .prepare_cached("SELECT rid, version, state, index_blob FROM current WHERE rtype = ?1 AND id = ?2")
+                .map_err(backend_err)?;
+            stmt.query_row(params![v.rtype, v.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .optional()
+                .map_err(backend_err)?
+        };
+        let conflict = |expected: String, found: String| StoreError::Conflict {
+            rtype: v.rtype.clone(),
+            id: v.id.clone(),
+            expected,
+            found,
+        };
+        let state = if v.deleted { RecordState::Deleted } else { RecordState::Live } as i64;
+        let blob = if v.deleted { None } else { Some(encode_index(index)) };
+        let rid = match existing {
+            None => {
+                if let Expect::Version(n) = expect {
+                    return Err(conflict(format!("version {n}"), "no resource".into()));
+                }
+                let mut stmt = self
+                    .conn
+                    .prepare_cached(
+                        "INSERT INTO current (rtype, id, version, last_updated, state, compartment, index_blob) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    )
+                    .map_err(backend_err)?;
+                stmt.execute(params![v.rtype, v.id, v.version, v.last_updated, state, v.compartment, blob])
+                    .map_err(backend_err)?;
+                self.conn.last_insert_rowid()
+            }
+            Some((rid, cur_version, cur_state, old_blob)) => {
+                if cur_state == RecordState::Erased as i64 {
+                    return Err(conflict("a writable resource".into(), "an erased resource".into()));
+                }
+                match expect {
+                    Expect::Absent if cur_state == RecordState::Live as i64 => {
+                        return Err(conflict("no resource".into(), format!("version {cur_version}")));
+                    }
+                    Expect::Version(n) if n != cur_version => {
+                        return Err(conflict(format!("version {n}"), format!("version {cur_version}")));
+                    }
+                    _ => {}
+                }
+                if v.version <= cur_version {
+                    return Err(conflict(format!("a version above {cur_version}"), format!("version {}", v.version)));
+                }
+                if let Some(old) = old_blob.as_deref().and_then(decode_index) {
+                    self.delete_index(rid, &old)?;
+                }
+                let mut stmt = self
+                    .conn
+                    .prepare_cached(
+                        "UPDATE current SET version = ?2, last_updated = ?3, state = ?4, compartment = ?5, \
+                         index_blob = ?6 WHERE rid = ?1",
+                    )
+                    .map_err(backend_err)?;
+                stmt.execute(params![rid, v.version, v.last_updated, state, v.compartment, blob])
+                    .map_err(backend_err)?;
+                rid
+            }
+        };
+        {
+            let mut stmt = self
+                .conn
+                .prepare_cached(
+                    "INSERT INTO versions (rid, rtype, version, last_updated, state, key_name, body) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .map_err(backend_err)?;
+            stmt.execute(params![rid, v.rtype, v.version, v.last_updated, state, v.key_name, v.body])
+                .map_err(backend_err)?;
+        }
+        if !v.deleted {
+            self.insert_index(rid, index)?;
+        }
+        Ok(())
+    }
+
+    fn put_data_key(&mut self, key: &KeyRecord, replace: bool) -> StoreResult<()> {
+        let sql = if replace {
+            "INSERT OR REPLACE INTO data_keys (name, kek_id, blob) VALUES (?1, ?2, ?3)"
+        } else {
+            "INSERT INTO data_keys (name, kek_id, blob) VALUES (?1, ?2, ?3)"
+        };
+        let mut stmt = self.conn.prepare_cached(sql).map_err(backend_err)?;
+        stmt.execute(params![key.name, key.kek_id, key.blob]).map_err(|e| match e {
+            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                StoreError::Conflict {
+                    rtype: "DataKey".into(),
+                    id: key.name.clone(),
+                    expected: "no key".into(),
+                    found: "an existing key".into(),
+                }
+            }
+            e => backend_err(e),
+        })?;
+        Ok(())
+    }
+
+    fn erase_compartment(&mut self, patient_id: &str, key_name: &str) -> StoreResult<u64> {
+        let rows: Vec<(i64, Option<Vec<u8>>)> = {
+            let mut stmt = self
+                .conn
+                .prepare_cached(
+                    "SELECT rid, index_blob FROM current WHERE compartment = ?1 \
+                     OR (rtype = 'Patient' AND id = ?1)",
+                )
+                .map_err(backend_err)?;
+            let it = stmt.query_map(params![patient_id], |r| Ok((r.get(0)?, r.get(1)?))).map_err(backend_err)?;
+            it.collect::<Result<Vec<_>, _>>().map_err(backend_err)?
+        };
+        for (rid, blob) in &rows {
+            if let Some(old) = blob.as_deref().and_then(decode_index) {
+                self.delete_index(*rid, &old)?;
+            }
+            self.conn
+                .prepare_cached("UPDATE current SET state = 2, index_blob = NULL WHERE rid = ?1")
+                .map_err(backend_err)?
+                .execute(params![rid])
+                .map_err(backend_err)?;
+        }
+        self.conn
+            .prepare_cached("DELETE FROM data_keys WHERE name = ?1")
+            .map_err(backend_err)?
+            .execute(params![key_name])
+            .map_err(backend_err)?;
+        Ok(rows.len() as u64)
+    }
+}
+
+impl SqliteTx<'_> {
+    fn insert_index(&mut self, rid: i64, index: &IndexEntries) -> StoreResult<()> {
+        {
+            let mut stmt = self
+                .conn
+                .prepare_cached("INSERT OR IGNORE INTO idx_token (token, rid) VALUES (?1, ?2)")
+                .map_err(backend_err)?;
+            for t in &index.tokens {
+                stmt.execute(params![&t[..], rid]).map_err(backend_err)?;
+            }
+        }
+        if index.ranges.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut stmt = self
+                .conn
+                .prepare_cached("INSERT OR IGNORE INTO idx_range (pkey, lo, rid, hi) VALUES (?1, ?2, ?3, ?4)")
+                .map_err(backend_err)?;
+            for r in &index.ranges {
+                stmt.execute(params![r.pkey, r.lo, rid, r.hi]).map_err(backend_err)?;
+            }
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO idx_sort (pkey, rid, min_lo, max_hi) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (pkey, rid) DO UPDATE SET min_lo = min(min_lo, excluded.min_lo), \
+                 max_hi = max(max_hi, excluded.max_hi)",
+            )
+            .map_err(backend_err)?;
+        for r in &index.ranges {
+            stmt.execute(params![r.pkey, rid, r.lo, r.hi]).map_err(backend_err)?;
+        }
+        Ok(())
+    }
+
+    fn delete_index(&mut self, rid: i64, index: &IndexEntries) -> StoreResult<()> {
+        {
+            let mut stmt = self
+                .conn
+                .prepare_cached("DELETE FROM idx_token WHERE token = ?1 AND rid = ?2")
+                .map_err(backend_err)?;
+            for t in &index.tokens {
+                stmt.execute(params![&t[..], rid]).map_err(backend_err)?;
+            }
+        }
+        let mut del_range = self
+            .conn
+            .prepare_cached("DELETE FROM idx_range WHERE pkey = ?1 AND lo = ?2 AND rid = ?3 AND hi = ?4")
+            .map_err(backend_err)?;
+        for r in &index.ranges {
+            del_range.execute(params![r.pkey, r.lo, rid, r.hi]).map_err(backend_err)?;
+        }
+        drop(del_range);
+        let mut del_sort = self
+            .conn
+            .prepare_cached("DELETE FROM idx_sort WHERE pkey = ?1 AND rid = ?2")
+            .map_err(backend_err)?;
+        for r in &index.ranges {
+            del_sort.execute(params![r.pkey, rid]).map_err(backend_err)?;
+        }
+        Ok(())
+    }
+}
