@@ -1,0 +1,396 @@
+//! Search: from a parsed FHIR search to an index query, and its execution
+//! with confirmation on opened resources where the index is only a coarse
+//! filter (long string prefixes, person dates compared by range,
+//! quantities, `:contains`, `ne`/`ap`).
+use custos_fhir::date::DateRange;
+use custos_fhir::normalize::search_string;
+use custos_fhir::params::ParamKind;
+use custos_fhir::query::{Clause, ClauseParam, Modifier, Prefix, SearchRequest, TokenSystem};
+use custos_fhir::{FhirError, SearchValue};
+use custos_store::{Filter, IndexQuery, Keyset, Order, RangeCond, ReadTx, Token};
+
+use crate::index::{PREFIX_MAX, Tokens, blind_date, blind_date_texts, char_prefix, clamp_micros, range_pkey, ymd};
+use crate::keys::store_err;
+use crate::service::{Opened, Records};
+
+/// A planned search: the index query and the clauses to confirm.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub query: IndexQuery,
+    pub confirm: Vec<Clause>,
+}
+
+/// One page of matches.
+pub struct Page {
+    pub matches: Vec<Opened>,
+    /// Whether more matches follow in the walking direction.
+    pub more: bool,
+}
+
+enum ClausePlan {
+    /// The index answers exactly.
+    Exact(Filter),
+    /// The index narrows; the clause is confirmed on the resource.
+    Coarse(Filter),
+    /// No index help: every resource of the type is a candidate.
+    ConfirmOnly,
+}
+
+fn range_conds(prefix: Prefix, q: &DateRange) -> (Option<RangeCond>, bool) {
+    let (qs, qe) = (clamp_micros(q.start), clamp_micros(q.end));
+    let c = RangeCond::default();
+    match prefix {
+        Prefix::Eq => (Some(RangeCond { lo_ge: Some(qs), hi_le: Some(qe), ..c }), true),
+        Prefix::Gt => (Some(RangeCond { hi_gt: Some(qe), ..c }), true),
+        Prefix::Lt => (Some(RangeCond { lo_lt: Some(qs), ..c }), true),
+        Prefix::Sa => (Some(RangeCond { lo_ge: Some(qe), ..c }), true),
+        Prefix::Eb => (Some(RangeCond { hi_le: Some(qs), ..c }), true),
+        Prefix::Ge => (Some(RangeCond { hi_gt: Some(qs), ..c }), false),
+        Prefix::Le => (Some(RangeCond { lo_lt: Some(qe), ..c }), false),
+        Prefix::Ne | Prefix::Ap => (None, false),
+    }
+}
+
+/// A conservative superset filter for number and quantity comparisons.
+fn number_cond(prefix: Prefix, v: f64) -> Option<RangeCond> {
+    let slack = (v.abs() * 0.1).max(1.0);
+    let c = RangeCond::default();
+    match prefix {
+        Prefix::Eq => Some(RangeCond { lo_ge: Some(v - slack), hi_le: Some(v + slack), ..c }),
+        Prefix::Ap => Some(RangeCond { lo_ge: Some(v - 2.0 * slack), hi_le: Some(v + 2.0 * slack), ..c }),
+        Prefix::Gt | Prefix::Ge | Prefix::Sa => Some(RangeCond { hi_gt: Some(v - slack), ..c }),
+        Prefix::Lt | Prefix::Le | Prefix::Eb => Some(RangeCond { lo_lt: Some(v + slack), ..c }),
+        Prefix::Ne => None,
+    }
+}
+
+fn combine(parts: Vec<ClausePlan>, make: impl Fn(Vec<Token>) -> Filter) -> ClausePlan {
+    // All parts are token filters here (or ConfirmOnly); OR them.
+    let mut tokens = Vec::new();
+    let mut exact = true;
+    for p in parts {
+        match p {
+            ClausePlan::Exact(Filter::AnyToken(t)) => tokens.extend(t),
+            ClausePlan::Coarse(Filter::AnyToken(t)) => {
+                exact = false;
+                tokens.extend(t)
+            }
+            _ => return ClausePlan::ConfirmOnly,
+        }
+    }
+    if exact { ClausePlan::Exact(make(tokens)) } else { ClausePlan::Coarse(make(tokens)) }
+}
+
+impl Records {
+    /// Plan a search.
+    pub fn plan(&self, req: &SearchRequest) -> Result<Plan, FhirError> {
+        let rtype = req.resource_type.as_str();
+        let mut query = IndexQuery::all(rtype, 0);
+        let mut confirm = Vec::new();
+        for clause in &req.clauses {
+            match self.plan_clause(rtype, clause)? {
+                ClausePlan::Exact(f) => query.filters.push(f),
+                ClausePlan::Coarse(f) => {
+                    query.filters.push(f);
+                    confirm.push(clause.clone());
+                }
+                ClausePlan::ConfirmOnly => confirm.push(clause.clone()),
+            }
+        }
+        if let Some(sort) = req.sort.first() {
+            query.descending = sort.descending;
+            query.order = match &sort.param {
+                ClauseParam::LastUpdated => Order::LastUpdated,
+                ClauseParam::Id => Order::Rid,
+                ClauseParam::Param(p) if p.kind == ParamKind::Date && !blind_date(rtype) => {
+                    Order::Range(range_pkey(rtype, &p.code, None))
+                }
+                ClauseParam::Param(p) => {
+                    return Err(FhirError::bad_request(format!(
+                        "sorting by '{}' is not supported; sort by _lastUpdated or a clinical date parameter",
+                        p.code
+                    )));
+                }
+            };
+        }
+        Ok(Plan { query, confirm })
+    }
+
+    fn plan_clause(&self, rtype: &str, clause: &Clause) -> Result<ClausePlan, FhirError> {
+        let blind = self.keys().blind();
+        let p = match &clause.param {
+            ClauseParam::Id => {
+                let ids = clause
+                    .values
+                    .iter()
+                    .filter_map(|v| match v {
+                        SearchValue::Token { code: Some(c), .. } => Some(c.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                return Ok(if clause.modifier.is_some() { ClausePlan::ConfirmOnly } else { ClausePlan::Exact(Filter::Ids(ids)) });
+            }
+            ClauseParam::LastUpdated => {
+                let mut conds = Vec::new();
+                for v in &clause.values {
+                    let SearchValue::Date { prefix, range } = v else { return Ok(ClausePlan::ConfirmOnly) };
+                    // lastUpdated is an instant: its range is a single point.
+                    let point = DateRange { start: range.start, end: range.end };
+                    match range_conds(*prefix, &point).0 {
+                        Some(mut c) => {
+                            // Compare the point on both ends.
+                            if let Some(x) = c.hi_le.take() {
+                                c.lo_lt = Some(x);
+                            }
+                            conds.push(c)
+                        }
+                        None => return Ok(ClausePlan::ConfirmOnly),
+                    }
+                }
+                return Ok(ClausePlan::Coarse(Filter::LastUpdated(conds)));
+            }
+            ClauseParam::Param(p) => *p,
+        };
+        let tk = Tokens::new(blind, rtype, &p.code);
+        if clause.modifier == Some(Modifier::Missing) {
+            let missing = matches!(clause.values.first(), Some(SearchValue::Missing(true)));
+            return Ok(ClausePlan::Exact(if missing {
+                Filter::NoToken(vec![tk.present()])
+            } else {
+                Filter::AnyToken(vec![tk.present()])
+            }));
+        }
+        let not = clause.modifier == Some(Modifier::Not);
+        let mut parts = Vec::new();
+        let mut ranges = Vec::new();
+        let mut range_exact = true;
+        let mut range_pk = range_pkey(rtype, &p.code, None);
+        for v in &clause.values {
+            match v {
+                SearchValue::Token { system, code } => {
+                    let t = match (system, code) {
+                        (TokenSystem::Any, Some(c)) => tk.code(c),
+                        (TokenSystem::None, Some(c)) => tk.code_no_system(c),
+                        (TokenSystem::Is(s), Some(c)) => tk.system_code(s, c),
+                        (TokenSystem::Is(s), None) => tk.system(s),
+                        (_, None) => return Ok(ClausePlan::ConfirmOnly),
+                    };
+                    parts.push(ClausePlan::Exact(Filter::AnyToken(vec![t])));
+                }
+                SearchValue::String(raw) => match clause.modifier {
+                    Some(Modifier::Exact) => parts.push(ClausePlan::Exact(Filter::AnyToken(vec![tk.exact(raw)]))),
+                    Some(Modifier::Contains) => parts.push(ClausePlan::ConfirmOnly),
+                    _ => {
+                        let n = search_string(raw);
+                        let len = n.chars().count();
+                        if len == 0 {
+                            parts.push(ClausePlan::ConfirmOnly);
+                        } else {
+                            let t = tk.prefix(char_prefix(&n, PREFIX_MAX));
+                            parts.push(if len <= PREFIX_MAX {
+                                ClausePlan::Exact(Filter::AnyToken(vec![t]))
+                            } else {
+                                ClausePlan::Coarse(Filter::AnyToken(vec![t]))
+                            });
+                        }
+                    }
+                },
+                SearchValue::Reference { target_type, id } => {
+                    let t = match (target_type, &clause.modifier) {
+                        (_, Some(Modifier::Type(t))) => tk.reference(t, id),
+                        (Some(t), _) => tk.reference(t, id),
+                        (None, _) if id.contains("://") || id.starts_with("urn:") => tk.uri(id),
+                        (None, _) => tk.reference_id(id),
+                    };
+                    parts.push(ClausePlan::Exact(Filter::AnyToken(vec![t])));
+                }
+                SearchValue::Uri(u) => parts.push(ClausePlan::Exact(Filter::AnyToken(vec![tk.uri(u)]))),
+                SearchValue::Date { prefix, range } if blind_date(rtype) => {
+                    parts.push(plan_blind_date(&tk, *prefix, range));
+                }
+                SearchValue::Date { prefix, range } => match range_conds(*prefix, range) {
+                    (Some(c), exact) => {
+                        ranges.push(c);
+                        range_exact &= exact;
+                    }
+                    (None, _) => return Ok(ClausePlan::ConfirmOnly),
+                },
+                SearchValue::Quantity { prefix, value, system, code } => {
+                    let unit = match (system, code) {
+                        (Some(s), Some(c)) => Some(format!("{s}|{c}")),
+                        (None, Some(c)) => Some(c.clone()),
+                        _ => None,
+                    };
+                    let pk = range_pkey(rtype, &p.code, unit.as_deref());
+                    if !ranges.is_empty() && pk != range_pk {
+                        return Ok(ClausePlan::ConfirmOnly);
+                    }
+                    range_pk = pk;
+                    match number_cond(*prefix, *value) {
+                        Some(c) => ranges.push(c),
+                        None => return Ok(ClausePlan::ConfirmOnly),
+                    }
+                    range_exact = false;
+                }
+                SearchValue::Number { prefix, value } => {
+                    match number_cond(*prefix, *value) {
+                        Some(c) => ranges.push(c),
+                        None => return Ok(ClausePlan::ConfirmOnly),
+                    }
+                    range_exact = false;
+                }
+                SearchValue::Missing(_) => return Ok(ClausePlan::ConfirmOnly),
+            }
+        }
+        if !ranges.is_empty() {
+            if not {
+                return Ok(ClausePlan::ConfirmOnly);
+            }
+            let f = Filter::AnyRange { pkey: range_pk, any: ranges };
+            return Ok(if range_exact { ClausePlan::Exact(f) } else { ClausePlan::Coarse(f) });
+        }
+        if not {
+            // :not — no value matches: the complement of the token set, exact for tokens.
+            return Ok(match combine(parts, Filter::AnyToken) {
+                ClausePlan::Exact(Filter::AnyToken(t)) => ClausePlan::Exact(Filter::NoToken(t)),
+                _ => ClausePlan::ConfirmOnly,
+            });
+        }
+        Ok(combine(parts, Filter::AnyToken))
+    }
+
+    /// Run a planned search for one page, walking from `after` (backwards
+    /// for `previous` links). Confirmed clauses are checked on each opened
+    /// candidate until the page is full.
+    pub(crate) fn execute(
+        &self,
+        tx: &mut dyn ReadTx,
+        plan: &Plan,
+        after: Option<Keyset>,
+        backwards: bool,
+        count: usize,
+    ) -> Result<Page, FhirError> {
+        let mut q = plan.query.clone();
+        q.after = after;
+        q.backwards = backwards;
+        if plan.confirm.is_empty() {
+            q.limit = count + 1;
+            let mut rows = tx.search(&q).map_err(store_err)?;
+            let more = rows.len() > count;
+            if more {
+                if backwards {
+                    rows.remove(0);
+                } else {
+                    rows.truncate(count);
+                }
+            }
+            let mut matches = Vec::with_capacity(rows.len());
+            for row in rows {
+                matches.push(self.open_version(tx, row)?);
+            }
+            return Ok(Page { matches, more });
+        }
+        let batch = (count * 2).clamp(32, 512);
+        q.limit = batch;
+        let mut matches: Vec<Opened> = Vec::new();
+        let mut scanned = 0usize;
+        loop {
+            let rows = tx.search(&q).map_err(store_err)?;
+            let exhausted = rows.len() < batch;
+            let ordered: Box<dyn Iterator<Item = _>> =
+                if backwards { Box::new(rows.into_iter().rev()) } else { Box::new(rows.into_iter()) };
+            for row in ordered {
+                scanned += 1;
+                q.after = Some(Keyset { sort_key: row.sort_key.unwrap_or(0.0), rid: row.rid });
+                let opened = self.open_version(tx, row)?;
+                if plan.confirm.iter().all(|c| c.matches(&opened.resource, opened.last_updated)) {
+                    if matches.len() == count {
+                        if backwards {
+                            matches.reverse();
+                        }
+                        return Ok(Page { matches, more: true });
+                    }
+                    matches.push(opened);
+                }
+            }
+            if exhausted || scanned >= self.config().scan_limit {
+                break;
+            }
+        }
+        if backwards {
+            matches.reverse();
+        }
+        Ok(Page { matches, more: false })
+    }
+
+    /// The number of matches, or `None` when counting would cost more than
+    /// the configured caps allow (the Bundle then carries no total).
+    pub(crate) fn total(&self, tx: &mut dyn ReadTx, plan: &Plan) -> Result<Option<u64>, FhirError> {
+        let cap = self.config().total_cap;
+        if plan.confirm.is_empty() {
+            let n = tx.count(&plan.query, cap).map_err(store_err)?;
+            return Ok(if n >= cap { None } else { Some(n) });
+        }
+        let candidates = tx.count(&plan.query, self.config().confirm_cap as u64 + 1).map_err(store_err)?;
+        if candidates > self.config().confirm_cap as u64 {
+            return Ok(None);
+        }
+        let mut q = plan.query.clone();
+        q.limit = candidates as usize;
+        let rows = tx.search(&q).map_err(store_err)?;
+        let mut n = 0;
+        for row in rows {
+            let opened = self.open_version(tx, row)?;
+            if plan.confirm.iter().all(|c| c.matches(&opened.resource, opened.last_updated)) {
+                n += 1;
+            }
+        }
+        Ok(Some(n))
+    }
+}
+
+fn plan_blind_date(tk: &Tokens<'_>, prefix: Prefix, range: &DateRange) -> ClausePlan {
+    if prefix == Prefix::Eq {
+        if let Some((precision, text)) = blind_date_texts(range).pop() {
+            // Exact only when the query range is exactly that calendar unit.
+            if aligned(range, precision) {
+                return ClausePlan::Exact(Filter::AnyToken(vec![tk.date(precision, &text)]));
+            }
+        }
+    }
+    let (Some((y0, _, _)), Some((y1, _, _))) = (ymd(range.start), ymd(range.end.saturating_sub(1))) else {
+        return ClausePlan::ConfirmOnly;
+    };
+    let (from, to) = match prefix {
+        Prefix::Eq | Prefix::Ap => (y0, y1),
+        Prefix::Gt | Prefix::Ge | Prefix::Sa => (y0, 2200),
+        Prefix::Lt | Prefix::Le | Prefix::Eb => (1800, y1),
+        Prefix::Ne => return ClausePlan::ConfirmOnly,
+    };
+    let (from, to) = (from.max(1800), to.min(2200));
+    if from > to {
+        return ClausePlan::Coarse(Filter::AnyToken(Vec::new()));
+    }
+    let tokens = (from..=to).map(|y| tk.date(b"y", &format!("{y:04}"))).collect();
+    ClausePlan::Coarse(Filter::AnyToken(tokens))
+}
+
+/// Whether `range` is exactly one calendar year, month or day (UTC).
+fn aligned(range: &DateRange, precision: &[u8]) -> bool {
+    let Some(start) = time::OffsetDateTime::from_unix_timestamp_nanos(range.start as i128 * 1000).ok() else {
+        return false;
+    };
+    let midnight = start.time() == time::Time::MIDNIGHT;
+    let next = match precision {
+        b"y" if start.month() == time::Month::January && start.day() == 1 && midnight => {
+            start.replace_year(start.year() + 1).ok()
+        }
+        b"m" if start.day() == 1 && midnight => {
+            let (y, m) = if start.month() == time::Month::December { (start.year() + 1, time::Month::January) } else { (start.year(), start.month().next()) };
+            start.replace_year(y).ok().and_then(|t| t.replace_month(m).ok())
+        }
+        b"d" if midnight => Some(start + time::Duration::days(1)),
+        _ => None,
+    };
+    next.map(|n| (n.unix_timestamp_nanos() / 1000) as i64 == range.end).unwrap_or(false)
+}

@@ -1,0 +1,516 @@
+//! The record service: FHIR interactions over sealed storage.
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use custos_fhir::date::format_instant;
+use custos_fhir::{FhirError, ErrorKind, compartment, registry, types, validate};
+use custos_store::{
+    Expect, HistoryQuery, HistoryScope, IndexEntries, NewVersion, ReadTx, RecordState, Store, StoreExt, StoredVersion,
+    WriteTx,
+};
+use serde_json::{Value, json};
+
+use crate::index::index_resource;
+use crate::keys::{KeyService, SHARED_KEY_NAME, patient_key_name, store_err};
+
+/// Limits and defaults of the record service.
+#[derive(Debug, Clone)]
+pub struct RecordsConfig {
+    /// `_count` when the client gives none.
+    pub default_count: usize,
+    /// Largest `_count` honoured.
+    pub max_count: usize,
+    /// Counting a total stops here; past it the Bundle carries no total.
+    pub total_cap: u64,
+    /// Totals that need confirming on opened resources are computed only up to this many candidates.
+    pub confirm_cap: usize,
+    /// Most candidates opened to fill one page of a confirmed search.
+    pub scan_limit: usize,
+    /// Refuse writes whose relative references point to no live resource (422).
+    pub check_references: bool,
+    /// Most entries accepted in one batch or transaction Bundle.
+    pub max_bundle_entries: usize,
+    /// Data keys kept unwrapped in memory.
+    pub key_cache: usize,
+}
+
+impl Default for RecordsConfig {
+    fn default() -> Self {
+        RecordsConfig {
+            default_count: 20,
+            max_count: 1000,
+            total_cap: 100_000,
+            confirm_cap: 2_000,
+            scan_limit: 20_000,
+            check_references: true,
+            max_bundle_entries: 20_000,
+            key_cache: 65_536,
+        }
+    }
+}
+
+/// An opened (decrypted) resource version.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    pub rtype: String,
+    pub id: String,
+    pub version: i64,
+    /// UTC microseconds.
+    pub last_updated: i64,
+    pub resource: Value,
+    pub(crate) rid: i64,
+    pub(crate) sort_key: Option<f64>,
+    pub(crate) seq: i64,
+}
+
+impl Opened {
+    /// The weak ETag of this version (`W/"3"`).
+    pub fn etag(&self) -> String {
+        format!("W/\"{}\"", self.version)
+    }
+    /// `meta.lastUpdated` as a FHIR instant.
+    pub fn last_modified(&self) -> String {
+        format_instant(self.last_updated)
+    }
+}
+
+/// A version to write, before sealing.
+pub(crate) struct Pending {
+    pub rtype: String,
+    pub id: String,
+    pub version: i64,
+    pub resource: Option<Value>,
+    pub expect: Expect,
+}
+
+pub(crate) struct Inner {
+    store: Arc<dyn Store>,
+    keys: KeyService,
+    config: RecordsConfig,
+    clock: AtomicI64,
+}
+
+/// The record service; cheap to clone.
+#[derive(Clone)]
+pub struct Records(pub(crate) Arc<Inner>);
+
+/// Microseconds since the epoch, strictly increasing within this process.
+fn now_micros(clock: &AtomicI64) -> i64 {
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    let mut prev = clock.load(Ordering::Relaxed);
+    loop {
+        let next = wall.max(prev + 1);
+        match clock.compare_exchange_weak(prev, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(p) => prev = p,
+        }
+    }
+}
+
+/// The associated data binding a sealed body to its row.
+pub(crate) fn aad(rtype: &str, id: &str, version: i64, key_name: &str) -> Vec<u8> {
+    format!("custos-v1|{rtype}|{id}|{version}|{key_name}").into_bytes()
+}
+
+/// A new, unguessable resource id (a random UUID: 122 random bits).
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+impl Records {
+    /// Build the service over a store, loading the blind-index key.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        provider: Arc<dyn custos_crypto::KekProvider>,
+        sealer: Arc<dyn custos_crypto::Sealer>,
+        config: RecordsConfig,
+    ) -> Result<Records, FhirError> {
+        let keys = KeyService::open(&store, provider, sealer, config.key_cache).await?;
+        Ok(Records(Arc::new(Inner { store, keys, config, clock: AtomicI64::new(0) })))
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.0.store
+    }
+    pub fn keys(&self) -> &KeyService {
+        &self.0.keys
+    }
+    pub fn config(&self) -> &RecordsConfig {
+        &self.0.config
+    }
+    pub(crate) fn now(&self) -> i64 {
+        now_micros(&self.0.clock)
+    }
+
+    /// Open a stored version: check its state, unwrap its key, open and parse it.
+    pub(crate) fn open_version(&self, tx: &mut dyn ReadTx, sv: StoredVersion) -> Result<Opened, FhirError> {
+        match sv.state {
+            RecordState::Erased => {
+                return Err(FhirError::new(ErrorKind::Gone, format!("{}/{} was erased", sv.rtype, sv.id)));
+            }
+            RecordState::Deleted => {
+                return Err(FhirError::new(ErrorKind::Gone, format!("{}/{} was deleted", sv.rtype, sv.id)));
+            }
+            RecordState::Live => {}
+        }
+        let Some(key) = self.keys().key_for_read(tx, &sv.key_name)? else {
+            return Err(FhirError::new(ErrorKind::Gone, format!("{}/{} was erased", sv.rtype, sv.id)));
+        };
+        let plain = self
+            .keys()
+            .sealer()
+            .open(&key, &aad(&sv.rtype, &sv.id, sv.version, &sv.key_name), &sv.body)
+            .map_err(|_| {
+                tracing::error!(rtype = %sv.rtype, id = %sv.id, version = sv.version, "sealed body failed its integrity check");
+                FhirError::internal(format!(
+                    "integrity check failed for {}/{} version {}: the stored data was altered or moved",
+                    sv.rtype, sv.id, sv.version
+                ))
+            })?;
+        let resource: Value = serde_json::from_slice(&plain)
+            .map_err(|_| FhirError::internal(format!("stored {}/{} does not decode", sv.rtype, sv.id)))?;
+        Ok(Opened {
+            rtype: sv.rtype,
+            id: sv.id,
+            version: sv.version,
+            last_updated: sv.last_updated,
+            resource,
+            rid: sv.rid,
+            sort_key: sv.sort_key,
+            seq: sv.seq,
+        })
+    }
+
+    fn check_type(rtype: &str) -> Result<(), FhirError> {
+        if types::is_resource_type(rtype) {
+            Ok(())
+        } else {
+            Err(FhirError::not_found(format!("unknown resource type '{rtype}'")))
+        }
+    }
+
+    fn check_id(id: &str) -> Result<(), FhirError> {
+        if types::is_valid_id(id) {
+            Ok(())
+        } else {
+            Err(FhirError::bad_request("invalid resource id"))
+        }
+    }
+
+    /// Read the current version.
+    pub async fn read(&self, rtype: &str, id: &str) -> Result<Opened, FhirError> {
+        Self::check_type(rtype)?;
+        Self::check_id(id)?;
+        let (this, rtype, id) = (self.clone(), rtype.to_string(), id.to_string());
+        self.store()
+            .read(move |tx| {
+                let sv = tx.current(&rtype, &id)?;
+                Ok(match sv {
+                    None => Err(FhirError::not_found(format!("{rtype}/{id} is not known"))),
+                    Some(sv) => this.open_version(tx, sv),
+                })
+            })
+            .await
+            .map_err(store_err)?
+    }
+
+    /// Read a specific version.
+    pub async fn vread(&self, rtype: &str, id: &str, version: &str) -> Result<Opened, FhirError> {
+        Self::check_type(rtype)?;
+        Self::check_id(id)?;
+        let v: i64 = version.parse().map_err(|_| FhirError::not_found(format!("no version '{version}'")))?;
+        let (this, rtype, id) = (self.clone(), rtype.to_string(), id.to_string());
+        self.store()
+            .read(move |tx| {
+                Ok(match tx.version(&rtype, &id, v)? {
+                    None => Err(FhirError::not_found(format!("{rtype}/{id} has no version {v}"))),
+                    Some(sv) => this.open_version(tx, sv),
+                })
+            })
+            .await
+            .map_err(store_err)?
+    }
+
+    /// Stamp, seal, index and write one version inside a write transaction.
+    pub(crate) fn write_pending(&self, tx: &mut dyn WriteTx, p: Pending, at: i64) -> Result<Option<Opened>, FhirError> {
+        let Some(mut resource) = p.resource else {
+            // A deletion: a tombstone under the key of the current version.
+            let cur = tx.current(&p.rtype, &p.id).map_err(store_err)?;
+            let (key_name, compartment) = match &cur {
+                Some(sv) if sv.state == RecordState::Live => {
+                    let opened = self.open_version(tx, sv.clone())?;
+                    (sv.key_name.clone(), compartment::patient_of(&opened.resource))
+                }
+                _ => (SHARED_KEY_NAME.to_string(), None),
+            };
+            let nv = NewVersion {
+                rtype: p.rtype,
+                id: p.id,
+                version: p.version,
+                last_updated: at,
+                deleted: true,
+                key_name,
+                compartment,
+                body: Vec::new(),
+            };
+            tx.put(&nv, &IndexEntries::default(), p.expect).map_err(store_err)?;
+            return Ok(None);
+        };
+        let obj = resource.as_object_mut().ok_or_else(|| FhirError::bad_request("resource must be a JSON object"))?;
+        obj.insert("id".into(), Value::String(p.id.clone()));
+        let meta = obj.entry("meta").or_insert_with(|| json!({}));
+        if let Some(m) = meta.as_object_mut() {
+            m.insert("versionId".into(), Value::String(p.version.to_string()));
+            m.insert("lastUpdated".into(), Value::String(format_instant(at)));
+        }
+        let compartment = if p.rtype == "Patient" { Some(p.id.clone()) } else { compartment::patient_of(&resource) };
+        let key_name = compartment.as_deref().map(patient_key_name).unwrap_or_else(|| SHARED_KEY_NAME.to_string());
+        let index = index_resource(self.keys().blind(), &p.rtype, &resource, registry().for_type(&p.rtype));
+        let body = serde_json::to_vec(&resource).map_err(|e| FhirError::internal(e.to_string()))?;
+        let key = self.keys().key_for_write(tx, &key_name)?;
+        let sealed = self.keys().sealer().seal(&key, &aad(&p.rtype, &p.id, p.version, &key_name), &body);
+        let nv = NewVersion {
+            rtype: p.rtype.clone(),
+            id: p.id.clone(),
+            version: p.version,
+            last_updated: at,
+            deleted: false,
+            key_name,
+            compartment,
+            body: sealed,
+        };
+        tx.put(&nv, &index, p.expect).map_err(store_err)?;
+        Ok(Some(Opened {
+            rtype: p.rtype,
+            id: p.id,
+            version: p.version,
+            last_updated: at,
+            resource,
+            rid: 0,
+            sort_key: None,
+            seq: 0,
+        }))
+    }
+
+    /// Refuse relative references to resources that do not exist (422).
+    pub(crate) fn check_references(&self, tx: &mut dyn ReadTx, resource: &Value) -> Result<(), FhirError> {
+        if !self.config().check_references {
+            return Ok(());
+        }
+        let mut refs = Vec::new();
+        collect_references(resource, &mut refs);
+        for r in refs {
+            if r.starts_with('#') || r.contains("://") {
+                continue;
+            }
+            if r.starts_with("urn:") {
+                return Err(FhirError::unprocessable(format!(
+                    "reference '{r}' cannot be resolved outside a transaction Bundle"
+                )));
+            }
+            let mut parts = r.split('/');
+            let (Some(t), Some(id)) = (parts.next(), parts.next()) else {
+                return Err(FhirError::unprocessable(format!("reference '{r}' is not of the form Type/id")));
+            };
+            if !types::is_resource_type(t) || !types::is_valid_id(id) {
+                return Err(FhirError::unprocessable(format!("reference '{r}' is not of the form Type/id")));
+            }
+            match tx.current(t, id).map_err(store_err)? {
+                Some(sv) if sv.state == RecordState::Live => {}
+                _ => return Err(FhirError::unprocessable(format!("reference '{t}/{id}' points to no existing resource"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Validate a body for `rtype` (and `id` when given in the URL).
+    pub(crate) fn validate_body(rtype: &str, id: Option<&str>, body: &Value) -> Result<(), FhirError> {
+        Self::check_type(rtype)?;
+        let found = validate::validate_resource(body)?;
+        if found != rtype {
+            return Err(FhirError::bad_request(format!("resource type '{found}' does not match the URL's '{rtype}'")));
+        }
+        if let Some(id) = id {
+            Self::check_id(id)?;
+            match body.get("id").and_then(Value::as_str) {
+                Some(b) if b == id => {}
+                Some(_) => return Err(FhirError::bad_request("the resource id does not match the URL")),
+                None => return Err(FhirError::bad_request("an update must carry the resource id")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Create (POST). With `if_none_exist` (a query string), an existing
+    /// single match is returned instead (`created == false`); several → 412.
+    pub async fn create(&self, rtype: &str, body: Value, if_none_exist: Option<String>) -> Result<(Opened, bool), FhirError> {
+        Self::validate_body(rtype, None, &body)?;
+        let cond = match if_none_exist {
+            Some(q) => Some(self.plan_conditional(rtype, &q)?),
+            None => None,
+        };
+        let (this, rtype) = (self.clone(), rtype.to_string());
+        self.store()
+            .write(move |tx| {
+                let r = (|| {
+                    if let Some(plan) = &cond {
+                        let page = this.execute(tx, plan, None, false, 2)?;
+                        match page.matches.len() {
+                            0 => {}
+                            1 => return Ok((page.matches.into_iter().next().expect("one"), false)),
+                            _ => return Err(FhirError::new(ErrorKind::PreconditionFailed, "the If-None-Exist criteria match several resources")),
+                        }
+                    }
+                    this.check_references(tx, &body)?;
+                    let at = this.now();
+                    let p = Pending { rtype: rtype.clone(), id: new_id(), version: 1, resource: Some(body), expect: Expect::Absent };
+                    let opened = this.write_pending(tx, p, at)?.expect("created");
+                    Ok((opened, true))
+                })();
+                r.map_err(custos_store::StoreError::abort)
+            })
+            .await
+            .map_err(store_err)
+    }
+
+    /// Update (PUT), creating the resource with the client's id if absent.
+    /// `if_match` is the version the client last saw (`If-Match`); a stale one is 412.
+    pub async fn update(&self, rtype: &str, id: &str, body: Value, if_match: Option<i64>) -> Result<(Opened, bool), FhirError> {
+        Self::validate_body(rtype, Some(id), &body)?;
+        let (this, rtype, id) = (self.clone(), rtype.to_string(), id.to_string());
+        self.store()
+            .write(move |tx| {
+                let r = (|| {
+                    let cur = tx.current(&rtype, &id).map_err(store_err)?;
+                    let (version, expect, created) = match (&cur, if_match) {
+                        (Some(sv), _) if sv.state == RecordState::Erased => {
+                            return Err(FhirError::new(ErrorKind::Gone, format!("{rtype}/{id} was erased")));
+                        }
+                        (Some(sv), Some(m)) if sv.version != m || sv.state != RecordState::Live => {
+                            return Err(FhirError::new(
+                                ErrorKind::PreconditionFailed,
+                                format!("If-Match version {m} is not the current version {}", sv.version),
+                            ));
+                        }
+                        (None, Some(_)) => {
+                            return Err(FhirError::new(ErrorKind::PreconditionFailed, format!("{rtype}/{id} does not exist")));
+                        }
+                        (Some(sv), _) if sv.state == RecordState::Deleted => (sv.version + 1, Expect::Absent, true),
+                        (Some(sv), _) => (sv.version + 1, Expect::Version(sv.version), false),
+                        (None, None) => (1, Expect::Absent, true),
+                    };
+                    this.check_references(tx, &body)?;
+                    let at = this.now();
+                    let p = Pending { rtype: rtype.clone(), id: id.clone(), version, resource: Some(body), expect };
+                    Ok((this.write_pending(tx, p, at)?.expect("written"), created))
+                })();
+                r.map_err(custos_store::StoreError::abort)
+            })
+            .await
+            .map_err(store_err)
+    }
+
+    /// Delete: a tombstone version. Deleting a deleted resource succeeds;
+    /// an unknown one is 404.
+    pub async fn delete(&self, rtype: &str, id: &str) -> Result<(), FhirError> {
+        Self::check_type(rtype)?;
+        Self::check_id(id)?;
+        let (this, rtype, id) = (self.clone(), rtype.to_string(), id.to_string());
+        self.store()
+            .write(move |tx| {
+                let r = (|| {
+                    match tx.current(&rtype, &id).map_err(store_err)? {
+                        None => Err(FhirError::not_found(format!("{rtype}/{id} is not known"))),
+                        Some(sv) if sv.state != RecordState::Live => Ok(()),
+                        Some(sv) => {
+                            let at = this.now();
+                            let p = Pending { rtype, id, version: sv.version + 1, resource: None, expect: Expect::Version(sv.version) };
+                            this.write_pending(tx, p, at)?;
+                            Ok(())
+                        }
+                    }
+                })();
+                r.map_err(custos_store::StoreError::abort)
+            })
+            .await
+            .map_err(store_err)
+    }
+
+    /// Crypto-shredding: erase a patient's data key, making every version of
+    /// every resource in their compartment unreadable. Returns the number of
+    /// resources erased.
+    pub async fn shred_patient(&self, patient_id: &str) -> Result<u64, FhirError> {
+        Self::check_id(patient_id)?;
+        let key_name = patient_key_name(patient_id);
+        let (pid, kn) = (patient_id.to_string(), key_name.clone());
+        let exists = self.store().read(move |tx| tx.current("Patient", &pid)).await.map_err(store_err)?;
+        if exists.is_none() {
+            return Err(FhirError::not_found(format!("Patient/{patient_id} is not known")));
+        }
+        let pid = patient_id.to_string();
+        let n = self.store().write(move |tx| tx.erase_compartment(&pid, &kn)).await.map_err(store_err)?;
+        self.keys().forget(&key_name);
+        Ok(n)
+    }
+
+    /// History of an instance, a type, or the whole system; newest first.
+    pub(crate) async fn history_rows(&self, q: HistoryQuery, want_total: bool) -> Result<(Vec<(StoredVersion, Option<Opened>)>, Option<u64>), FhirError> {
+        match &q.scope {
+            HistoryScope::Instance { rtype, .. } | HistoryScope::Type(rtype) => Self::check_type(rtype)?,
+            HistoryScope::System => {}
+        }
+        let this = self.clone();
+        let cap = self.config().total_cap;
+        self.store()
+            .read(move |tx| {
+                let r = (|| {
+                    let rows = tx.history(&q).map_err(store_err)?;
+                    let mut out = Vec::with_capacity(rows.len());
+                    for sv in rows {
+                        let opened = match sv.state {
+                            RecordState::Live => Some(this.open_version(tx, sv.clone())?),
+                            _ => None,
+                        };
+                        out.push((sv, opened));
+                    }
+                    let total = if want_total {
+                        let n = tx.history_count(&q, cap).map_err(store_err)?;
+                        if n >= cap { None } else { Some(n) }
+                    } else {
+                        None
+                    };
+                    Ok((out, total))
+                })();
+                Ok(r)
+            })
+            .await
+            .map_err(store_err)?
+    }
+
+    /// Counts of live resources per type.
+    pub async fn type_counts(&self) -> Result<Vec<(String, u64)>, FhirError> {
+        self.store().read(|tx| tx.type_counts()).await.map_err(store_err)
+    }
+}
+
+/// Every `reference` string in a resource.
+pub(crate) fn collect_references<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                if k == "reference" {
+                    if let Value::String(s) = x {
+                        out.push(s);
+                    }
+                } else if k != "contained" {
+                    collect_references(x, out);
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| collect_references(x, out)),
+        _ => {}
+    }
+}
