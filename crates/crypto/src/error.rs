@@ -11,6 +11,7 @@ pub enum CryptoError {
     /// The key file or variable is missing or malformed.
     #[error("key material unavailable: {0}")]
     KeyMaterial(String),
+    /// Reading or writing the key file failed (the message names the file).
     #[error("key file I/O: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -16,6 +16,8 @@
 //! compartment's versions, far below the 2^32 messages per key that random
 //! GCM nonces allow.
 
+#![warn(missing_docs)]
+
 mod blind;
 mod error;
 mod kek;
@@ -24,4 +26,7 @@ mod seal;
 pub use blind::{BLIND_LEN, BlindIndexer, BlindToken};
 pub use error::CryptoError;
 pub use kek::{EnvKekProvider, FileKekProvider, Kek, KekProvider, KekState};
-pub use seal::{CopySealer, DataKey, GcmSealer, Sealer, WrappedKey};
+pub use seal::{
+    CopySealer, DataKey, GcmSealer, SEAL_OVERHEAD, SEAL_VERSION_COPY, SEAL_VERSION_GCM, Sealer,
+    WrappedKey,
+};

@@ -86,7 +86,10 @@ pub struct FhirError {
 
 impl FhirError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        FhirError { kind, message: message.into() }
+        FhirError {
+            kind,
+            message: message.into(),
+        }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::BadRequest, message)

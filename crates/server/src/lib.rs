@@ -1,1 +1,83 @@
-//! placeholder
+//! The Custos HTTP server: the FHIR R4 REST API.
+//!
+//! The only crate that knows HTTP. Handlers translate requests into calls
+//! on [`custos_records::Records`] and results into FHIR JSON responses;
+//! every error becomes an OperationOutcome with its HTTP status.
+
+mod error;
+mod http;
+mod routes;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use custos_records::Records;
+
+pub use error::ApiError;
+pub use routes::router;
+
+/// Settings of the HTTP server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// PEM certificate chain and private key; plain HTTP when `None`.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Largest request body accepted, in bytes.
+    pub max_body: usize,
+    /// The base URL clients use (`https://fhir.example.org`); derived from
+    /// the Host header when `None`.
+    pub base_url: Option<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tls: None,
+            max_body: 16 * 1024 * 1024,
+            base_url: None,
+        }
+    }
+}
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub records: Records,
+    pub config: Arc<ServerConfig>,
+}
+
+/// Serve until `shutdown` completes. `on_bound` receives the actual address
+/// (useful when listening on port 0).
+pub async fn serve(
+    records: Records,
+    config: ServerConfig,
+    on_bound: impl FnOnce(SocketAddr),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = AppState { records, config: Arc::new(config.clone()) };
+    let app = router(state);
+    let handle = axum_server::Handle::new();
+    let h2 = handle.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        h2.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
+    });
+    let listener = std::net::TcpListener::bind(config.listen)?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    on_bound(addr);
+    let make = app.into_make_service_with_connect_info::<SocketAddr>();
+    match &config.tls {
+        Some((cert, key)) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key).await?;
+            axum_server::from_tcp_rustls(listener, tls)?.handle(handle).serve(make).await?;
+        }
+        None => {
+            axum_server::from_tcp(listener)?.handle(handle).serve(make).await?;
+        }
+    }
+    Ok(())
+}

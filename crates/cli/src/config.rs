@@ -1,0 +1,59 @@
+//! Configuration: a TOML file, overridden by environment variables and flags.
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+/// The TOML configuration file (every key optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub base_url: Option<String>,
+    pub max_body_bytes: Option<usize>,
+    pub tls: Option<TlsConfig>,
+    pub storage: Option<StorageConfig>,
+    pub search: Option<SearchConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `full` (default) or `normal`.
+    pub synchronous: Option<String>,
+    pub cache_mib: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchConfig {
+    pub default_count: Option<usize>,
+    pub max_count: Option<usize>,
+    pub total_cap: Option<u64>,
+}
+
+impl FileConfig {
+    /// Read a config file; a missing file given explicitly is an error.
+    pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+}
+
+/// Parse `full` / `normal`.
+pub fn synchronous(s: &str) -> anyhow::Result<custos_store::Synchronous> {
+    match s.to_ascii_lowercase().as_str() {
+        "full" => Ok(custos_store::Synchronous::Full),
+        "normal" => Ok(custos_store::Synchronous::Normal),
+        other => bail!("storage.synchronous must be 'full' or 'normal', not '{other}'"),
+    }
+}

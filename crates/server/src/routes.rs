@@ -1,0 +1,197 @@
+//! Routes and handlers of the FHIR REST API.
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{MatchedPath, Path, RawQuery, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use custos_fhir::{ErrorKind, FhirError};
+use serde_json::Value;
+use tower_http::catch_panic::CatchPanicLayer;
+
+use crate::AppState;
+use crate::error::ApiError;
+use crate::http::{
+    Return, base_url, fhir_json, if_match, json_body, negotiate, prefer_handling, prefer_return, resource_response,
+};
+
+type ApiResult = Result<Response, ApiError>;
+
+/// The FHIR REST API router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/metadata", get(metadata))
+        .route("/", post(bundle))
+        .route("/_history", get(history_system))
+        .route("/{rtype}", get(search_get).post(create))
+        .route("/{rtype}/_search", post(search_post))
+        .route("/{rtype}/_history", get(history_type))
+        .route("/{rtype}/{id}", get(read).put(update).delete(delete))
+        .route("/{rtype}/{id}/_history", get(history_instance))
+        .route("/{rtype}/{id}/_history/{vid}", get(vread))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(log_requests))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .with_state(state)
+}
+
+fn params(q: Option<String>) -> Vec<(String, String)> {
+    q.map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default()
+}
+
+/// Logs method, route template, status and latency — never the query
+/// string or the concrete path, which can carry identifying data.
+async fn log_requests(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "-".into());
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    tracing::info!(%method, route, status = resp.status().as_u16(), micros = start.elapsed().as_micros() as u64, "request");
+    resp
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    ApiError(FhirError::internal("internal error; the request was not completed")).into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError(FhirError::not_found("no such endpoint"))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError(FhirError::new(ErrorKind::MethodNotAllowed, "this interaction is not supported on this URL"))
+}
+
+async fn metadata(State(s): State<AppState>, headers: HeaderMap, RawQuery(q): RawQuery) -> ApiResult {
+    negotiate(&headers, &params(q))?;
+    let now = custos_fhir::date::format_instant(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0),
+    );
+    let cs = custos_records::capability_statement(&base_url(&s, &headers), env!("CARGO_PKG_VERSION"), &now);
+    Ok(fhir_json(StatusCode::OK, &cs))
+}
+
+async fn read(State(s): State<AppState>, headers: HeaderMap, Path((rtype, id)): Path<(String, String)>, RawQuery(q): RawQuery) -> ApiResult {
+    negotiate(&headers, &params(q))?;
+    let o = s.records.read(&rtype, &id).await?;
+    if let Some(inm) = headers.get("if-none-match").and_then(|v| v.to_str().ok()) {
+        if inm.trim() == o.etag() {
+            return Ok(StatusCode::NOT_MODIFIED.into_response());
+        }
+    }
+    Ok(resource_response(StatusCode::OK, &o, &base_url(&s, &headers), false, Return::Representation))
+}
+
+async fn vread(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path((rtype, id, vid)): Path<(String, String, String)>,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
+    negotiate(&headers, &params(q))?;
+    let o = s.records.vread(&rtype, &id, &vid).await?;
+    Ok(resource_response(StatusCode::OK, &o, &base_url(&s, &headers), false, Return::Representation))
+}
+
+async fn create(State(s): State<AppState>, headers: HeaderMap, Path(rtype): Path<String>, RawQuery(q): RawQuery, body: Body) -> ApiResult {
+    negotiate(&headers, &params(q))?;
+    let body = json_body(&s, &headers, body).await?;
+    let cond = headers.get("if-none-exist").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let (o, created) = s.records.create(&rtype, body, cond).await?;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok(resource_response(status, &o, &base_url(&s, &headers), true, prefer_return(&headers)))
+}
+
+async fn update(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path((rtype, id)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+    body: Body,
+) -> ApiResult {
+    negotiate(&headers, &params(q))?;
+    let body = json_body(&s, &headers, body).await?;
+    let (o, created) = s.records.update(&rtype, &id, body, if_match(&headers)?).await?;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok(resource_response(status, &o, &base_url(&s, &headers), true, prefer_return(&headers)))
+}
+
+async fn delete(State(s): State<AppState>, headers: HeaderMap, Path((rtype, id)): Path<(String, String)>) -> ApiResult {
+    s.records.delete(&rtype, &id).await?;
+    let _ = headers;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn search_get(State(s): State<AppState>, headers: HeaderMap, Path(rtype): Path<String>, RawQuery(q): RawQuery) -> ApiResult {
+    let p = params(q);
+    negotiate(&headers, &p)?;
+    search(s, headers, rtype, p).await
+}
+
+async fn search_post(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(rtype): Path<String>,
+    RawQuery(q): RawQuery,
+    body: Body,
+) -> ApiResult {
+    let mut p = params(q);
+    negotiate(&headers, &p)?;
+    let ct = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !ct.starts_with("application/x-www-form-urlencoded") {
+        return Err(FhirError::new(ErrorKind::UnsupportedMediaType, "_search takes application/x-www-form-urlencoded").into());
+    }
+    let bytes = axum::body::to_bytes(body, s.config.max_body)
+        .await
+        .map_err(|_| FhirError::new(ErrorKind::PayloadTooLarge, "the request body is too large"))?;
+    p.extend(form_urlencoded::parse(&bytes).into_owned());
+    search(s, headers, rtype, p).await
+}
+
+async fn search(s: AppState, headers: HeaderMap, rtype: String, p: Vec<(String, String)>) -> ApiResult {
+    let base = base_url(&s, &headers);
+    let bundle = s.records.search(&rtype, p, prefer_handling(&headers), &base).await?;
+    Ok(fhir_json(StatusCode::OK, &bundle))
+}
+
+async fn bundle(State(s): State<AppState>, headers: HeaderMap, RawQuery(q): RawQuery, body: Body) -> ApiResult {
+    negotiate(&headers, &params(q))?;
+    let body: Value = json_body(&s, &headers, body).await?;
+    let base = base_url(&s, &headers);
+    let representation = prefer_return(&headers) == Return::Representation && headers.get("prefer").is_some();
+    let resp = s.records.process_bundle(body, &base, representation).await?;
+    Ok(fhir_json(StatusCode::OK, &resp))
+}
+
+async fn history_system(State(s): State<AppState>, headers: HeaderMap, RawQuery(q): RawQuery) -> ApiResult {
+    let p = params(q);
+    negotiate(&headers, &p)?;
+    let b = s.records.history(None, None, p, &base_url(&s, &headers)).await?;
+    Ok(fhir_json(StatusCode::OK, &b))
+}
+
+async fn history_type(State(s): State<AppState>, headers: HeaderMap, Path(rtype): Path<String>, RawQuery(q): RawQuery) -> ApiResult {
+    let p = params(q);
+    negotiate(&headers, &p)?;
+    if !custos_fhir::types::is_resource_type(&rtype) {
+        return Err(FhirError::not_found(format!("unknown resource type '{rtype}'")).into());
+    }
+    let b = s.records.history(Some(&rtype), None, p, &base_url(&s, &headers)).await?;
+    Ok(fhir_json(StatusCode::OK, &b))
+}
+
+async fn history_instance(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path((rtype, id)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
+    let p = params(q);
+    negotiate(&headers, &p)?;
+    let b = s.records.history(Some(&rtype), Some(&id), p, &base_url(&s, &headers)).await?;
+    Ok(fhir_json(StatusCode::OK, &b))
+}
