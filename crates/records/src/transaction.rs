@@ -214,7 +214,7 @@ impl Records {
         let mut done: Vec<Option<Done>> = (0..n).map(|_| None).collect();
         // 1. Decide every target id; map full URLs to their targets.
         let mut map: HashMap<String, String> = HashMap::new();
-        for e in entries.iter_mut() {
+        for (pos, e) in entries.iter_mut().enumerate() {
             match e.method {
                 Method::Post => {
                     let mut existing = None;
@@ -231,7 +231,7 @@ impl Records {
                         e.method = Method::Get;
                         e.resource = None;
                         e.url = format!("{}/{}", e.rtype, id);
-                        done[e.index] = Some(Done { status: "200 OK", opened: None, location: Some(e.url.clone()), body: None });
+                        done[pos] = Some(Done { status: "200 OK", opened: None, location: Some(e.url.clone()), body: None });
                     }
                     e.id = Some(id);
                 }
@@ -241,7 +241,7 @@ impl Records {
                     match (e.method, ids.len()) {
                         (_, 0) if e.method == Method::Put => e.id = Some(new_id()),
                         (_, 0) => {
-                            done[e.index] = Some(Done { status: "204 No Content", opened: None, location: None, body: None });
+                            done[pos] = Some(Done { status: "204 No Content", opened: None, location: None, body: None });
                         }
                         (_, 1) => e.id = Some(ids[0].clone()),
                         _ => return Err(FhirError::new(ErrorKind::PreconditionFailed, format!("Bundle.entry[{}]: criteria match several resources", e.index))),
@@ -301,7 +301,7 @@ impl Records {
         let mut written: Vec<usize> = Vec::new();
         for &i in &order {
             let e = &entries[i];
-            if done[e.index].is_some() && e.method != Method::Get {
+            if done[i].is_some() && e.method != Method::Get {
                 continue;
             }
             let fail = |err: FhirError| FhirError::new(err.kind, format!("Bundle.entry[{}]: {}", e.index, err.message));
@@ -313,7 +313,7 @@ impl Records {
                         let p = Pending { rtype: e.rtype.clone(), id, version: sv.version + 1, resource: None, expect: Expect::Version(sv.version) };
                         self.write_pending(tx, p, at).map_err(fail)?;
                     }
-                    done[e.index] = Some(Done { status: "204 No Content", opened: None, location: None, body: None });
+                    done[i] = Some(Done { status: "204 No Content", opened: None, location: None, body: None });
                 }
                 Method::Post | Method::Put => {
                     let id = e.id.clone().expect("target resolved");
@@ -335,23 +335,24 @@ impl Records {
                     let p = Pending { rtype: e.rtype.clone(), id, version, resource: Some(resource), expect };
                     let opened = self.write_pending(tx, p, at).map_err(fail)?.expect("written");
                     let status = if created { "201 Created" } else { "200 OK" };
-                    done[e.index] = Some(Done { status, opened: Some(opened), location: None, body: None });
-                    written.push(e.index);
+                    done[i] = Some(Done { status, opened: Some(opened), location: None, body: None });
+                    written.push(i);
                 }
                 Method::Get => {
-                    if done[e.index].is_some() {
+                    if done[i].is_some() {
                         continue;
                     }
                     let body = self.get_in(tx, e, base).map_err(fail)?;
-                    done[e.index] = Some(Done { status: "200 OK", opened: None, location: None, body: Some(body) });
+                    done[i] = Some(Done { status: "200 OK", opened: None, location: None, body: Some(body) });
                 }
             }
         }
         // 4. Every reference of every written resource must now resolve.
         for i in written {
             if let Some(Done { opened: Some(o), .. }) = &done[i] {
+                let at = entries[i].index;
                 self.check_references(tx, &o.resource)
-                    .map_err(|err| FhirError::new(err.kind, format!("Bundle.entry[{i}]: {}", err.message)))?;
+                    .map_err(|err| FhirError::new(err.kind, format!("Bundle.entry[{at}]: {}", err.message)))?;
             }
         }
         Ok(done.into_iter().map(|d| d.expect("every entry processed")).collect())
