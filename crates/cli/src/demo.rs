@@ -21,7 +21,12 @@ pub fn scan_files(files: &[PathBuf], needle: &str) -> usize {
         .sum()
 }
 
-pub async fn run(data_dir: Option<PathBuf>, patients: usize, seed: u64, keep_running: bool) -> anyhow::Result<()> {
+pub async fn run(
+    data_dir: Option<PathBuf>,
+    patients: usize,
+    seed: u64,
+    keep_running: bool,
+) -> anyhow::Result<()> {
     let (dir, _tmp) = match data_dir {
         Some(d) => (d, None),
         None => {
@@ -30,27 +35,46 @@ pub async fn run(data_dir: Option<PathBuf>, patients: usize, seed: u64, keep_run
         }
     };
     if dir.join("keys.json").exists() {
-        bail!("{} already holds a Custos data dir; the demo needs a fresh one", dir.display());
+        bail!(
+            "{} already holds a Custos data dir; the demo needs a fresh one",
+            dir.display()
+        );
     }
     crate::init_dir(&dir, false)?;
     println!("== Custos demo ==");
-    println!("data dir   {} (key file keys.json, mode 0600)", dir.display());
+    println!(
+        "data dir   {} (key file keys.json, mode 0600)",
+        dir.display()
+    );
     let opened = crate::open_data(FileConfig::default(), dir.clone(), Arc::new(GcmSealer)).await?;
     let store = opened.store.clone();
-    let mut sc = ServerConfig::default();
-    sc.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let sc = ServerConfig { listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)), ..ServerConfig::default() };
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let records = opened.records.clone();
     let server = tokio::spawn(async move {
-        custos_server::serve(records, sc, move |a| { let _ = tx.send(a); }, async move { let _ = stop_rx.await; }).await
+        custos_server::serve(
+            records,
+            sc,
+            move |a| {
+                let _ = tx.send(a);
+            },
+            async move {
+                let _ = stop_rx.await;
+            },
+        )
+        .await
     });
     let addr = rx.await.context("server did not start")?;
     let c = FhirClient::new(&format!("http://{addr}"));
     println!("server     http://{addr}  (FHIR R4, application/fhir+json)");
 
     // 1. Load synthetic patients as transaction Bundles.
-    let synth = custos_synth::Synth::new(custos_synth::SynthConfig { patients, seed, detail: custos_synth::Detail::Full });
+    let synth = custos_synth::Synth::new(custos_synth::SynthConfig {
+        patients,
+        seed,
+        detail: custos_synth::Detail::Full,
+    });
     let t = Instant::now();
     let (s, _) = c.json("POST", "/", Some(&synth.directory_bundle())).await?;
     if s != 200 {
@@ -67,18 +91,28 @@ pub async fn run(data_dir: Option<PathBuf>, patients: usize, seed: u64, keep_run
             bail!("loading patient bundle {i} failed with HTTP {s}: {resp}");
         }
         if first_patient.is_none() {
-            first_patient = resp["entry"][0]["response"]["location"].as_str().map(|l| l.split('/').take(2).collect::<Vec<_>>().join("/"));
+            first_patient = resp["entry"][0]["response"]["location"]
+                .as_str()
+                .map(|l| l.split('/').take(2).collect::<Vec<_>>().join("/"));
         }
         facts.push(f);
     }
     let secs = t.elapsed().as_secs_f64();
-    println!("loaded     {patients} patients, {resources} resources in transaction Bundles ({:.0} resources/s)", resources as f64 / secs);
+    println!(
+        "loaded     {patients} patients, {resources} resources in transaction Bundles ({:.0} resources/s)",
+        resources as f64 / secs
+    );
 
     // 2. Reads and searches.
     let f0 = &facts[0];
     let pref = first_patient.context("no patient location returned")?;
     let (s, p) = c.json("GET", &pref, None).await?;
-    println!("read       GET /{pref} -> {s}, {} {} born {}", first(&p["name"][0]["given"]), p["name"][0]["family"].as_str().unwrap_or("?"), p["birthDate"].as_str().unwrap_or("?"));
+    println!(
+        "read       GET /{pref} -> {s}, {} {} born {}",
+        first(&p["name"][0]["given"]),
+        p["name"][0]["family"].as_str().unwrap_or("?"),
+        p["birthDate"].as_str().unwrap_or("?")
+    );
     let searches = [
         format!("Patient?family={}", f0.family),
         format!("Patient?identifier={}", f0.mrn),
@@ -90,12 +124,21 @@ pub async fn run(data_dir: Option<PathBuf>, patients: usize, seed: u64, keep_run
     for q in &searches {
         let (s, b) = c.json("GET", q, None).await?;
         let n = b["entry"].as_array().map(|a| a.len()).unwrap_or(0);
-        println!("search     GET /{q} -> {s}, total {}, {n} on this page", b["total"]);
+        println!(
+            "search     GET /{q} -> {s}, total {}, {n} on this page",
+            b["total"]
+        );
     }
     let (s, h) = c.json("GET", &format!("{pref}/_history"), None).await?;
-    println!("history    GET /{pref}/_history -> {s}, {} version(s)", h["total"]);
+    println!(
+        "history    GET /{pref}/_history -> {s}, {} version(s)",
+        h["total"]
+    );
     let (s, oo) = c.json("GET", "Patient/does-not-exist", None).await?;
-    println!("error      GET /Patient/does-not-exist -> {s} {}", oo["issue"][0]["diagnostics"].as_str().unwrap_or(""));
+    println!(
+        "error      GET /Patient/does-not-exist -> {s} {}",
+        oo["issue"][0]["diagnostics"].as_str().unwrap_or("")
+    );
 
     // 3. What the database holds: ciphertext and blind indexes only.
     server_checkpoint(&store).await;
@@ -115,9 +158,15 @@ pub async fn run(data_dir: Option<PathBuf>, patients: usize, seed: u64, keep_run
 
     // 4. Crypto-shredding.
     let pid = pref.trim_start_matches("Patient/");
-    let n = opened.records.shred_patient(pid).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let n = opened
+        .records
+        .shred_patient(pid)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
     let (s, _) = c.json("GET", &pref, None).await?;
-    println!("shred      erased the data key of {pref}: {n} resources unreadable, read now answers {s}");
+    println!(
+        "shred      erased the data key of {pref}: {n} resources unreadable, read now answers {s}"
+    );
     if found != 0 {
         bail!("clear PHI found in the database files");
     }

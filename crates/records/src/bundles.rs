@@ -4,7 +4,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use custos_fhir::date::format_instant;
 use custos_fhir::query::{Handling, SearchRequest, TotalMode, parse_search};
 use custos_fhir::{FhirError, outcome, registry};
-use custos_store::{Filter, HistoryQuery, HistoryScope, IndexQuery, Keyset, StoreExt, StoredVersion};
+use custos_store::{
+    Filter, HistoryQuery, HistoryScope, IndexQuery, Keyset, StoreExt, StoredVersion,
+};
 use serde_json::{Value, json};
 
 use crate::index::Tokens;
@@ -21,7 +23,12 @@ struct Cursor {
 
 impl Cursor {
     fn encode(&self) -> String {
-        let raw = format!("{}.{:x}.{}", u8::from(self.backwards), self.keyset.sort_key.to_bits(), self.keyset.rid);
+        let raw = format!(
+            "{}.{:x}.{}",
+            u8::from(self.backwards),
+            self.keyset.sort_key.to_bits(),
+            self.keyset.rid
+        );
         URL_SAFE_NO_PAD.encode(raw)
     }
     fn decode(s: &str) -> Result<Cursor, FhirError> {
@@ -32,7 +39,13 @@ impl Cursor {
         let b = it.next().ok_or_else(bad)?;
         let k = u64::from_str_radix(it.next().ok_or_else(bad)?, 16).map_err(|_| bad())?;
         let r: i64 = it.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
-        Ok(Cursor { backwards: b == "1", keyset: Keyset { sort_key: f64::from_bits(k), rid: r } })
+        Ok(Cursor {
+            backwards: b == "1",
+            keyset: Keyset {
+                sort_key: f64::from_bits(k),
+                rid: r,
+            },
+        })
     }
 }
 
@@ -54,12 +67,17 @@ fn link(relation: &str, url: String) -> Value {
 }
 
 fn url_with(path: &str, qs: &str) -> String {
-    if qs.is_empty() { path.to_string() } else { format!("{path}?{qs}") }
+    if qs.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{qs}")
+    }
 }
 
 /// A Bundle entry for a resource.
 pub(crate) fn entry(base: &str, o: &Opened, mode: Option<&str>) -> Value {
-    let mut e = json!({ "fullUrl": format!("{base}/{}/{}", o.rtype, o.id), "resource": o.resource });
+    let mut e =
+        json!({ "fullUrl": format!("{base}/{}/{}", o.rtype, o.id), "resource": o.resource });
     if let Some(m) = mode {
         e["search"] = json!({ "mode": m });
     }
@@ -69,9 +87,14 @@ pub(crate) fn entry(base: &str, o: &Opened, mode: Option<&str>) -> Value {
 impl Records {
     /// Parse and plan a conditional query (`If-None-Exist`, conditional references).
     pub(crate) fn plan_conditional(&self, rtype: &str, query: &str) -> Result<Plan, FhirError> {
-        let params: Vec<(String, String)> = form_urlencoded::parse(query.trim_start_matches('?').as_bytes()).into_owned().collect();
+        let params: Vec<(String, String)> =
+            form_urlencoded::parse(query.trim_start_matches('?').as_bytes())
+                .into_owned()
+                .collect();
         if params.is_empty() {
-            return Err(FhirError::bad_request("a conditional operation needs search criteria"));
+            return Err(FhirError::bad_request(
+                "a conditional operation needs search criteria",
+            ));
         }
         let req = parse_search(rtype, &params, Handling::Strict)?;
         self.plan(&req)
@@ -79,13 +102,24 @@ impl Records {
 
     /// Search `rtype` with the query `params`; `base` is the server's base URL
     /// and `path` the URL of the search (for links).
-    pub async fn search(&self, rtype: &str, params: Vec<(String, String)>, handling: Handling, base: &str) -> Result<Value, FhirError> {
+    pub async fn search(
+        &self,
+        rtype: &str,
+        params: Vec<(String, String)>,
+        handling: Handling,
+        base: &str,
+    ) -> Result<Value, FhirError> {
         if !custos_fhir::types::is_resource_type(rtype) {
-            return Err(FhirError::not_found(format!("unknown resource type '{rtype}'")));
+            return Err(FhirError::not_found(format!(
+                "unknown resource type '{rtype}'"
+            )));
         }
         let req = parse_search(rtype, &params, handling)?;
         let plan = self.plan(&req)?;
-        let count = req.count.unwrap_or(self.config().default_count).min(self.config().max_count);
+        let count = req
+            .count
+            .unwrap_or(self.config().default_count)
+            .min(self.config().max_count);
         let cursor = req.cursor.as_deref().map(Cursor::decode).transpose()?;
         let want_total = req.total != TotalMode::None || req.summary_count || count == 0;
         let this = self.clone();
@@ -97,9 +131,19 @@ impl Records {
                     let page = if req2.summary_count || count == 0 {
                         None
                     } else {
-                        Some(this.execute(tx, &plan, cursor.map(|c| c.keyset), cursor.is_some_and(|c| c.backwards), count)?)
+                        Some(this.execute(
+                            tx,
+                            &plan,
+                            cursor.map(|c| c.keyset),
+                            cursor.is_some_and(|c| c.backwards),
+                            count,
+                        )?)
                     };
-                    let total = if want_total { this.total(tx, &plan)? } else { None };
+                    let total = if want_total {
+                        this.total(tx, &plan)?
+                    } else {
+                        None
+                    };
                     let included = match &page {
                         Some(p) => this.includes(tx, &req2, &p.matches)?,
                         None => Vec::new(),
@@ -116,17 +160,40 @@ impl Records {
         if let Some(page) = &page {
             let backwards = cursor.is_some_and(|c| c.backwards);
             let (first, last) = (page.matches.first(), page.matches.last());
-            let key = |o: &Opened| Keyset { sort_key: o.sort_key.unwrap_or(0.0), rid: o.rid };
+            let key = |o: &Opened| Keyset {
+                sort_key: o.sort_key.unwrap_or(0.0),
+                rid: o.rid,
+            };
             // Forward: "next" exists when more follow; "previous" when we started after something.
-            let has_next = if backwards { cursor.is_some() } else { page.more };
-            let has_prev = if backwards { page.more } else { cursor.is_some() };
+            let has_next = if backwards {
+                cursor.is_some()
+            } else {
+                page.more
+            };
+            let has_prev = if backwards {
+                page.more
+            } else {
+                cursor.is_some()
+            };
             if let (true, Some(l)) = (has_next, last) {
-                let c = Cursor { backwards: false, keyset: key(l) };
-                links.push(link("next", url_with(&path, &query_string(&params, &[("_cursor", c.encode())]))));
+                let c = Cursor {
+                    backwards: false,
+                    keyset: key(l),
+                };
+                links.push(link(
+                    "next",
+                    url_with(&path, &query_string(&params, &[("_cursor", c.encode())])),
+                ));
             }
             if let (true, Some(f)) = (has_prev, first) {
-                let c = Cursor { backwards: true, keyset: key(f) };
-                links.push(link("previous", url_with(&path, &query_string(&params, &[("_cursor", c.encode())]))));
+                let c = Cursor {
+                    backwards: true,
+                    keyset: key(f),
+                };
+                links.push(link(
+                    "previous",
+                    url_with(&path, &query_string(&params, &[("_cursor", c.encode())])),
+                ));
             }
             entries.extend(page.matches.iter().map(|o| entry(base, o, Some("match"))));
         }
@@ -156,10 +223,17 @@ impl Records {
     }
 
     /// `_include` and `_revinclude` targets of a page (live resources only, de-duplicated).
-    fn includes(&self, tx: &mut dyn custos_store::ReadTx, req: &SearchRequest, page: &[Opened]) -> Result<Vec<Opened>, FhirError> {
+    fn includes(
+        &self,
+        tx: &mut dyn custos_store::ReadTx,
+        req: &SearchRequest,
+        page: &[Opened],
+    ) -> Result<Vec<Opened>, FhirError> {
         let mut out: Vec<Opened> = Vec::new();
-        let mut seen: std::collections::HashSet<(String, String)> =
-            page.iter().map(|o| (o.rtype.clone(), o.id.clone())).collect();
+        let mut seen: std::collections::HashSet<(String, String)> = page
+            .iter()
+            .map(|o| (o.rtype.clone(), o.id.clone()))
+            .collect();
         for inc in &req.include {
             if inc.source_type != req.resource_type {
                 continue;
@@ -167,23 +241,30 @@ impl Records {
             let params: Vec<&custos_fhir::SearchParam> = registry()
                 .for_type(&inc.source_type)
                 .iter()
-                .filter(|p| p.kind == custos_fhir::ParamKind::Reference && (inc.param == "*" || p.code == inc.param))
+                .filter(|p| {
+                    p.kind == custos_fhir::ParamKind::Reference
+                        && (inc.param == "*" || p.code == inc.param)
+                })
                 .collect();
             for o in page {
                 for p in &params {
                     for v in p.extract(&o.resource) {
-                        if let custos_fhir::IndexValue::Reference { target_type: Some(t), target_id: Some(id), .. } = v {
+                        if let custos_fhir::IndexValue::Reference {
+                            target_type: Some(t),
+                            target_id: Some(id),
+                            ..
+                        } = v
+                        {
                             if inc.target_type.as_deref().is_some_and(|want| want != t) {
                                 continue;
                             }
                             if !seen.insert((t.clone(), id.clone())) {
                                 continue;
                             }
-                            if let Some(sv) = tx.current(&t, &id).map_err(store_err)? {
-                                if let Ok(opened) = self.open_version(tx, sv) {
+                            if let Some(sv) = tx.current(&t, &id).map_err(store_err)?
+                                && let Ok(opened) = self.open_version(tx, sv) {
                                     out.push(opened);
                                 }
-                            }
                         }
                     }
                 }
@@ -195,7 +276,10 @@ impl Records {
             }
             let tk = Tokens::new(self.keys().blind(), &inc.source_type, &inc.param);
             let tokens = page.iter().map(|o| tk.reference(&o.rtype, &o.id)).collect();
-            let q = IndexQuery { filters: vec![Filter::AnyToken(tokens)], ..IndexQuery::all(&inc.source_type, self.config().max_count) };
+            let q = IndexQuery {
+                filters: vec![Filter::AnyToken(tokens)],
+                ..IndexQuery::all(&inc.source_type, self.config().max_count)
+            };
             for sv in tx.search(&q).map_err(store_err)? {
                 if seen.insert((sv.rtype.clone(), sv.id.clone())) {
                     out.push(self.open_version(tx, sv)?);
@@ -206,9 +290,18 @@ impl Records {
     }
 
     /// History Bundle for an instance (`rtype` and `id`), a type, or the system.
-    pub async fn history(&self, rtype: Option<&str>, id: Option<&str>, params: Vec<(String, String)>, base: &str) -> Result<Value, FhirError> {
+    pub async fn history(
+        &self,
+        rtype: Option<&str>,
+        id: Option<&str>,
+        params: Vec<(String, String)>,
+        base: &str,
+    ) -> Result<Value, FhirError> {
         let scope = match (rtype, id) {
-            (Some(t), Some(i)) => HistoryScope::Instance { rtype: t.into(), id: i.into() },
+            (Some(t), Some(i)) => HistoryScope::Instance {
+                rtype: t.into(),
+                id: i.into(),
+            },
             (Some(t), None) => HistoryScope::Type(t.into()),
             _ => HistoryScope::System,
         };
@@ -223,18 +316,43 @@ impl Records {
                     let r = parse_instant(v, "_at")?;
                     before = Some(r.end);
                 }
-                "_count" => count = v.parse::<usize>().map_err(|_| FhirError::bad_request("_count must be a whole number"))?,
-                "_cursor" => seq_below = Some(v.parse::<i64>().map_err(|_| FhirError::bad_request("invalid _cursor"))?),
+                "_count" => {
+                    count = v
+                        .parse::<usize>()
+                        .map_err(|_| FhirError::bad_request("_count must be a whole number"))?
+                }
+                "_cursor" => {
+                    seq_below = Some(
+                        v.parse::<i64>()
+                            .map_err(|_| FhirError::bad_request("invalid _cursor"))?,
+                    )
+                }
                 "_format" | "_pretty" | "_total" => {}
-                other => return Err(FhirError::bad_request(format!("unknown history parameter '{other}'"))),
+                other => {
+                    return Err(FhirError::bad_request(format!(
+                        "unknown history parameter '{other}'"
+                    )));
+                }
             }
         }
         let count = count.min(self.config().max_count);
-        let q = HistoryQuery { scope: scope.clone(), since, before, seq_below, limit: count + 1 };
+        let q = HistoryQuery {
+            scope: scope.clone(),
+            since,
+            before,
+            seq_below,
+            limit: count + 1,
+        };
         if let HistoryScope::Instance { rtype, id } = &scope {
             // An unknown instance is 404, not an empty history.
             let (t, i) = (rtype.clone(), id.clone());
-            if self.store().read(move |tx| tx.current(&t, &i)).await.map_err(store_err)?.is_none() {
+            if self
+                .store()
+                .read(move |tx| tx.current(&t, &i))
+                .await
+                .map_err(store_err)?
+                .is_none()
+            {
                 return Err(FhirError::not_found(format!("{rtype}/{id} is not known")));
             }
         }
@@ -247,12 +365,20 @@ impl Records {
             _ => format!("{base}/_history"),
         };
         let mut links = vec![link("self", url_with(&path, &query_string(&params, &[])))];
-        if more {
-            if let Some((last, _)) = rows.last() {
-                links.push(link("next", url_with(&path, &query_string(&params, &[("_cursor", last.seq.to_string())]))));
+        if more
+            && let Some((last, _)) = rows.last() {
+                links.push(link(
+                    "next",
+                    url_with(
+                        &path,
+                        &query_string(&params, &[("_cursor", last.seq.to_string())]),
+                    ),
+                ));
             }
-        }
-        let entries: Vec<Value> = rows.iter().map(|(sv, opened)| history_entry(base, sv, opened.as_ref())).collect();
+        let entries: Vec<Value> = rows
+            .iter()
+            .map(|(sv, opened)| history_entry(base, sv, opened.as_ref()))
+            .collect();
         let mut bundle = json!({
             "resourceType": "Bundle",
             "id": new_id(),
@@ -271,7 +397,8 @@ impl Records {
 }
 
 fn parse_instant(v: &str, name: &str) -> Result<custos_fhir::date::DateRange, FhirError> {
-    custos_fhir::date::parse_range(v).ok_or_else(|| FhirError::bad_request(format!("{name} must be a FHIR instant")))
+    custos_fhir::date::parse_range(v)
+        .ok_or_else(|| FhirError::bad_request(format!("{name} must be a FHIR instant")))
 }
 
 fn history_entry(base: &str, sv: &StoredVersion, opened: Option<&Opened>) -> Value {
@@ -281,7 +408,11 @@ fn history_entry(base: &str, sv: &StoredVersion, opened: Option<&Opened>) -> Val
         (_, 1) => ("POST", "201 Created"),
         _ => ("PUT", "200 OK"),
     };
-    let req_url = if method == "POST" { sv.rtype.clone() } else { url.clone() };
+    let req_url = if method == "POST" {
+        sv.rtype.clone()
+    } else {
+        url.clone()
+    };
     let mut e = json!({
         "fullUrl": format!("{base}/{url}"),
         "request": { "method": method, "url": req_url },

@@ -134,7 +134,12 @@ pub fn ymd(micros: i64) -> Option<(i32, u8, u8)> {
 }
 
 /// Compute the index rows of `resource` (of type `rtype`).
-pub fn index_resource(blind: &BlindIndexer, rtype: &str, resource: &Value, params: &[SearchParam]) -> IndexEntries {
+pub fn index_resource(
+    blind: &BlindIndexer,
+    rtype: &str,
+    resource: &Value,
+    params: &[SearchParam],
+) -> IndexEntries {
     let mut out = IndexEntries::default();
     for p in params {
         if !p.supported() {
@@ -155,7 +160,13 @@ pub fn index_resource(blind: &BlindIndexer, rtype: &str, resource: &Value, param
     out
 }
 
-fn index_value(tk: &Tokens<'_>, rtype: &str, p: &SearchParam, v: &IndexValue, out: &mut IndexEntries) {
+fn index_value(
+    tk: &Tokens<'_>,
+    rtype: &str,
+    p: &SearchParam,
+    v: &IndexValue,
+    out: &mut IndexEntries,
+) {
     match (p.kind, v) {
         (_, IndexValue::Token { system, code }) => {
             out.tokens.push(tk.code(code));
@@ -190,25 +201,55 @@ fn index_value(tk: &Tokens<'_>, rtype: &str, p: &SearchParam, v: &IndexValue, ou
                 });
             }
         }
-        (_, IndexValue::Reference { target_type, target_id, raw }) => {
+        (
+            _,
+            IndexValue::Reference {
+                target_type,
+                target_id,
+                raw,
+            },
+        ) => {
             if let (Some(t), Some(id)) = (target_type, target_id) {
                 out.tokens.push(tk.reference(t, id));
                 out.tokens.push(tk.reference_id(id));
             }
             out.tokens.push(tk.uri(raw));
         }
-        (_, IndexValue::Quantity { value, system, code }) => {
-            out.ranges.push(RangeEntry { pkey: range_pkey(rtype, &p.code, None), lo: *value, hi: *value });
+        (
+            _,
+            IndexValue::Quantity {
+                value,
+                system,
+                code,
+            },
+        ) => {
+            out.ranges.push(RangeEntry {
+                pkey: range_pkey(rtype, &p.code, None),
+                lo: *value,
+                hi: *value,
+            });
             if let Some(c) = code {
-                out.ranges.push(RangeEntry { pkey: range_pkey(rtype, &p.code, Some(c)), lo: *value, hi: *value });
+                out.ranges.push(RangeEntry {
+                    pkey: range_pkey(rtype, &p.code, Some(c)),
+                    lo: *value,
+                    hi: *value,
+                });
                 if let Some(s) = system {
                     let unit = format!("{s}|{c}");
-                    out.ranges.push(RangeEntry { pkey: range_pkey(rtype, &p.code, Some(&unit)), lo: *value, hi: *value });
+                    out.ranges.push(RangeEntry {
+                        pkey: range_pkey(rtype, &p.code, Some(&unit)),
+                        lo: *value,
+                        hi: *value,
+                    });
                 }
             }
         }
         (_, IndexValue::Number(x)) => {
-            out.ranges.push(RangeEntry { pkey: range_pkey(rtype, &p.code, None), lo: *x, hi: *x });
+            out.ranges.push(RangeEntry {
+                pkey: range_pkey(rtype, &p.code, None),
+                lo: *x,
+                hi: *x,
+            });
         }
         (_, IndexValue::Uri(u)) => out.tokens.push(tk.uri(u)),
     }
@@ -250,9 +291,18 @@ mod tests {
 
     #[test]
     fn pkeys_are_stable_and_distinct() {
-        assert_eq!(range_pkey("Observation", "date", None), range_pkey("Observation", "date", None));
-        assert_ne!(range_pkey("Observation", "date", None), range_pkey("Encounter", "date", None));
-        assert_ne!(range_pkey("Observation", "value-quantity", None), range_pkey("Observation", "value-quantity", Some("kg")));
+        assert_eq!(
+            range_pkey("Observation", "date", None),
+            range_pkey("Observation", "date", None)
+        );
+        assert_ne!(
+            range_pkey("Observation", "date", None),
+            range_pkey("Encounter", "date", None)
+        );
+        assert_ne!(
+            range_pkey("Observation", "value-quantity", None),
+            range_pkey("Observation", "value-quantity", Some("kg"))
+        );
         assert_ne!(range_pkey("ab", "c", None), range_pkey("a", "bc", None));
     }
 }

@@ -35,9 +35,14 @@ fn crypto_err(e: custos_crypto::CryptoError) -> FhirError {
 
 pub(crate) fn store_err(e: StoreError) -> FhirError {
     match e {
-        StoreError::Conflict { rtype, id, expected, found } => {
-            FhirError::conflict(format!("version conflict on {rtype}/{id}: expected {expected}, found {found}"))
-        }
+        StoreError::Conflict {
+            rtype,
+            id,
+            expected,
+            found,
+        } => FhirError::conflict(format!(
+            "version conflict on {rtype}/{id}: expected {expected}, found {found}"
+        )),
         StoreError::Aborted(b) => match b.downcast::<FhirError>() {
             Ok(e) => *e,
             Err(b) => FhirError::internal(format!("aborted: {b}")),
@@ -57,20 +62,30 @@ impl KeyService {
         sealer: Arc<dyn Sealer>,
         cache_size: usize,
     ) -> Result<KeyService, FhirError> {
-        let existing = store.read(|tx| tx.data_key(INDEX_KEY_NAME)).await.map_err(store_err)?;
+        let existing = store
+            .read(|tx| tx.data_key(INDEX_KEY_NAME))
+            .await
+            .map_err(store_err)?;
         let index_key = match existing {
             Some(rec) => unwrap_record(provider.as_ref(), &rec)?,
             None => {
                 let key = DataKey::generate();
                 let kek = provider.primary().map_err(crypto_err)?;
                 let wrapped = kek.wrap(&key, INDEX_KEY_NAME);
-                let rec = KeyRecord { name: INDEX_KEY_NAME.into(), kek_id: wrapped.kek_id, blob: wrapped.blob };
+                let rec = KeyRecord {
+                    name: INDEX_KEY_NAME.into(),
+                    kek_id: wrapped.kek_id,
+                    blob: wrapped.blob,
+                };
                 let put = store.write(move |tx| tx.put_data_key(&rec, false)).await;
                 match put {
                     Ok(()) => key,
                     // Another node created it first: use theirs.
                     Err(StoreError::Conflict { .. }) => {
-                        let rec = store.read(|tx| tx.data_key(INDEX_KEY_NAME)).await.map_err(store_err)?;
+                        let rec = store
+                            .read(|tx| tx.data_key(INDEX_KEY_NAME))
+                            .await
+                            .map_err(store_err)?;
                         let rec = rec.ok_or_else(|| FhirError::internal("index key vanished"))?;
                         unwrap_record(provider.as_ref(), &rec)?
                     }
@@ -80,7 +95,12 @@ impl KeyService {
         };
         let blind = BlindIndexer::new(index_key.expose_bytes());
         let cap = NonZeroUsize::new(cache_size.max(1)).expect("non-zero");
-        Ok(KeyService { provider, sealer, cache: Mutex::new(LruCache::new(cap)), blind })
+        Ok(KeyService {
+            provider,
+            sealer,
+            cache: Mutex::new(LruCache::new(cap)),
+            blind,
+        })
     }
 
     /// The blind indexer.
@@ -94,7 +114,11 @@ impl KeyService {
     }
 
     /// The data key `name` for reading; `None` if it no longer exists (erased).
-    pub fn key_for_read(&self, tx: &mut dyn ReadTx, name: &str) -> Result<Option<Arc<DataKey>>, FhirError> {
+    pub fn key_for_read(
+        &self,
+        tx: &mut dyn ReadTx,
+        name: &str,
+    ) -> Result<Option<Arc<DataKey>>, FhirError> {
         if let Some(k) = self.cache.lock().get(name) {
             return Ok(Some(k.clone()));
         }
@@ -109,7 +133,11 @@ impl KeyService {
     /// The data key `name` for writing, created and stored wrapped if new.
     /// Called inside the write transaction so that the key and the data it
     /// seals commit together.
-    pub fn key_for_write(&self, tx: &mut dyn WriteTx, name: &str) -> Result<Arc<DataKey>, FhirError> {
+    pub fn key_for_write(
+        &self,
+        tx: &mut dyn WriteTx,
+        name: &str,
+    ) -> Result<Arc<DataKey>, FhirError> {
         if let Some(k) = self.key_for_read(tx, name)? {
             return Ok(k);
         }
@@ -117,7 +145,11 @@ impl KeyService {
         let kek = self.provider.primary().map_err(crypto_err)?;
         let key = DataKey::generate();
         let wrapped = kek.wrap(&key, name);
-        let rec = KeyRecord { name: name.to_string(), kek_id: wrapped.kek_id, blob: wrapped.blob };
+        let rec = KeyRecord {
+            name: name.to_string(),
+            kek_id: wrapped.kek_id,
+            blob: wrapped.blob,
+        };
         tx.put_data_key(&rec, false).map_err(store_err)?;
         let key = Arc::new(key);
         // Cached only after commit would be stricter; a rolled-back key is
@@ -133,12 +165,19 @@ impl KeyService {
 
     /// Re-wrap up to `batch` data keys not yet under the primary KEK.
     /// Returns how many were re-wrapped (0 when rotation is complete).
-    pub async fn rewrap_batch(&self, store: &Arc<dyn Store>, batch: usize) -> Result<usize, FhirError> {
+    pub async fn rewrap_batch(
+        &self,
+        store: &Arc<dyn Store>,
+        batch: usize,
+    ) -> Result<usize, FhirError> {
         self.provider.refresh().map_err(crypto_err)?;
         let primary = self.provider.primary().map_err(crypto_err)?;
         let primary_id = primary.id().to_string();
         let pid = primary_id.clone();
-        let pending = store.read(move |tx| tx.data_keys_not_under(&pid, batch)).await.map_err(store_err)?;
+        let pending = store
+            .read(move |tx| tx.data_keys_not_under(&pid, batch))
+            .await
+            .map_err(store_err)?;
         if pending.is_empty() {
             return Ok(0);
         }
@@ -146,7 +185,14 @@ impl KeyService {
         for rec in &pending {
             let key = unwrap_record(self.provider.as_ref(), rec)?;
             let w = primary.wrap(&key, &rec.name);
-            rewrapped.push((rec.clone(), KeyRecord { name: rec.name.clone(), kek_id: w.kek_id, blob: w.blob }));
+            rewrapped.push((
+                rec.clone(),
+                KeyRecord {
+                    name: rec.name.clone(),
+                    kek_id: w.kek_id,
+                    blob: w.blob,
+                },
+            ));
         }
         let n = rewrapped.len();
         store
@@ -167,6 +213,12 @@ impl KeyService {
 
 fn unwrap_record(provider: &dyn KekProvider, rec: &KeyRecord) -> Result<DataKey, FhirError> {
     let kek = provider.get(&rec.kek_id).map_err(crypto_err)?;
-    kek.unwrap(&WrappedKey { kek_id: rec.kek_id.clone(), blob: rec.blob.clone() }, &rec.name)
-        .map_err(crypto_err)
+    kek.unwrap(
+        &WrappedKey {
+            kek_id: rec.kek_id.clone(),
+            blob: rec.blob.clone(),
+        },
+        &rec.name,
+    )
+    .map_err(crypto_err)
 }

@@ -9,7 +9,9 @@ use custos_fhir::query::{Clause, ClauseParam, Modifier, Prefix, SearchRequest, T
 use custos_fhir::{FhirError, SearchValue};
 use custos_store::{Filter, IndexQuery, Keyset, Order, RangeCond, ReadTx, Token};
 
-use crate::index::{PREFIX_MAX, Tokens, blind_date, blind_date_texts, char_prefix, clamp_micros, range_pkey, ymd};
+use crate::index::{
+    PREFIX_MAX, Tokens, blind_date, blind_date_texts, char_prefix, clamp_micros, range_pkey, ymd,
+};
 use crate::keys::store_err;
 use crate::service::{Opened, Records};
 
@@ -40,13 +42,56 @@ fn range_conds(prefix: Prefix, q: &DateRange) -> (Option<RangeCond>, bool) {
     let (qs, qe) = (clamp_micros(q.start), clamp_micros(q.end));
     let c = RangeCond::default();
     match prefix {
-        Prefix::Eq => (Some(RangeCond { lo_ge: Some(qs), hi_le: Some(qe), ..c }), true),
-        Prefix::Gt => (Some(RangeCond { hi_gt: Some(qe), ..c }), true),
-        Prefix::Lt => (Some(RangeCond { lo_lt: Some(qs), ..c }), true),
-        Prefix::Sa => (Some(RangeCond { lo_ge: Some(qe), ..c }), true),
-        Prefix::Eb => (Some(RangeCond { hi_le: Some(qs), ..c }), true),
-        Prefix::Ge => (Some(RangeCond { hi_gt: Some(qs), ..c }), false),
-        Prefix::Le => (Some(RangeCond { lo_lt: Some(qe), ..c }), false),
+        Prefix::Eq => (
+            Some(RangeCond {
+                lo_ge: Some(qs),
+                hi_le: Some(qe),
+                ..c
+            }),
+            true,
+        ),
+        Prefix::Gt => (
+            Some(RangeCond {
+                hi_gt: Some(qe),
+                ..c
+            }),
+            true,
+        ),
+        Prefix::Lt => (
+            Some(RangeCond {
+                lo_lt: Some(qs),
+                ..c
+            }),
+            true,
+        ),
+        Prefix::Sa => (
+            Some(RangeCond {
+                lo_ge: Some(qe),
+                ..c
+            }),
+            true,
+        ),
+        Prefix::Eb => (
+            Some(RangeCond {
+                hi_le: Some(qs),
+                ..c
+            }),
+            true,
+        ),
+        Prefix::Ge => (
+            Some(RangeCond {
+                hi_gt: Some(qs),
+                ..c
+            }),
+            false,
+        ),
+        Prefix::Le => (
+            Some(RangeCond {
+                lo_lt: Some(qe),
+                ..c
+            }),
+            false,
+        ),
         Prefix::Ne | Prefix::Ap => (None, false),
     }
 }
@@ -56,10 +101,24 @@ fn number_cond(prefix: Prefix, v: f64) -> Option<RangeCond> {
     let slack = (v.abs() * 0.1).max(1.0);
     let c = RangeCond::default();
     match prefix {
-        Prefix::Eq => Some(RangeCond { lo_ge: Some(v - slack), hi_le: Some(v + slack), ..c }),
-        Prefix::Ap => Some(RangeCond { lo_ge: Some(v - 2.0 * slack), hi_le: Some(v + 2.0 * slack), ..c }),
-        Prefix::Gt | Prefix::Ge | Prefix::Sa => Some(RangeCond { hi_gt: Some(v - slack), ..c }),
-        Prefix::Lt | Prefix::Le | Prefix::Eb => Some(RangeCond { lo_lt: Some(v + slack), ..c }),
+        Prefix::Eq => Some(RangeCond {
+            lo_ge: Some(v - slack),
+            hi_le: Some(v + slack),
+            ..c
+        }),
+        Prefix::Ap => Some(RangeCond {
+            lo_ge: Some(v - 2.0 * slack),
+            hi_le: Some(v + 2.0 * slack),
+            ..c
+        }),
+        Prefix::Gt | Prefix::Ge | Prefix::Sa => Some(RangeCond {
+            hi_gt: Some(v - slack),
+            ..c
+        }),
+        Prefix::Lt | Prefix::Le | Prefix::Eb => Some(RangeCond {
+            lo_lt: Some(v + slack),
+            ..c
+        }),
         Prefix::Ne => None,
     }
 }
@@ -78,7 +137,11 @@ fn combine(parts: Vec<ClausePlan>, make: impl Fn(Vec<Token>) -> Filter) -> Claus
             _ => return ClausePlan::ConfirmOnly,
         }
     }
-    if exact { ClausePlan::Exact(make(tokens)) } else { ClausePlan::Coarse(make(tokens)) }
+    if exact {
+        ClausePlan::Exact(make(tokens))
+    } else {
+        ClausePlan::Coarse(make(tokens))
+    }
 }
 
 impl Records {
@@ -128,14 +191,23 @@ impl Records {
                         _ => None,
                     })
                     .collect();
-                return Ok(if clause.modifier.is_some() { ClausePlan::ConfirmOnly } else { ClausePlan::Exact(Filter::Ids(ids)) });
+                return Ok(if clause.modifier.is_some() {
+                    ClausePlan::ConfirmOnly
+                } else {
+                    ClausePlan::Exact(Filter::Ids(ids))
+                });
             }
             ClauseParam::LastUpdated => {
                 let mut conds = Vec::new();
                 for v in &clause.values {
-                    let SearchValue::Date { prefix, range } = v else { return Ok(ClausePlan::ConfirmOnly) };
+                    let SearchValue::Date { prefix, range } = v else {
+                        return Ok(ClausePlan::ConfirmOnly);
+                    };
                     // lastUpdated is an instant: its range is a single point.
-                    let point = DateRange { start: range.start, end: range.end };
+                    let point = DateRange {
+                        start: range.start,
+                        end: range.end,
+                    };
                     match range_conds(*prefix, &point).0 {
                         Some(mut c) => {
                             // Compare the point on both ends.
@@ -178,7 +250,9 @@ impl Records {
                     parts.push(ClausePlan::Exact(Filter::AnyToken(vec![t])));
                 }
                 SearchValue::String(raw) => match clause.modifier {
-                    Some(Modifier::Exact) => parts.push(ClausePlan::Exact(Filter::AnyToken(vec![tk.exact(raw)]))),
+                    Some(Modifier::Exact) => {
+                        parts.push(ClausePlan::Exact(Filter::AnyToken(vec![tk.exact(raw)])))
+                    }
                     Some(Modifier::Contains) => parts.push(ClausePlan::ConfirmOnly),
                     _ => {
                         let n = search_string(raw);
@@ -204,7 +278,9 @@ impl Records {
                     };
                     parts.push(ClausePlan::Exact(Filter::AnyToken(vec![t])));
                 }
-                SearchValue::Uri(u) => parts.push(ClausePlan::Exact(Filter::AnyToken(vec![tk.uri(u)]))),
+                SearchValue::Uri(u) => {
+                    parts.push(ClausePlan::Exact(Filter::AnyToken(vec![tk.uri(u)])))
+                }
                 SearchValue::Date { prefix, range } if blind_date(rtype) => {
                     parts.push(plan_blind_date(&tk, *prefix, range));
                 }
@@ -215,7 +291,12 @@ impl Records {
                     }
                     (None, _) => return Ok(ClausePlan::ConfirmOnly),
                 },
-                SearchValue::Quantity { prefix, value, system, code } => {
+                SearchValue::Quantity {
+                    prefix,
+                    value,
+                    system,
+                    code,
+                } => {
                     let unit = match (system, code) {
                         (Some(s), Some(c)) => Some(format!("{s}|{c}")),
                         (None, Some(c)) => Some(c.clone()),
@@ -246,8 +327,15 @@ impl Records {
             if not {
                 return Ok(ClausePlan::ConfirmOnly);
             }
-            let f = Filter::AnyRange { pkey: range_pk, any: ranges };
-            return Ok(if range_exact { ClausePlan::Exact(f) } else { ClausePlan::Coarse(f) });
+            let f = Filter::AnyRange {
+                pkey: range_pk,
+                any: ranges,
+            };
+            return Ok(if range_exact {
+                ClausePlan::Exact(f)
+            } else {
+                ClausePlan::Coarse(f)
+            });
         }
         if not {
             // :not — no value matches: the complement of the token set, exact for tokens.
@@ -297,18 +385,31 @@ impl Records {
         loop {
             let rows = tx.search(&q).map_err(store_err)?;
             let exhausted = rows.len() < batch;
-            let ordered: Box<dyn Iterator<Item = _>> =
-                if backwards { Box::new(rows.into_iter().rev()) } else { Box::new(rows.into_iter()) };
+            let ordered: Box<dyn Iterator<Item = _>> = if backwards {
+                Box::new(rows.into_iter().rev())
+            } else {
+                Box::new(rows.into_iter())
+            };
             for row in ordered {
                 scanned += 1;
-                q.after = Some(Keyset { sort_key: row.sort_key.unwrap_or(0.0), rid: row.rid });
+                q.after = Some(Keyset {
+                    sort_key: row.sort_key.unwrap_or(0.0),
+                    rid: row.rid,
+                });
                 let opened = self.open_version(tx, row)?;
-                if plan.confirm.iter().all(|c| c.matches(&opened.resource, opened.last_updated)) {
+                if plan
+                    .confirm
+                    .iter()
+                    .all(|c| c.matches(&opened.resource, opened.last_updated))
+                {
                     if matches.len() == count {
                         if backwards {
                             matches.reverse();
                         }
-                        return Ok(Page { matches, more: true });
+                        return Ok(Page {
+                            matches,
+                            more: true,
+                        });
                     }
                     matches.push(opened);
                 }
@@ -320,7 +421,10 @@ impl Records {
         if backwards {
             matches.reverse();
         }
-        Ok(Page { matches, more: false })
+        Ok(Page {
+            matches,
+            more: false,
+        })
     }
 
     /// The number of matches, or `None` when counting would cost more than
@@ -331,7 +435,9 @@ impl Records {
             let n = tx.count(&plan.query, cap).map_err(store_err)?;
             return Ok(if n >= cap { None } else { Some(n) });
         }
-        let candidates = tx.count(&plan.query, self.config().confirm_cap as u64 + 1).map_err(store_err)?;
+        let candidates = tx
+            .count(&plan.query, self.config().confirm_cap as u64 + 1)
+            .map_err(store_err)?;
         if candidates > self.config().confirm_cap as u64 {
             return Ok(None);
         }
@@ -341,7 +447,11 @@ impl Records {
         let mut n = 0;
         for row in rows {
             let opened = self.open_version(tx, row)?;
-            if plan.confirm.iter().all(|c| c.matches(&opened.resource, opened.last_updated)) {
+            if plan
+                .confirm
+                .iter()
+                .all(|c| c.matches(&opened.resource, opened.last_updated))
+            {
                 n += 1;
             }
         }
@@ -350,15 +460,15 @@ impl Records {
 }
 
 fn plan_blind_date(tk: &Tokens<'_>, prefix: Prefix, range: &DateRange) -> ClausePlan {
-    if prefix == Prefix::Eq {
-        if let Some((precision, text)) = blind_date_texts(range).pop() {
+    if prefix == Prefix::Eq
+        && let Some((precision, text)) = blind_date_texts(range).pop() {
             // Exact only when the query range is exactly that calendar unit.
             if aligned(range, precision) {
                 return ClausePlan::Exact(Filter::AnyToken(vec![tk.date(precision, &text)]));
             }
         }
-    }
-    let (Some((y0, _, _)), Some((y1, _, _))) = (ymd(range.start), ymd(range.end.saturating_sub(1))) else {
+    let (Some((y0, _, _)), Some((y1, _, _))) = (ymd(range.start), ymd(range.end.saturating_sub(1)))
+    else {
         return ClausePlan::ConfirmOnly;
     };
     let (from, to) = match prefix {
@@ -371,13 +481,17 @@ fn plan_blind_date(tk: &Tokens<'_>, prefix: Prefix, range: &DateRange) -> Clause
     if from > to {
         return ClausePlan::Coarse(Filter::AnyToken(Vec::new()));
     }
-    let tokens = (from..=to).map(|y| tk.date(b"y", &format!("{y:04}"))).collect();
+    let tokens = (from..=to)
+        .map(|y| tk.date(b"y", &format!("{y:04}")))
+        .collect();
     ClausePlan::Coarse(Filter::AnyToken(tokens))
 }
 
 /// Whether `range` is exactly one calendar year, month or day (UTC).
 fn aligned(range: &DateRange, precision: &[u8]) -> bool {
-    let Some(start) = time::OffsetDateTime::from_unix_timestamp_nanos(range.start as i128 * 1000).ok() else {
+    let Some(start) =
+        time::OffsetDateTime::from_unix_timestamp_nanos(range.start as i128 * 1000).ok()
+    else {
         return false;
     };
     let midnight = start.time() == time::Time::MIDNIGHT;
@@ -386,11 +500,19 @@ fn aligned(range: &DateRange, precision: &[u8]) -> bool {
             start.replace_year(start.year() + 1).ok()
         }
         b"m" if start.day() == 1 && midnight => {
-            let (y, m) = if start.month() == time::Month::December { (start.year() + 1, time::Month::January) } else { (start.year(), start.month().next()) };
-            start.replace_year(y).ok().and_then(|t| t.replace_month(m).ok())
+            let (y, m) = if start.month() == time::Month::December {
+                (start.year() + 1, time::Month::January)
+            } else {
+                (start.year(), start.month().next())
+            };
+            start
+                .replace_year(y)
+                .ok()
+                .and_then(|t| t.replace_month(m).ok())
         }
         b"d" if midnight => Some(start + time::Duration::days(1)),
         _ => None,
     };
-    next.map(|n| (n.unix_timestamp_nanos() / 1000) as i64 == range.end).unwrap_or(false)
+    next.map(|n| (n.unix_timestamp_nanos() / 1000) as i64 == range.end)
+        .unwrap_or(false)
 }

@@ -3,10 +3,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use custos_fhir::date::format_instant;
-use custos_fhir::{FhirError, ErrorKind, compartment, registry, types, validate};
+use custos_fhir::{ErrorKind, FhirError, compartment, registry, types, validate};
 use custos_store::{
-    Expect, HistoryQuery, HistoryScope, IndexEntries, NewVersion, ReadTx, RecordState, Store, StoreExt, StoredVersion,
-    WriteTx,
+    Expect, HistoryQuery, HistoryScope, IndexEntries, NewVersion, ReadTx, RecordState, Store,
+    StoreExt, StoredVersion, WriteTx,
 };
 use serde_json::{Value, json};
 
@@ -60,7 +60,6 @@ pub struct Opened {
     pub resource: Value,
     pub(crate) rid: i64,
     pub(crate) sort_key: Option<f64>,
-    pub(crate) seq: i64,
 }
 
 impl Opened {
@@ -129,7 +128,12 @@ impl Records {
         config: RecordsConfig,
     ) -> Result<Records, FhirError> {
         let keys = KeyService::open(&store, provider, sealer, config.key_cache).await?;
-        Ok(Records(Arc::new(Inner { store, keys, config, clock: AtomicI64::new(0) })))
+        Ok(Records(Arc::new(Inner {
+            store,
+            keys,
+            config,
+            clock: AtomicI64::new(0),
+        })))
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -146,18 +150,31 @@ impl Records {
     }
 
     /// Open a stored version: check its state, unwrap its key, open and parse it.
-    pub(crate) fn open_version(&self, tx: &mut dyn ReadTx, sv: StoredVersion) -> Result<Opened, FhirError> {
+    pub(crate) fn open_version(
+        &self,
+        tx: &mut dyn ReadTx,
+        sv: StoredVersion,
+    ) -> Result<Opened, FhirError> {
         match sv.state {
             RecordState::Erased => {
-                return Err(FhirError::new(ErrorKind::Gone, format!("{}/{} was erased", sv.rtype, sv.id)));
+                return Err(FhirError::new(
+                    ErrorKind::Gone,
+                    format!("{}/{} was erased", sv.rtype, sv.id),
+                ));
             }
             RecordState::Deleted => {
-                return Err(FhirError::new(ErrorKind::Gone, format!("{}/{} was deleted", sv.rtype, sv.id)));
+                return Err(FhirError::new(
+                    ErrorKind::Gone,
+                    format!("{}/{} was deleted", sv.rtype, sv.id),
+                ));
             }
             RecordState::Live => {}
         }
         let Some(key) = self.keys().key_for_read(tx, &sv.key_name)? else {
-            return Err(FhirError::new(ErrorKind::Gone, format!("{}/{} was erased", sv.rtype, sv.id)));
+            return Err(FhirError::new(
+                ErrorKind::Gone,
+                format!("{}/{} was erased", sv.rtype, sv.id),
+            ));
         };
         let plain = self
             .keys()
@@ -170,8 +187,9 @@ impl Records {
                     sv.rtype, sv.id, sv.version
                 ))
             })?;
-        let resource: Value = serde_json::from_slice(&plain)
-            .map_err(|_| FhirError::internal(format!("stored {}/{} does not decode", sv.rtype, sv.id)))?;
+        let resource: Value = serde_json::from_slice(&plain).map_err(|_| {
+            FhirError::internal(format!("stored {}/{} does not decode", sv.rtype, sv.id))
+        })?;
         Ok(Opened {
             rtype: sv.rtype,
             id: sv.id,
@@ -180,7 +198,6 @@ impl Records {
             resource,
             rid: sv.rid,
             sort_key: sv.sort_key,
-            seq: sv.seq,
         })
     }
 
@@ -188,7 +205,9 @@ impl Records {
         if types::is_resource_type(rtype) {
             Ok(())
         } else {
-            Err(FhirError::not_found(format!("unknown resource type '{rtype}'")))
+            Err(FhirError::not_found(format!(
+                "unknown resource type '{rtype}'"
+            )))
         }
     }
 
@@ -221,12 +240,16 @@ impl Records {
     pub async fn vread(&self, rtype: &str, id: &str, version: &str) -> Result<Opened, FhirError> {
         Self::check_type(rtype)?;
         Self::check_id(id)?;
-        let v: i64 = version.parse().map_err(|_| FhirError::not_found(format!("no version '{version}'")))?;
+        let v: i64 = version
+            .parse()
+            .map_err(|_| FhirError::not_found(format!("no version '{version}'")))?;
         let (this, rtype, id) = (self.clone(), rtype.to_string(), id.to_string());
         self.store()
             .read(move |tx| {
                 Ok(match tx.version(&rtype, &id, v)? {
-                    None => Err(FhirError::not_found(format!("{rtype}/{id} has no version {v}"))),
+                    None => Err(FhirError::not_found(format!(
+                        "{rtype}/{id} has no version {v}"
+                    ))),
                     Some(sv) => this.open_version(tx, sv),
                 })
             })
@@ -235,14 +258,22 @@ impl Records {
     }
 
     /// Stamp, seal, index and write one version inside a write transaction.
-    pub(crate) fn write_pending(&self, tx: &mut dyn WriteTx, p: Pending, at: i64) -> Result<Option<Opened>, FhirError> {
+    pub(crate) fn write_pending(
+        &self,
+        tx: &mut dyn WriteTx,
+        p: Pending,
+        at: i64,
+    ) -> Result<Option<Opened>, FhirError> {
         let Some(mut resource) = p.resource else {
             // A deletion: a tombstone under the key of the current version.
             let cur = tx.current(&p.rtype, &p.id).map_err(store_err)?;
             let (key_name, compartment) = match &cur {
                 Some(sv) if sv.state == RecordState::Live => {
                     let opened = self.open_version(tx, sv.clone())?;
-                    (sv.key_name.clone(), compartment::patient_of(&opened.resource))
+                    (
+                        sv.key_name.clone(),
+                        compartment::patient_of(&opened.resource),
+                    )
                 }
                 _ => (SHARED_KEY_NAME.to_string(), None),
             };
@@ -256,22 +287,40 @@ impl Records {
                 compartment,
                 body: Vec::new(),
             };
-            tx.put(&nv, &IndexEntries::default(), p.expect).map_err(store_err)?;
+            tx.put(&nv, &IndexEntries::default(), p.expect)
+                .map_err(store_err)?;
             return Ok(None);
         };
-        let obj = resource.as_object_mut().ok_or_else(|| FhirError::bad_request("resource must be a JSON object"))?;
+        let obj = resource
+            .as_object_mut()
+            .ok_or_else(|| FhirError::bad_request("resource must be a JSON object"))?;
         obj.insert("id".into(), Value::String(p.id.clone()));
         let meta = obj.entry("meta").or_insert_with(|| json!({}));
         if let Some(m) = meta.as_object_mut() {
             m.insert("versionId".into(), Value::String(p.version.to_string()));
             m.insert("lastUpdated".into(), Value::String(format_instant(at)));
         }
-        let compartment = if p.rtype == "Patient" { Some(p.id.clone()) } else { compartment::patient_of(&resource) };
-        let key_name = compartment.as_deref().map(patient_key_name).unwrap_or_else(|| SHARED_KEY_NAME.to_string());
-        let index = index_resource(self.keys().blind(), &p.rtype, &resource, registry().for_type(&p.rtype));
+        let compartment = if p.rtype == "Patient" {
+            Some(p.id.clone())
+        } else {
+            compartment::patient_of(&resource)
+        };
+        let key_name = compartment
+            .as_deref()
+            .map(patient_key_name)
+            .unwrap_or_else(|| SHARED_KEY_NAME.to_string());
+        let index = index_resource(
+            self.keys().blind(),
+            &p.rtype,
+            &resource,
+            registry().for_type(&p.rtype),
+        );
         let body = serde_json::to_vec(&resource).map_err(|e| FhirError::internal(e.to_string()))?;
         let key = self.keys().key_for_write(tx, &key_name)?;
-        let sealed = self.keys().sealer().seal(&key, &aad(&p.rtype, &p.id, p.version, &key_name), &body);
+        let sealed =
+            self.keys()
+                .sealer()
+                .seal(&key, &aad(&p.rtype, &p.id, p.version, &key_name), &body);
         let nv = NewVersion {
             rtype: p.rtype.clone(),
             id: p.id.clone(),
@@ -291,12 +340,15 @@ impl Records {
             resource,
             rid: 0,
             sort_key: None,
-            seq: 0,
         }))
     }
 
     /// Refuse relative references to resources that do not exist (422).
-    pub(crate) fn check_references(&self, tx: &mut dyn ReadTx, resource: &Value) -> Result<(), FhirError> {
+    pub(crate) fn check_references(
+        &self,
+        tx: &mut dyn ReadTx,
+        resource: &Value,
+    ) -> Result<(), FhirError> {
         if !self.config().check_references {
             return Ok(());
         }
@@ -313,32 +365,54 @@ impl Records {
             }
             let mut parts = r.split('/');
             let (Some(t), Some(id)) = (parts.next(), parts.next()) else {
-                return Err(FhirError::unprocessable(format!("reference '{r}' is not of the form Type/id")));
+                return Err(FhirError::unprocessable(format!(
+                    "reference '{r}' is not of the form Type/id"
+                )));
             };
             if !types::is_resource_type(t) || !types::is_valid_id(id) {
-                return Err(FhirError::unprocessable(format!("reference '{r}' is not of the form Type/id")));
+                return Err(FhirError::unprocessable(format!(
+                    "reference '{r}' is not of the form Type/id"
+                )));
             }
             match tx.current(t, id).map_err(store_err)? {
                 Some(sv) if sv.state == RecordState::Live => {}
-                _ => return Err(FhirError::unprocessable(format!("reference '{t}/{id}' points to no existing resource"))),
+                _ => {
+                    return Err(FhirError::unprocessable(format!(
+                        "reference '{t}/{id}' points to no existing resource"
+                    )));
+                }
             }
         }
         Ok(())
     }
 
     /// Validate a body for `rtype` (and `id` when given in the URL).
-    pub(crate) fn validate_body(rtype: &str, id: Option<&str>, body: &Value) -> Result<(), FhirError> {
+    pub(crate) fn validate_body(
+        rtype: &str,
+        id: Option<&str>,
+        body: &Value,
+    ) -> Result<(), FhirError> {
         Self::check_type(rtype)?;
         let found = validate::validate_resource(body)?;
         if found != rtype {
-            return Err(FhirError::bad_request(format!("resource type '{found}' does not match the URL's '{rtype}'")));
+            return Err(FhirError::bad_request(format!(
+                "resource type '{found}' does not match the URL's '{rtype}'"
+            )));
         }
         if let Some(id) = id {
             Self::check_id(id)?;
             match body.get("id").and_then(Value::as_str) {
                 Some(b) if b == id => {}
-                Some(_) => return Err(FhirError::bad_request("the resource id does not match the URL")),
-                None => return Err(FhirError::bad_request("an update must carry the resource id")),
+                Some(_) => {
+                    return Err(FhirError::bad_request(
+                        "the resource id does not match the URL",
+                    ));
+                }
+                None => {
+                    return Err(FhirError::bad_request(
+                        "an update must carry the resource id",
+                    ));
+                }
             }
         }
         Ok(())
@@ -346,7 +420,12 @@ impl Records {
 
     /// Create (POST). With `if_none_exist` (a query string), an existing
     /// single match is returned instead (`created == false`); several → 412.
-    pub async fn create(&self, rtype: &str, body: Value, if_none_exist: Option<String>) -> Result<(Opened, bool), FhirError> {
+    pub async fn create(
+        &self,
+        rtype: &str,
+        body: Value,
+        if_none_exist: Option<String>,
+    ) -> Result<(Opened, bool), FhirError> {
         Self::validate_body(rtype, None, &body)?;
         let cond = match if_none_exist {
             Some(q) => Some(self.plan_conditional(rtype, &q)?),
@@ -361,12 +440,23 @@ impl Records {
                         match page.matches.len() {
                             0 => {}
                             1 => return Ok((page.matches.into_iter().next().expect("one"), false)),
-                            _ => return Err(FhirError::new(ErrorKind::PreconditionFailed, "the If-None-Exist criteria match several resources")),
+                            _ => {
+                                return Err(FhirError::new(
+                                    ErrorKind::PreconditionFailed,
+                                    "the If-None-Exist criteria match several resources",
+                                ));
+                            }
                         }
                     }
                     this.check_references(tx, &body)?;
                     let at = this.now();
-                    let p = Pending { rtype: rtype.clone(), id: new_id(), version: 1, resource: Some(body), expect: Expect::Absent };
+                    let p = Pending {
+                        rtype: rtype.clone(),
+                        id: new_id(),
+                        version: 1,
+                        resource: Some(body),
+                        expect: Expect::Absent,
+                    };
                     let opened = this.write_pending(tx, p, at)?.expect("created");
                     Ok((opened, true))
                 })();
@@ -378,7 +468,13 @@ impl Records {
 
     /// Update (PUT), creating the resource with the client's id if absent.
     /// `if_match` is the version the client last saw (`If-Match`); a stale one is 412.
-    pub async fn update(&self, rtype: &str, id: &str, body: Value, if_match: Option<i64>) -> Result<(Opened, bool), FhirError> {
+    pub async fn update(
+        &self,
+        rtype: &str,
+        id: &str,
+        body: Value,
+        if_match: Option<i64>,
+    ) -> Result<(Opened, bool), FhirError> {
         Self::validate_body(rtype, Some(id), &body)?;
         let (this, rtype, id) = (self.clone(), rtype.to_string(), id.to_string());
         self.store()
@@ -387,24 +483,41 @@ impl Records {
                     let cur = tx.current(&rtype, &id).map_err(store_err)?;
                     let (version, expect, created) = match (&cur, if_match) {
                         (Some(sv), _) if sv.state == RecordState::Erased => {
-                            return Err(FhirError::new(ErrorKind::Gone, format!("{rtype}/{id} was erased")));
+                            return Err(FhirError::new(
+                                ErrorKind::Gone,
+                                format!("{rtype}/{id} was erased"),
+                            ));
                         }
                         (Some(sv), Some(m)) if sv.version != m || sv.state != RecordState::Live => {
                             return Err(FhirError::new(
                                 ErrorKind::PreconditionFailed,
-                                format!("If-Match version {m} is not the current version {}", sv.version),
+                                format!(
+                                    "If-Match version {m} is not the current version {}",
+                                    sv.version
+                                ),
                             ));
                         }
                         (None, Some(_)) => {
-                            return Err(FhirError::new(ErrorKind::PreconditionFailed, format!("{rtype}/{id} does not exist")));
+                            return Err(FhirError::new(
+                                ErrorKind::PreconditionFailed,
+                                format!("{rtype}/{id} does not exist"),
+                            ));
                         }
-                        (Some(sv), _) if sv.state == RecordState::Deleted => (sv.version + 1, Expect::Absent, true),
+                        (Some(sv), _) if sv.state == RecordState::Deleted => {
+                            (sv.version + 1, Expect::Absent, true)
+                        }
                         (Some(sv), _) => (sv.version + 1, Expect::Version(sv.version), false),
                         (None, None) => (1, Expect::Absent, true),
                     };
                     this.check_references(tx, &body)?;
                     let at = this.now();
-                    let p = Pending { rtype: rtype.clone(), id: id.clone(), version, resource: Some(body), expect };
+                    let p = Pending {
+                        rtype: rtype.clone(),
+                        id: id.clone(),
+                        version,
+                        resource: Some(body),
+                        expect,
+                    };
                     Ok((this.write_pending(tx, p, at)?.expect("written"), created))
                 })();
                 r.map_err(custos_store::StoreError::abort)
@@ -421,16 +534,20 @@ impl Records {
         let (this, rtype, id) = (self.clone(), rtype.to_string(), id.to_string());
         self.store()
             .write(move |tx| {
-                let r = (|| {
-                    match tx.current(&rtype, &id).map_err(store_err)? {
-                        None => Err(FhirError::not_found(format!("{rtype}/{id} is not known"))),
-                        Some(sv) if sv.state != RecordState::Live => Ok(()),
-                        Some(sv) => {
-                            let at = this.now();
-                            let p = Pending { rtype, id, version: sv.version + 1, resource: None, expect: Expect::Version(sv.version) };
-                            this.write_pending(tx, p, at)?;
-                            Ok(())
-                        }
+                let r = (|| match tx.current(&rtype, &id).map_err(store_err)? {
+                    None => Err(FhirError::not_found(format!("{rtype}/{id} is not known"))),
+                    Some(sv) if sv.state != RecordState::Live => Ok(()),
+                    Some(sv) => {
+                        let at = this.now();
+                        let p = Pending {
+                            rtype,
+                            id,
+                            version: sv.version + 1,
+                            resource: None,
+                            expect: Expect::Version(sv.version),
+                        };
+                        this.write_pending(tx, p, at)?;
+                        Ok(())
                     }
                 })();
                 r.map_err(custos_store::StoreError::abort)
@@ -446,20 +563,36 @@ impl Records {
         Self::check_id(patient_id)?;
         let key_name = patient_key_name(patient_id);
         let (pid, kn) = (patient_id.to_string(), key_name.clone());
-        let exists = self.store().read(move |tx| tx.current("Patient", &pid)).await.map_err(store_err)?;
+        let exists = self
+            .store()
+            .read(move |tx| tx.current("Patient", &pid))
+            .await
+            .map_err(store_err)?;
         if exists.is_none() {
-            return Err(FhirError::not_found(format!("Patient/{patient_id} is not known")));
+            return Err(FhirError::not_found(format!(
+                "Patient/{patient_id} is not known"
+            )));
         }
         let pid = patient_id.to_string();
-        let n = self.store().write(move |tx| tx.erase_compartment(&pid, &kn)).await.map_err(store_err)?;
+        let n = self
+            .store()
+            .write(move |tx| tx.erase_compartment(&pid, &kn))
+            .await
+            .map_err(store_err)?;
         self.keys().forget(&key_name);
         Ok(n)
     }
 
     /// History of an instance, a type, or the whole system; newest first.
-    pub(crate) async fn history_rows(&self, q: HistoryQuery, want_total: bool) -> Result<(Vec<(StoredVersion, Option<Opened>)>, Option<u64>), FhirError> {
+    pub(crate) async fn history_rows(
+        &self,
+        q: HistoryQuery,
+        want_total: bool,
+    ) -> Result<(Vec<(StoredVersion, Option<Opened>)>, Option<u64>), FhirError> {
         match &q.scope {
-            HistoryScope::Instance { rtype, .. } | HistoryScope::Type(rtype) => Self::check_type(rtype)?,
+            HistoryScope::Instance { rtype, .. } | HistoryScope::Type(rtype) => {
+                Self::check_type(rtype)?
+            }
             HistoryScope::System => {}
         }
         let this = self.clone();
@@ -492,7 +625,10 @@ impl Records {
 
     /// Counts of live resources per type.
     pub async fn type_counts(&self) -> Result<Vec<(String, u64)>, FhirError> {
-        self.store().read(|tx| tx.type_counts()).await.map_err(store_err)
+        self.store()
+            .read(|tx| tx.type_counts())
+            .await
+            .map_err(store_err)
     }
 }
 

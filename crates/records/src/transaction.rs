@@ -41,16 +41,24 @@ struct Entry {
 }
 
 fn parse_etag(s: &str) -> Option<i64> {
-    s.trim().trim_start_matches("W/").trim_matches('"').parse().ok()
+    s.trim()
+        .trim_start_matches("W/")
+        .trim_matches('"')
+        .parse()
+        .ok()
 }
 
 fn strip_base<'a>(url: &'a str, base: &str) -> &'a str {
-    url.strip_prefix(base).map(|u| u.trim_start_matches('/')).unwrap_or(url)
+    url.strip_prefix(base)
+        .map(|u| u.trim_start_matches('/'))
+        .unwrap_or(url)
 }
 
 fn parse_entry(i: usize, e: &Value, base: &str) -> Result<Entry, FhirError> {
     let at = |msg: String| FhirError::bad_request(format!("Bundle.entry[{i}]: {msg}"));
-    let request = e.get("request").ok_or_else(|| at("missing request".into()))?;
+    let request = e
+        .get("request")
+        .ok_or_else(|| at("missing request".into()))?;
     let method = match request.get("method").and_then(Value::as_str) {
         Some("POST") => Method::Post,
         Some("PUT") => Method::Put,
@@ -59,7 +67,10 @@ fn parse_entry(i: usize, e: &Value, base: &str) -> Result<Entry, FhirError> {
         Some(m) => return Err(at(format!("method {m} is not supported in Bundles"))),
         None => return Err(at("request.method is required".into())),
     };
-    let url = request.get("url").and_then(Value::as_str).ok_or_else(|| at("request.url is required".into()))?;
+    let url = request
+        .get("url")
+        .and_then(Value::as_str)
+        .ok_or_else(|| at("request.url is required".into()))?;
     let url = strip_base(url, base).to_string();
     let (path, query) = match url.split_once('?') {
         Some((p, q)) => (p.to_string(), Some(q.to_string())),
@@ -71,26 +82,42 @@ fn parse_entry(i: usize, e: &Value, base: &str) -> Result<Entry, FhirError> {
         return Err(at(format!("unknown resource type in url '{url}'")));
     }
     let id = segs.next().map(str::to_string);
-    if let Some(id) = &id {
-        if !types::is_valid_id(id) && method != Method::Get {
+    if let Some(id) = &id
+        && !types::is_valid_id(id) && method != Method::Get {
             return Err(at("invalid id in url".into()));
         }
-    }
     let resource = e.get("resource").cloned();
     if matches!(method, Method::Post | Method::Put) {
-        let r = resource.as_ref().ok_or_else(|| at("a POST or PUT entry needs a resource".into()))?;
-        Records::validate_body(&rtype, if method == Method::Put { id.as_deref() } else { None }, r)
-            .map_err(|e| FhirError::new(e.kind, format!("Bundle.entry[{i}]: {}", e.message)))?;
+        let r = resource
+            .as_ref()
+            .ok_or_else(|| at("a POST or PUT entry needs a resource".into()))?;
+        Records::validate_body(
+            &rtype,
+            if method == Method::Put {
+                id.as_deref()
+            } else {
+                None
+            },
+            r,
+        )
+        .map_err(|e| FhirError::new(e.kind, format!("Bundle.entry[{i}]: {}", e.message)))?;
     }
     let condition = match method {
-        Method::Post => request.get("ifNoneExist").and_then(Value::as_str).map(str::to_string),
-        Method::Put | Method::Delete if id.is_none() => {
-            Some(query.clone().ok_or_else(|| at("PUT and DELETE need Type/id or search criteria".into()))?)
-        }
+        Method::Post => request
+            .get("ifNoneExist")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        Method::Put | Method::Delete if id.is_none() => Some(
+            query
+                .clone()
+                .ok_or_else(|| at("PUT and DELETE need Type/id or search criteria".into()))?,
+        ),
         _ => None,
     };
     let if_match = match request.get("ifMatch").and_then(Value::as_str) {
-        Some(s) => Some(parse_etag(s).ok_or_else(|| at("ifMatch must be an ETag like W/\"3\"".into()))?),
+        Some(s) => {
+            Some(parse_etag(s).ok_or_else(|| at("ifMatch must be an ETag like W/\"3\"".into()))?)
+        }
         None => None,
     };
     Ok(Entry {
@@ -135,11 +162,22 @@ fn response_entry(base: &str, d: &Done, representation: bool) -> Value {
 
 impl Records {
     /// Process a `batch` or `transaction` Bundle and return its response Bundle.
-    pub async fn process_bundle(&self, bundle: Value, base: &str, representation: bool) -> Result<Value, FhirError> {
+    pub async fn process_bundle(
+        &self,
+        bundle: Value,
+        base: &str,
+        representation: bool,
+    ) -> Result<Value, FhirError> {
         if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
-            return Err(FhirError::bad_request("POST to the base URL takes a Bundle"));
+            return Err(FhirError::bad_request(
+                "POST to the base URL takes a Bundle",
+            ));
         }
-        let kind = bundle.get("type").and_then(Value::as_str).unwrap_or_default().to_string();
+        let kind = bundle
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
         let empty = Vec::new();
         let raw_entries = match bundle.get("entry") {
             None => &empty,
@@ -149,20 +187,34 @@ impl Records {
         if raw_entries.len() > self.config().max_bundle_entries {
             return Err(FhirError::new(
                 ErrorKind::PayloadTooLarge,
-                format!("a Bundle may hold at most {} entries", self.config().max_bundle_entries),
+                format!(
+                    "a Bundle may hold at most {} entries",
+                    self.config().max_bundle_entries
+                ),
             ));
         }
         match kind.as_str() {
             "transaction" => {
-                let entries = raw_entries.iter().enumerate().map(|(i, e)| parse_entry(i, e, base)).collect::<Result<Vec<_>, _>>()?;
+                let entries = raw_entries
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| parse_entry(i, e, base))
+                    .collect::<Result<Vec<_>, _>>()?;
                 self.transaction(entries, base, representation).await
             }
             "batch" => self.batch(raw_entries, base, representation).await,
-            other => Err(FhirError::bad_request(format!("Bundle type '{other}' cannot be processed; use batch or transaction"))),
+            other => Err(FhirError::bad_request(format!(
+                "Bundle type '{other}' cannot be processed; use batch or transaction"
+            ))),
         }
     }
 
-    async fn batch(&self, raw: &[Value], base: &str, representation: bool) -> Result<Value, FhirError> {
+    async fn batch(
+        &self,
+        raw: &[Value],
+        base: &str,
+        representation: bool,
+    ) -> Result<Value, FhirError> {
         let mut out = Vec::with_capacity(raw.len());
         for (i, e) in raw.iter().enumerate() {
             let result = match parse_entry(i, e, base) {
@@ -185,15 +237,26 @@ impl Records {
         }))
     }
 
-    async fn transaction(&self, entries: Vec<Entry>, base: &str, representation: bool) -> Result<Value, FhirError> {
+    async fn transaction(
+        &self,
+        entries: Vec<Entry>,
+        base: &str,
+        representation: bool,
+    ) -> Result<Value, FhirError> {
         let this = self.clone();
         let base_owned = base.to_string();
         let done = self
             .store()
-            .write(move |tx| this.transaction_in(tx, entries, &base_owned).map_err(StoreError::abort))
+            .write(move |tx| {
+                this.transaction_in(tx, entries, &base_owned)
+                    .map_err(StoreError::abort)
+            })
             .await
             .map_err(store_err)?;
-        let entries: Vec<Value> = done.iter().map(|d| response_entry(base, d, representation)).collect();
+        let entries: Vec<Value> = done
+            .iter()
+            .map(|d| response_entry(base, d, representation))
+            .collect();
         Ok(json!({
             "resourceType": "Bundle",
             "id": new_id(),
@@ -203,13 +266,23 @@ impl Records {
         }))
     }
 
-    fn resolve_condition(&self, tx: &mut dyn WriteTx, rtype: &str, query: &str) -> Result<Vec<String>, FhirError> {
+    fn resolve_condition(
+        &self,
+        tx: &mut dyn WriteTx,
+        rtype: &str,
+        query: &str,
+    ) -> Result<Vec<String>, FhirError> {
         let plan = self.plan_conditional(rtype, query)?;
         let page = self.execute(tx, &plan, None, false, 2)?;
         Ok(page.matches.into_iter().map(|o| o.id).collect())
     }
 
-    fn transaction_in(&self, tx: &mut dyn WriteTx, mut entries: Vec<Entry>, base: &str) -> Result<Vec<Done>, FhirError> {
+    fn transaction_in(
+        &self,
+        tx: &mut dyn WriteTx,
+        mut entries: Vec<Entry>,
+        base: &str,
+    ) -> Result<Vec<Done>, FhirError> {
         let n = entries.len();
         let mut done: Vec<Option<Done>> = (0..n).map(|_| None).collect();
         // 1. Decide every target id; map full URLs to their targets.
@@ -223,7 +296,15 @@ impl Records {
                         match ids.len() {
                             0 => {}
                             1 => existing = Some(ids[0].clone()),
-                            _ => return Err(FhirError::new(ErrorKind::PreconditionFailed, format!("Bundle.entry[{}]: ifNoneExist matches several resources", e.index))),
+                            _ => {
+                                return Err(FhirError::new(
+                                    ErrorKind::PreconditionFailed,
+                                    format!(
+                                        "Bundle.entry[{}]: ifNoneExist matches several resources",
+                                        e.index
+                                    ),
+                                ));
+                            }
                         }
                     }
                     let id = existing.clone().unwrap_or_else(new_id);
@@ -231,7 +312,12 @@ impl Records {
                         e.method = Method::Get;
                         e.resource = None;
                         e.url = format!("{}/{}", e.rtype, id);
-                        done[pos] = Some(Done { status: "200 OK", opened: None, location: Some(e.url.clone()), body: None });
+                        done[pos] = Some(Done {
+                            status: "200 OK",
+                            opened: None,
+                            location: Some(e.url.clone()),
+                            body: None,
+                        });
                     }
                     e.id = Some(id);
                 }
@@ -241,10 +327,23 @@ impl Records {
                     match (e.method, ids.len()) {
                         (_, 0) if e.method == Method::Put => e.id = Some(new_id()),
                         (_, 0) => {
-                            done[pos] = Some(Done { status: "204 No Content", opened: None, location: None, body: None });
+                            done[pos] = Some(Done {
+                                status: "204 No Content",
+                                opened: None,
+                                location: None,
+                                body: None,
+                            });
                         }
                         (_, 1) => e.id = Some(ids[0].clone()),
-                        _ => return Err(FhirError::new(ErrorKind::PreconditionFailed, format!("Bundle.entry[{}]: criteria match several resources", e.index))),
+                        _ => {
+                            return Err(FhirError::new(
+                                ErrorKind::PreconditionFailed,
+                                format!(
+                                    "Bundle.entry[{}]: criteria match several resources",
+                                    e.index
+                                ),
+                            ));
+                        }
                     }
                 }
                 _ => {}
@@ -256,7 +355,9 @@ impl Records {
         // 2. Rewrite references: urn:uuid / full URLs of entries, then conditional references.
         let mut conditional: HashMap<String, String> = HashMap::new();
         for e in entries.iter_mut() {
-            let Some(res) = e.resource.as_mut() else { continue };
+            let Some(res) = e.resource.as_mut() else {
+                continue;
+            };
             let mut failure = None;
             rewrite_references(res, &mut |r: &str| {
                 if let Some(t) = map.get(r) {
@@ -291,7 +392,10 @@ impl Records {
                 }
             });
             if let Some(f) = failure {
-                return Err(FhirError::new(f.kind, format!("Bundle.entry[{}]: {}", e.index, f.message)));
+                return Err(FhirError::new(
+                    f.kind,
+                    format!("Bundle.entry[{}]: {}", e.index, f.message),
+                ));
             }
         }
         // 3. Write in R4 order: DELETE, POST, PUT, then GET.
@@ -304,38 +408,85 @@ impl Records {
             if done[i].is_some() && e.method != Method::Get {
                 continue;
             }
-            let fail = |err: FhirError| FhirError::new(err.kind, format!("Bundle.entry[{}]: {}", e.index, err.message));
+            let fail = |err: FhirError| {
+                FhirError::new(
+                    err.kind,
+                    format!("Bundle.entry[{}]: {}", e.index, err.message),
+                )
+            };
             match e.method {
                 Method::Delete => {
                     let id = e.id.clone().expect("delete target resolved");
                     let cur = tx.current(&e.rtype, &id).map_err(store_err)?;
                     if let Some(sv) = cur.filter(|sv| sv.state == RecordState::Live) {
-                        let p = Pending { rtype: e.rtype.clone(), id, version: sv.version + 1, resource: None, expect: Expect::Version(sv.version) };
+                        let p = Pending {
+                            rtype: e.rtype.clone(),
+                            id,
+                            version: sv.version + 1,
+                            resource: None,
+                            expect: Expect::Version(sv.version),
+                        };
                         self.write_pending(tx, p, at).map_err(fail)?;
                     }
-                    done[i] = Some(Done { status: "204 No Content", opened: None, location: None, body: None });
+                    done[i] = Some(Done {
+                        status: "204 No Content",
+                        opened: None,
+                        location: None,
+                        body: None,
+                    });
                 }
                 Method::Post | Method::Put => {
                     let id = e.id.clone().expect("target resolved");
                     let cur = tx.current(&e.rtype, &id).map_err(store_err)?;
                     let (version, expect, created) = match &cur {
-                        Some(sv) if sv.state == RecordState::Erased => return Err(fail(FhirError::new(ErrorKind::Gone, "the resource was erased"))),
-                        Some(sv) if e.if_match.is_some_and(|m| m != sv.version) => {
-                            return Err(fail(FhirError::new(ErrorKind::PreconditionFailed, "ifMatch is not the current version")));
+                        Some(sv) if sv.state == RecordState::Erased => {
+                            return Err(fail(FhirError::new(
+                                ErrorKind::Gone,
+                                "the resource was erased",
+                            )));
                         }
-                        Some(sv) if sv.state == RecordState::Deleted => (sv.version + 1, Expect::Absent, true),
+                        Some(sv) if e.if_match.is_some_and(|m| m != sv.version) => {
+                            return Err(fail(FhirError::new(
+                                ErrorKind::PreconditionFailed,
+                                "ifMatch is not the current version",
+                            )));
+                        }
+                        Some(sv) if sv.state == RecordState::Deleted => {
+                            (sv.version + 1, Expect::Absent, true)
+                        }
                         Some(sv) => (sv.version + 1, Expect::Version(sv.version), false),
-                        None if e.if_match.is_some() => return Err(fail(FhirError::new(ErrorKind::PreconditionFailed, "ifMatch on a missing resource"))),
+                        None if e.if_match.is_some() => {
+                            return Err(fail(FhirError::new(
+                                ErrorKind::PreconditionFailed,
+                                "ifMatch on a missing resource",
+                            )));
+                        }
                         None => (1, Expect::Absent, true),
                     };
                     let mut resource = e.resource.clone().expect("validated");
                     if e.method == Method::Post {
-                        resource.as_object_mut().map(|o| o.insert("id".into(), Value::String(id.clone())));
+                        resource
+                            .as_object_mut()
+                            .map(|o| o.insert("id".into(), Value::String(id.clone())));
                     }
-                    let p = Pending { rtype: e.rtype.clone(), id, version, resource: Some(resource), expect };
-                    let opened = self.write_pending(tx, p, at).map_err(fail)?.expect("written");
+                    let p = Pending {
+                        rtype: e.rtype.clone(),
+                        id,
+                        version,
+                        resource: Some(resource),
+                        expect,
+                    };
+                    let opened = self
+                        .write_pending(tx, p, at)
+                        .map_err(fail)?
+                        .expect("written");
                     let status = if created { "201 Created" } else { "200 OK" };
-                    done[i] = Some(Done { status, opened: Some(opened), location: None, body: None });
+                    done[i] = Some(Done {
+                        status,
+                        opened: Some(opened),
+                        location: None,
+                        body: None,
+                    });
                     written.push(i);
                 }
                 Method::Get => {
@@ -343,19 +494,31 @@ impl Records {
                         continue;
                     }
                     let body = self.get_in(tx, e, base).map_err(fail)?;
-                    done[i] = Some(Done { status: "200 OK", opened: None, location: None, body: Some(body) });
+                    done[i] = Some(Done {
+                        status: "200 OK",
+                        opened: None,
+                        location: None,
+                        body: Some(body),
+                    });
                 }
             }
         }
         // 4. Every reference of every written resource must now resolve.
         for i in written {
-            if let Some(Done { opened: Some(o), .. }) = &done[i] {
+            if let Some(Done {
+                opened: Some(o), ..
+            }) = &done[i]
+            {
                 let at = entries[i].index;
-                self.check_references(tx, &o.resource)
-                    .map_err(|err| FhirError::new(err.kind, format!("Bundle.entry[{at}]: {}", err.message)))?;
+                self.check_references(tx, &o.resource).map_err(|err| {
+                    FhirError::new(err.kind, format!("Bundle.entry[{at}]: {}", err.message))
+                })?;
             }
         }
-        Ok(done.into_iter().map(|d| d.expect("every entry processed")).collect())
+        Ok(done
+            .into_iter()
+            .map(|d| d.expect("every entry processed"))
+            .collect())
     }
 
     /// A GET entry inside a transaction: a read, vread or search.
@@ -364,25 +527,43 @@ impl Records {
         let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
         match segs.as_slice() {
             [t, id] => {
-                let sv = tx.current(t, id).map_err(store_err)?.ok_or_else(|| FhirError::not_found(format!("{t}/{id} is not known")))?;
+                let sv = tx
+                    .current(t, id)
+                    .map_err(store_err)?
+                    .ok_or_else(|| FhirError::not_found(format!("{t}/{id} is not known")))?;
                 Ok(self.open_version(tx, sv)?.resource)
             }
             [t, id, "_history", v] => {
-                let v: i64 = v.parse().map_err(|_| FhirError::not_found("no such version"))?;
-                let sv = tx.version(t, id, v).map_err(store_err)?.ok_or_else(|| FhirError::not_found("no such version"))?;
+                let v: i64 = v
+                    .parse()
+                    .map_err(|_| FhirError::not_found("no such version"))?;
+                let sv = tx
+                    .version(t, id, v)
+                    .map_err(store_err)?
+                    .ok_or_else(|| FhirError::not_found("no such version"))?;
                 Ok(self.open_version(tx, sv)?.resource)
             }
             [t] => {
                 let plan = if query.is_empty() {
-                    crate::search::Plan { query: custos_store::IndexQuery::all(t, 0), confirm: Vec::new() }
+                    crate::search::Plan {
+                        query: custos_store::IndexQuery::all(t, 0),
+                        confirm: Vec::new(),
+                    }
                 } else {
                     self.plan_conditional(t, query)?
                 };
                 let page = self.execute(tx, &plan, None, false, self.config().default_count)?;
-                let entries: Vec<Value> = page.matches.iter().map(|o| entry(base, o, Some("match"))).collect();
+                let entries: Vec<Value> = page
+                    .matches
+                    .iter()
+                    .map(|o| entry(base, o, Some("match")))
+                    .collect();
                 Ok(json!({ "resourceType": "Bundle", "type": "searchset", "entry": entries }))
             }
-            _ => Err(FhirError::bad_request(format!("cannot GET '{}' in a Bundle", e.url))),
+            _ => Err(FhirError::bad_request(format!(
+                "cannot GET '{}' in a Bundle",
+                e.url
+            ))),
         }
     }
 }
@@ -393,11 +574,10 @@ fn rewrite_references(v: &mut Value, f: &mut dyn FnMut(&str) -> Option<String>) 
         Value::Object(m) => {
             for (k, x) in m.iter_mut() {
                 if k == "reference" {
-                    if let Value::String(s) = x {
-                        if let Some(new) = f(s) {
+                    if let Value::String(s) = x
+                        && let Some(new) = f(s) {
                             *s = new;
                         }
-                    }
                 } else {
                     rewrite_references(x, f);
                 }

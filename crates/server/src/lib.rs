@@ -56,7 +56,10 @@ pub async fn serve(
     on_bound: impl FnOnce(SocketAddr),
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let state = AppState { records, config: Arc::new(config.clone()) };
+    let state = AppState {
+        records,
+        config: Arc::new(config.clone()),
+    };
     let app = router(state);
     let handle = axum_server::Handle::new();
     let h2 = handle.clone();
@@ -73,10 +76,16 @@ pub async fn serve(
         Some((cert, key)) => {
             let _ = rustls::crypto::ring::default_provider().install_default();
             let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key).await?;
-            axum_server::from_tcp_rustls(listener, tls)?.handle(handle).serve(make).await?;
+            axum_server::from_tcp_rustls(listener, tls)?
+                .handle(handle)
+                .serve(make)
+                .await?;
         }
         None => {
-            axum_server::from_tcp(listener)?.handle(handle).serve(make).await?;
+            axum_server::from_tcp(listener)?
+                .handle(handle)
+                .serve(make)
+                .await?;
         }
     }
     Ok(())

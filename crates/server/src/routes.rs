@@ -15,7 +15,8 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::AppState;
 use crate::error::ApiError;
 use crate::http::{
-    Return, base_url, fhir_json, if_match, json_body, negotiate, prefer_handling, prefer_return, resource_response,
+    Return, base_url, fhir_json, if_match, json_body, negotiate, prefer_handling, prefer_return,
+    resource_response,
 };
 
 type ApiResult = Result<Response, ApiError>;
@@ -40,14 +41,19 @@ pub fn router(state: AppState) -> Router {
 }
 
 fn params(q: Option<String>) -> Vec<(String, String)> {
-    q.map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default()
+    q.map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
 }
 
 /// Logs method, route template, status and latency — never the query
 /// string or the concrete path, which can carry identifying data.
 async fn log_requests(req: Request, next: Next) -> Response {
     let method = req.method().clone();
-    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "-".into());
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "-".into());
     let start = Instant::now();
     let resp = next.run(req).await;
     tracing::info!(%method, route, status = resp.status().as_u16(), micros = start.elapsed().as_micros() as u64, "request");
@@ -55,7 +61,10 @@ async fn log_requests(req: Request, next: Next) -> Response {
 }
 
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
-    ApiError(FhirError::internal("internal error; the request was not completed")).into_response()
+    ApiError(FhirError::internal(
+        "internal error; the request was not completed",
+    ))
+    .into_response()
 }
 
 async fn not_found() -> ApiError {
@@ -63,27 +72,51 @@ async fn not_found() -> ApiError {
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError(FhirError::new(ErrorKind::MethodNotAllowed, "this interaction is not supported on this URL"))
+    ApiError(FhirError::new(
+        ErrorKind::MethodNotAllowed,
+        "this interaction is not supported on this URL",
+    ))
 }
 
-async fn metadata(State(s): State<AppState>, headers: HeaderMap, RawQuery(q): RawQuery) -> ApiResult {
+async fn metadata(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
     negotiate(&headers, &params(q))?;
     let now = custos_fhir::date::format_instant(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0),
     );
-    let cs = custos_records::capability_statement(&base_url(&s, &headers), env!("CARGO_PKG_VERSION"), &now);
+    let cs = custos_records::capability_statement(
+        &base_url(&s, &headers),
+        env!("CARGO_PKG_VERSION"),
+        &now,
+    );
     Ok(fhir_json(StatusCode::OK, &cs))
 }
 
-async fn read(State(s): State<AppState>, headers: HeaderMap, Path((rtype, id)): Path<(String, String)>, RawQuery(q): RawQuery) -> ApiResult {
+async fn read(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path((rtype, id)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
     negotiate(&headers, &params(q))?;
     let o = s.records.read(&rtype, &id).await?;
-    if let Some(inm) = headers.get("if-none-match").and_then(|v| v.to_str().ok()) {
-        if inm.trim() == o.etag() {
+    if let Some(inm) = headers.get("if-none-match").and_then(|v| v.to_str().ok())
+        && inm.trim() == o.etag() {
             return Ok(StatusCode::NOT_MODIFIED.into_response());
         }
-    }
-    Ok(resource_response(StatusCode::OK, &o, &base_url(&s, &headers), false, Return::Representation))
+    Ok(resource_response(
+        StatusCode::OK,
+        &o,
+        &base_url(&s, &headers),
+        false,
+        Return::Representation,
+    ))
 }
 
 async fn vread(
@@ -94,16 +127,41 @@ async fn vread(
 ) -> ApiResult {
     negotiate(&headers, &params(q))?;
     let o = s.records.vread(&rtype, &id, &vid).await?;
-    Ok(resource_response(StatusCode::OK, &o, &base_url(&s, &headers), false, Return::Representation))
+    Ok(resource_response(
+        StatusCode::OK,
+        &o,
+        &base_url(&s, &headers),
+        false,
+        Return::Representation,
+    ))
 }
 
-async fn create(State(s): State<AppState>, headers: HeaderMap, Path(rtype): Path<String>, RawQuery(q): RawQuery, body: Body) -> ApiResult {
+async fn create(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(rtype): Path<String>,
+    RawQuery(q): RawQuery,
+    body: Body,
+) -> ApiResult {
     negotiate(&headers, &params(q))?;
     let body = json_body(&s, &headers, body).await?;
-    let cond = headers.get("if-none-exist").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let cond = headers
+        .get("if-none-exist")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let (o, created) = s.records.create(&rtype, body, cond).await?;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok(resource_response(status, &o, &base_url(&s, &headers), true, prefer_return(&headers)))
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(resource_response(
+        status,
+        &o,
+        &base_url(&s, &headers),
+        true,
+        prefer_return(&headers),
+    ))
 }
 
 async fn update(
@@ -115,18 +173,40 @@ async fn update(
 ) -> ApiResult {
     negotiate(&headers, &params(q))?;
     let body = json_body(&s, &headers, body).await?;
-    let (o, created) = s.records.update(&rtype, &id, body, if_match(&headers)?).await?;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok(resource_response(status, &o, &base_url(&s, &headers), true, prefer_return(&headers)))
+    let (o, created) = s
+        .records
+        .update(&rtype, &id, body, if_match(&headers)?)
+        .await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(resource_response(
+        status,
+        &o,
+        &base_url(&s, &headers),
+        true,
+        prefer_return(&headers),
+    ))
 }
 
-async fn delete(State(s): State<AppState>, headers: HeaderMap, Path((rtype, id)): Path<(String, String)>) -> ApiResult {
+async fn delete(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path((rtype, id)): Path<(String, String)>,
+) -> ApiResult {
     s.records.delete(&rtype, &id).await?;
     let _ = headers;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn search_get(State(s): State<AppState>, headers: HeaderMap, Path(rtype): Path<String>, RawQuery(q): RawQuery) -> ApiResult {
+async fn search_get(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(rtype): Path<String>,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
     let p = params(q);
     negotiate(&headers, &p)?;
     search(s, headers, rtype, p).await
@@ -141,9 +221,16 @@ async fn search_post(
 ) -> ApiResult {
     let mut p = params(q);
     negotiate(&headers, &p)?;
-    let ct = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let ct = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if !ct.starts_with("application/x-www-form-urlencoded") {
-        return Err(FhirError::new(ErrorKind::UnsupportedMediaType, "_search takes application/x-www-form-urlencoded").into());
+        return Err(FhirError::new(
+            ErrorKind::UnsupportedMediaType,
+            "_search takes application/x-www-form-urlencoded",
+        )
+        .into());
     }
     let bytes = axum::body::to_bytes(body, s.config.max_body)
         .await
@@ -152,35 +239,67 @@ async fn search_post(
     search(s, headers, rtype, p).await
 }
 
-async fn search(s: AppState, headers: HeaderMap, rtype: String, p: Vec<(String, String)>) -> ApiResult {
+async fn search(
+    s: AppState,
+    headers: HeaderMap,
+    rtype: String,
+    p: Vec<(String, String)>,
+) -> ApiResult {
     let base = base_url(&s, &headers);
-    let bundle = s.records.search(&rtype, p, prefer_handling(&headers), &base).await?;
+    let bundle = s
+        .records
+        .search(&rtype, p, prefer_handling(&headers), &base)
+        .await?;
     Ok(fhir_json(StatusCode::OK, &bundle))
 }
 
-async fn bundle(State(s): State<AppState>, headers: HeaderMap, RawQuery(q): RawQuery, body: Body) -> ApiResult {
+async fn bundle(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+    body: Body,
+) -> ApiResult {
     negotiate(&headers, &params(q))?;
     let body: Value = json_body(&s, &headers, body).await?;
     let base = base_url(&s, &headers);
-    let representation = prefer_return(&headers) == Return::Representation && headers.get("prefer").is_some();
-    let resp = s.records.process_bundle(body, &base, representation).await?;
+    let representation =
+        prefer_return(&headers) == Return::Representation && headers.get("prefer").is_some();
+    let resp = s
+        .records
+        .process_bundle(body, &base, representation)
+        .await?;
     Ok(fhir_json(StatusCode::OK, &resp))
 }
 
-async fn history_system(State(s): State<AppState>, headers: HeaderMap, RawQuery(q): RawQuery) -> ApiResult {
+async fn history_system(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
     let p = params(q);
     negotiate(&headers, &p)?;
-    let b = s.records.history(None, None, p, &base_url(&s, &headers)).await?;
+    let b = s
+        .records
+        .history(None, None, p, &base_url(&s, &headers))
+        .await?;
     Ok(fhir_json(StatusCode::OK, &b))
 }
 
-async fn history_type(State(s): State<AppState>, headers: HeaderMap, Path(rtype): Path<String>, RawQuery(q): RawQuery) -> ApiResult {
+async fn history_type(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(rtype): Path<String>,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
     let p = params(q);
     negotiate(&headers, &p)?;
     if !custos_fhir::types::is_resource_type(&rtype) {
         return Err(FhirError::not_found(format!("unknown resource type '{rtype}'")).into());
     }
-    let b = s.records.history(Some(&rtype), None, p, &base_url(&s, &headers)).await?;
+    let b = s
+        .records
+        .history(Some(&rtype), None, p, &base_url(&s, &headers))
+        .await?;
     Ok(fhir_json(StatusCode::OK, &b))
 }
 
@@ -192,6 +311,9 @@ async fn history_instance(
 ) -> ApiResult {
     let p = params(q);
     negotiate(&headers, &p)?;
-    let b = s.records.history(Some(&rtype), Some(&id), p, &base_url(&s, &headers)).await?;
+    let b = s
+        .records
+        .history(Some(&rtype), Some(&id), p, &base_url(&s, &headers))
+        .await?;
     Ok(fhir_json(StatusCode::OK, &b))
 }

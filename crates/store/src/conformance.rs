@@ -32,11 +32,19 @@ fn version(rtype: &str, id: &str, v: i64, at: i64) -> NewVersion {
 fn index(tokens: &[&str], ranges: &[(i64, f64, f64)]) -> IndexEntries {
     IndexEntries {
         tokens: tokens.iter().map(|t| tok(t)).collect(),
-        ranges: ranges.iter().map(|&(pkey, lo, hi)| RangeEntry { pkey, lo, hi }).collect(),
+        ranges: ranges
+            .iter()
+            .map(|&(pkey, lo, hi)| RangeEntry { pkey, lo, hi })
+            .collect(),
     }
 }
 
-async fn put(store: &Arc<dyn Store>, v: NewVersion, ix: IndexEntries, expect: Expect) -> StoreResult<()> {
+async fn put(
+    store: &Arc<dyn Store>,
+    v: NewVersion,
+    ix: IndexEntries,
+    expect: Expect,
+) -> StoreResult<()> {
     store.write(move |tx| tx.put(&v, &ix, expect)).await
 }
 
@@ -58,22 +66,87 @@ where
 
 /// Versions are kept; `Expect` enforces optimistic locking.
 pub async fn versions_and_locking(store: Arc<dyn Store>) {
-    put(&store, version("Patient", "a", 1, 100), index(&["x"], &[]), Expect::Absent).await.unwrap();
-    let dup = put(&store, version("Patient", "a", 1, 100), index(&[], &[]), Expect::Absent).await;
-    assert!(matches!(dup, Err(StoreError::Conflict { .. })), "create over a live resource must conflict");
-    put(&store, version("Patient", "a", 2, 200), index(&["y"], &[]), Expect::Version(1)).await.unwrap();
-    let stale = put(&store, version("Patient", "a", 3, 300), index(&[], &[]), Expect::Version(1)).await;
-    assert!(matches!(stale, Err(StoreError::Conflict { .. })), "stale version must conflict");
-    let cur = store.read(|tx| tx.current("Patient", "a")).await.unwrap().expect("current exists");
-    assert_eq!((cur.version, cur.last_updated, cur.state), (2, 200, RecordState::Live));
+    put(
+        &store,
+        version("Patient", "a", 1, 100),
+        index(&["x"], &[]),
+        Expect::Absent,
+    )
+    .await
+    .unwrap();
+    let dup = put(
+        &store,
+        version("Patient", "a", 1, 100),
+        index(&[], &[]),
+        Expect::Absent,
+    )
+    .await;
+    assert!(
+        matches!(dup, Err(StoreError::Conflict { .. })),
+        "create over a live resource must conflict"
+    );
+    put(
+        &store,
+        version("Patient", "a", 2, 200),
+        index(&["y"], &[]),
+        Expect::Version(1),
+    )
+    .await
+    .unwrap();
+    let stale = put(
+        &store,
+        version("Patient", "a", 3, 300),
+        index(&[], &[]),
+        Expect::Version(1),
+    )
+    .await;
+    assert!(
+        matches!(stale, Err(StoreError::Conflict { .. })),
+        "stale version must conflict"
+    );
+    let cur = store
+        .read(|tx| tx.current("Patient", "a"))
+        .await
+        .unwrap()
+        .expect("current exists");
+    assert_eq!(
+        (cur.version, cur.last_updated, cur.state),
+        (2, 200, RecordState::Live)
+    );
     assert_eq!(cur.body, b"sealed:Patient/a/2");
-    let v1 = store.read(|tx| tx.version("Patient", "a", 1)).await.unwrap().expect("v1 kept");
+    let v1 = store
+        .read(|tx| tx.version("Patient", "a", 1))
+        .await
+        .unwrap()
+        .expect("v1 kept");
     assert_eq!(v1.body, b"sealed:Patient/a/1");
-    assert!(store.read(|tx| tx.version("Patient", "a", 9)).await.unwrap().is_none());
-    assert!(store.read(|tx| tx.current("Patient", "zz")).await.unwrap().is_none());
-    assert!(store.read(|tx| tx.current("Observation", "a")).await.unwrap().is_none(), "ids are per type");
+    assert!(
+        store
+            .read(|tx| tx.version("Patient", "a", 9))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .read(|tx| tx.current("Patient", "zz"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .read(|tx| tx.current("Observation", "a"))
+            .await
+            .unwrap()
+            .is_none(),
+        "ids are per type"
+    );
     // The index follows the current version only.
-    let q = |t: &str| IndexQuery { filters: vec![Filter::AnyToken(vec![tok(t)])], ..IndexQuery::all("Patient", 10) };
+    let q = |t: &str| IndexQuery {
+        filters: vec![Filter::AnyToken(vec![tok(t)])],
+        ..IndexQuery::all("Patient", 10)
+    };
     let (qx, qy) = (q("x"), q("y"));
     assert_eq!(store.read(move |tx| tx.search(&qx)).await.unwrap().len(), 0);
     assert_eq!(store.read(move |tx| tx.search(&qy)).await.unwrap().len(), 1);
@@ -83,16 +156,31 @@ pub async fn versions_and_locking(store: Arc<dyn Store>) {
 pub async fn token_and_range_search(store: Arc<dyn Store>) {
     for i in 0..20i64 {
         let id = format!("r{i:02}");
-        let tokens: Vec<String> = vec![if i % 2 == 0 { "even".into() } else { "odd".into() }, format!("n{i}")];
+        let tokens: Vec<String> = vec![
+            if i % 2 == 0 {
+                "even".into()
+            } else {
+                "odd".into()
+            },
+            format!("n{i}"),
+        ];
         let trefs: Vec<&str> = tokens.iter().map(|s| s.as_str()).collect();
-        put(&store, version("Observation", &id, 1, 1000 + i), index(&trefs, &[(7, i as f64 * 10.0, i as f64 * 10.0 + 5.0)]), Expect::Absent)
-            .await
-            .unwrap();
+        put(
+            &store,
+            version("Observation", &id, 1, 1000 + i),
+            index(&trefs, &[(7, i as f64 * 10.0, i as f64 * 10.0 + 5.0)]),
+            Expect::Absent,
+        )
+        .await
+        .unwrap();
     }
     let run = |filters: Vec<Filter>| {
         let store = store.clone();
         async move {
-            let q = IndexQuery { filters, ..IndexQuery::all("Observation", 100) };
+            let q = IndexQuery {
+                filters,
+                ..IndexQuery::all("Observation", 100)
+            };
             let q2 = q.clone();
             let rows = store.read(move |tx| tx.search(&q)).await.unwrap();
             let n = store.read(move |tx| tx.count(&q2, 1000)).await.unwrap();
@@ -100,24 +188,91 @@ pub async fn token_and_range_search(store: Arc<dyn Store>) {
             rows.into_iter().map(|r| r.id).collect::<Vec<_>>()
         }
     };
-    assert_eq!(run(vec![Filter::AnyToken(vec![tok("even")])]).await.len(), 10);
-    assert_eq!(run(vec![Filter::AnyToken(vec![tok("n3"), tok("n4")])]).await, vec!["r03", "r04"]);
-    assert_eq!(run(vec![Filter::AnyToken(vec![tok("even")]), Filter::AnyToken(vec![tok("n3")])]).await.len(), 0);
-    assert_eq!(run(vec![Filter::NoToken(vec![tok("even")])]).await.len(), 10);
-    let ge_100 = RangeCond { lo_ge: Some(100.0), ..Default::default() };
-    assert_eq!(run(vec![Filter::AnyRange { pkey: 7, any: vec![ge_100] }]).await.len(), 10);
-    assert_eq!(run(vec![Filter::AnyRange { pkey: 8, any: vec![ge_100] }]).await.len(), 0, "pkeys are separate");
+    assert_eq!(
+        run(vec![Filter::AnyToken(vec![tok("even")])]).await.len(),
+        10
+    );
+    assert_eq!(
+        run(vec![Filter::AnyToken(vec![tok("n3"), tok("n4")])]).await,
+        vec!["r03", "r04"]
+    );
+    assert_eq!(
+        run(vec![
+            Filter::AnyToken(vec![tok("even")]),
+            Filter::AnyToken(vec![tok("n3")])
+        ])
+        .await
+        .len(),
+        0
+    );
+    assert_eq!(
+        run(vec![Filter::NoToken(vec![tok("even")])]).await.len(),
+        10
+    );
+    let ge_100 = RangeCond {
+        lo_ge: Some(100.0),
+        ..Default::default()
+    };
+    assert_eq!(
+        run(vec![Filter::AnyRange {
+            pkey: 7,
+            any: vec![ge_100]
+        }])
+        .await
+        .len(),
+        10
+    );
+    assert_eq!(
+        run(vec![Filter::AnyRange {
+            pkey: 8,
+            any: vec![ge_100]
+        }])
+        .await
+        .len(),
+        0,
+        "pkeys are separate"
+    );
     let lt_20_or_gt_180 = vec![
-        RangeCond { lo_lt: Some(20.0), ..Default::default() },
-        RangeCond { hi_gt: Some(190.0), ..Default::default() },
+        RangeCond {
+            lo_lt: Some(20.0),
+            ..Default::default()
+        },
+        RangeCond {
+            hi_gt: Some(190.0),
+            ..Default::default()
+        },
     ];
-    assert_eq!(run(vec![Filter::AnyRange { pkey: 7, any: lt_20_or_gt_180 }]).await, vec!["r00", "r01", "r19"]);
-    assert_eq!(run(vec![Filter::Ids(vec!["r05".into(), "nope".into()])]).await, vec!["r05"]);
-    let lu = RangeCond { lo_ge: Some(1010.0), hi_le: Some(1011.0), ..Default::default() };
-    assert_eq!(run(vec![Filter::LastUpdated(vec![lu])]).await, vec!["r10", "r11"]);
-    assert_eq!(run(vec![Filter::Compartment("r07".into())]).await, vec!["r07"]);
+    assert_eq!(
+        run(vec![Filter::AnyRange {
+            pkey: 7,
+            any: lt_20_or_gt_180
+        }])
+        .await,
+        vec!["r00", "r01", "r19"]
+    );
+    assert_eq!(
+        run(vec![Filter::Ids(vec!["r05".into(), "nope".into()])]).await,
+        vec!["r05"]
+    );
+    let lu = RangeCond {
+        lo_ge: Some(1010.0),
+        hi_le: Some(1011.0),
+        ..Default::default()
+    };
+    assert_eq!(
+        run(vec![Filter::LastUpdated(vec![lu])]).await,
+        vec!["r10", "r11"]
+    );
+    assert_eq!(
+        run(vec![Filter::Compartment("r07".into())]).await,
+        vec!["r07"]
+    );
     let q = IndexQuery::all("Observation", 100);
-    assert_eq!(store.read(move |tx| tx.count(&q, 5)).await.unwrap(), 5, "count stops at the cap");
+    assert_eq!(
+        store.read(move |tx| tx.count(&q, 5)).await.unwrap(),
+        5,
+        "count stops at the cap"
+    );
     let counts = store.read(|tx| tx.type_counts()).await.unwrap();
     assert_eq!(counts, vec![("Observation".to_string(), 20)]);
 }
@@ -127,26 +282,55 @@ pub async fn token_and_range_search(store: Arc<dyn Store>) {
 pub async fn ordering_and_keyset_paging(store: Arc<dyn Store>) {
     for i in 0..10i64 {
         let at = 5000 - i * 10;
-        let ranges = if i == 4 { vec![] } else { vec![(3, (i % 5) as f64, (i % 5) as f64 + 0.5)] };
+        let ranges = if i == 4 {
+            vec![]
+        } else {
+            vec![(3, (i % 5) as f64, (i % 5) as f64 + 0.5)]
+        };
         let r: Vec<(i64, f64, f64)> = ranges;
-        put(&store, version("Encounter", &format!("e{i}"), 1, at), index(&[], &r), Expect::Absent).await.unwrap();
+        put(
+            &store,
+            version("Encounter", &format!("e{i}"), 1, at),
+            index(&[], &r),
+            Expect::Absent,
+        )
+        .await
+        .unwrap();
     }
-    let page = |order: Order, descending: bool, after: Option<Keyset>, backwards: bool, limit: usize| {
-        let store = store.clone();
-        async move {
-            let q = IndexQuery { order, descending, after, backwards, limit, ..IndexQuery::all("Encounter", limit) };
-            store.read(move |tx| tx.search(&q)).await.unwrap()
-        }
-    };
+    let page =
+        |order: Order, descending: bool, after: Option<Keyset>, backwards: bool, limit: usize| {
+            let store = store.clone();
+            async move {
+                let q = IndexQuery {
+                    order,
+                    descending,
+                    after,
+                    backwards,
+                    limit,
+                    ..IndexQuery::all("Encounter", limit)
+                };
+                store.read(move |tx| tx.search(&q)).await.unwrap()
+            }
+        };
     let ids = |rows: &[StoredVersion]| rows.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
     let by_rid = page(Order::Rid, false, None, false, 100).await;
-    assert_eq!(ids(&by_rid), (0..10).map(|i| format!("e{i}")).collect::<Vec<_>>());
+    assert_eq!(
+        ids(&by_rid),
+        (0..10).map(|i| format!("e{i}")).collect::<Vec<_>>()
+    );
     let by_updated = page(Order::LastUpdated, false, None, false, 3).await;
     assert_eq!(ids(&by_updated), vec!["e9", "e8", "e7"]);
     let by_range = page(Order::Range(3), false, None, false, 100).await;
-    assert_eq!(ids(&by_range), vec!["e0", "e5", "e1", "e6", "e2", "e7", "e3", "e8", "e9", "e4"], "missing sorts last");
+    assert_eq!(
+        ids(&by_range),
+        vec!["e0", "e5", "e1", "e6", "e2", "e7", "e3", "e8", "e9", "e4"],
+        "missing sorts last"
+    );
     let by_range_desc = page(Order::Range(3), true, None, false, 100).await;
-    assert_eq!(ids(&by_range_desc), vec!["e9", "e8", "e3", "e7", "e2", "e6", "e1", "e5", "e0", "e4"]);
+    assert_eq!(
+        ids(&by_range_desc),
+        vec!["e9", "e8", "e3", "e7", "e2", "e6", "e1", "e5", "e0", "e4"]
+    );
     // Page through by range, inserting between pages.
     let mut seen = Vec::new();
     let mut after = None;
@@ -156,59 +340,180 @@ pub async fn ordering_and_keyset_paging(store: Arc<dyn Store>) {
             break;
         }
         let last = rows.last().unwrap();
-        after = Some(Keyset { sort_key: last.sort_key.expect("sort key returned"), rid: last.rid });
+        after = Some(Keyset {
+            sort_key: last.sort_key.expect("sort key returned"),
+            rid: last.rid,
+        });
         seen.extend(ids(&rows));
         if seen.len() == 3 {
-            put(&store, version("Encounter", "late", 1, 1), index(&[], &[(3, 0.0, 0.1)]), Expect::Absent).await.unwrap();
+            put(
+                &store,
+                version("Encounter", "late", 1, 1),
+                index(&[], &[(3, 0.0, 0.1)]),
+                Expect::Absent,
+            )
+            .await
+            .unwrap();
         }
     }
-    assert_eq!(seen, vec!["e0", "e5", "e1", "e6", "e2", "e7", "e3", "e8", "e9", "e4"], "no skip, no repeat");
+    assert_eq!(
+        seen,
+        vec!["e0", "e5", "e1", "e6", "e2", "e7", "e3", "e8", "e9", "e4"],
+        "no skip, no repeat"
+    );
     // Backwards from the 4th item gives the first three, in forward order.
     let all = page(Order::Rid, false, None, false, 100).await;
-    let k = Keyset { sort_key: all[3].sort_key.unwrap(), rid: all[3].rid };
-    assert_eq!(ids(&page(Order::Rid, false, Some(k), true, 2).await), vec!["e1", "e2"]);
+    let k = Keyset {
+        sort_key: all[3].sort_key.unwrap(),
+        rid: all[3].rid,
+    };
+    assert_eq!(
+        ids(&page(Order::Rid, false, Some(k), true, 2).await),
+        vec!["e1", "e2"]
+    );
 }
 
 /// Instance, type and system history, newest first, with since and paging.
 pub async fn history_scopes(store: Arc<dyn Store>) {
-    put(&store, version("Patient", "p", 1, 10), index(&[], &[]), Expect::Absent).await.unwrap();
-    put(&store, version("Observation", "o", 1, 20), index(&[], &[]), Expect::Absent).await.unwrap();
-    put(&store, version("Patient", "p", 2, 30), index(&[], &[]), Expect::Version(1)).await.unwrap();
+    put(
+        &store,
+        version("Patient", "p", 1, 10),
+        index(&[], &[]),
+        Expect::Absent,
+    )
+    .await
+    .unwrap();
+    put(
+        &store,
+        version("Observation", "o", 1, 20),
+        index(&[], &[]),
+        Expect::Absent,
+    )
+    .await
+    .unwrap();
+    put(
+        &store,
+        version("Patient", "p", 2, 30),
+        index(&[], &[]),
+        Expect::Version(1),
+    )
+    .await
+    .unwrap();
     let h = |scope: HistoryScope, since: Option<i64>, seq_below: Option<i64>| {
         let store = store.clone();
         async move {
-            let q = HistoryQuery { scope, since, before: None, seq_below, limit: 10 };
+            let q = HistoryQuery {
+                scope,
+                since,
+                before: None,
+                seq_below,
+                limit: 10,
+            };
             let q2 = q.clone();
             let rows = store.read(move |tx| tx.history(&q)).await.unwrap();
-            assert_eq!(store.read(move |tx| tx.history_count(&q2, 100)).await.unwrap(), rows.len() as u64);
+            assert_eq!(
+                store
+                    .read(move |tx| tx.history_count(&q2, 100))
+                    .await
+                    .unwrap(),
+                rows.len() as u64
+            );
             rows
         }
     };
-    let inst = h(HistoryScope::Instance { rtype: "Patient".into(), id: "p".into() }, None, None).await;
-    assert_eq!(inst.iter().map(|r| r.version).collect::<Vec<_>>(), vec![2, 1]);
-    assert_eq!(h(HistoryScope::Type("Patient".into()), None, None).await.len(), 2);
+    let inst = h(
+        HistoryScope::Instance {
+            rtype: "Patient".into(),
+            id: "p".into(),
+        },
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        inst.iter().map(|r| r.version).collect::<Vec<_>>(),
+        vec![2, 1]
+    );
+    assert_eq!(
+        h(HistoryScope::Type("Patient".into()), None, None)
+            .await
+            .len(),
+        2
+    );
     let sys = h(HistoryScope::System, None, None).await;
-    assert_eq!(sys.iter().map(|r| (r.rtype.as_str(), r.version)).collect::<Vec<_>>(), vec![("Patient", 2), ("Observation", 1), ("Patient", 1)]);
+    assert_eq!(
+        sys.iter()
+            .map(|r| (r.rtype.as_str(), r.version))
+            .collect::<Vec<_>>(),
+        vec![("Patient", 2), ("Observation", 1), ("Patient", 1)]
+    );
     assert_eq!(h(HistoryScope::System, Some(20), None).await.len(), 2);
-    assert_eq!(h(HistoryScope::System, None, Some(sys[0].seq)).await.len(), 2);
+    assert_eq!(
+        h(HistoryScope::System, None, Some(sys[0].seq)).await.len(),
+        2
+    );
 }
 
 /// A deletion is a tombstone version; it leaves search but keeps history.
 pub async fn deletion_drops_index(store: Arc<dyn Store>) {
-    put(&store, version("Patient", "d", 1, 1), index(&["t"], &[(1, 1.0, 2.0)]), Expect::Absent).await.unwrap();
+    put(
+        &store,
+        version("Patient", "d", 1, 1),
+        index(&["t"], &[(1, 1.0, 2.0)]),
+        Expect::Absent,
+    )
+    .await
+    .unwrap();
     let mut del = version("Patient", "d", 2, 2);
     del.deleted = true;
     del.body.clear();
-    put(&store, del, IndexEntries::default(), Expect::Version(1)).await.unwrap();
-    let cur = store.read(|tx| tx.current("Patient", "d")).await.unwrap().unwrap();
+    put(&store, del, IndexEntries::default(), Expect::Version(1))
+        .await
+        .unwrap();
+    let cur = store
+        .read(|tx| tx.current("Patient", "d"))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(cur.state, RecordState::Deleted);
-    let q = IndexQuery { filters: vec![Filter::AnyToken(vec![tok("t")])], ..IndexQuery::all("Patient", 10) };
-    assert!(store.read(move |tx| tx.search(&q)).await.unwrap().is_empty());
+    let q = IndexQuery {
+        filters: vec![Filter::AnyToken(vec![tok("t")])],
+        ..IndexQuery::all("Patient", 10)
+    };
+    assert!(
+        store
+            .read(move |tx| tx.search(&q))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let q = IndexQuery::all("Patient", 10);
-    assert!(store.read(move |tx| tx.search(&q)).await.unwrap().is_empty(), "deleted resources are not live");
+    assert!(
+        store
+            .read(move |tx| tx.search(&q))
+            .await
+            .unwrap()
+            .is_empty(),
+        "deleted resources are not live"
+    );
     // Re-creating after deletion continues the version sequence.
-    put(&store, version("Patient", "d", 3, 3), index(&["t"], &[]), Expect::Absent).await.unwrap();
-    assert_eq!(store.read(|tx| tx.current("Patient", "d")).await.unwrap().unwrap().state, RecordState::Live);
+    put(
+        &store,
+        version("Patient", "d", 3, 3),
+        index(&["t"], &[]),
+        Expect::Absent,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        store
+            .read(|tx| tx.current("Patient", "d"))
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        RecordState::Live
+    );
 }
 
 /// A job that fails after writing leaves nothing behind; other jobs commit.
@@ -217,61 +522,184 @@ pub async fn failed_job_rolls_back(store: Arc<dyn Store>) {
     #[error("deliberate")]
     struct Deliberate;
     let failing = store.write(|tx| {
-        tx.put(&version("Patient", "x1", 1, 1), &index(&["a"], &[]), Expect::Absent)?;
-        tx.put(&version("Patient", "x2", 1, 1), &index(&["a"], &[]), Expect::Absent)?;
+        tx.put(
+            &version("Patient", "x1", 1, 1),
+            &index(&["a"], &[]),
+            Expect::Absent,
+        )?;
+        tx.put(
+            &version("Patient", "x2", 1, 1),
+            &index(&["a"], &[]),
+            Expect::Absent,
+        )?;
         Err::<(), _>(StoreError::abort(Deliberate))
     });
-    let ok = put(&store, version("Patient", "y", 1, 1), index(&["a"], &[]), Expect::Absent);
+    let ok = put(
+        &store,
+        version("Patient", "y", 1, 1),
+        index(&["a"], &[]),
+        Expect::Absent,
+    );
     let (failing, ok) = tokio::join!(failing, ok);
     let err = failing.unwrap_err();
-    assert!(err.into_aborted::<Deliberate>().is_ok(), "the job's own error comes back");
+    assert!(
+        err.into_aborted::<Deliberate>().is_ok(),
+        "the job's own error comes back"
+    );
     ok.unwrap();
-    assert!(store.read(|tx| tx.current("Patient", "x1")).await.unwrap().is_none());
-    let q = IndexQuery { filters: vec![Filter::AnyToken(vec![tok("a")])], ..IndexQuery::all("Patient", 10) };
+    assert!(
+        store
+            .read(|tx| tx.current("Patient", "x1"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let q = IndexQuery {
+        filters: vec![Filter::AnyToken(vec![tok("a")])],
+        ..IndexQuery::all("Patient", 10)
+    };
     assert_eq!(store.read(move |tx| tx.search(&q)).await.unwrap().len(), 1);
 }
 
 /// Wrapped keys are stored once; erasing a compartment drops its key and index.
 pub async fn data_keys_and_erasure(store: Arc<dyn Store>) {
-    let key = KeyRecord { name: "patient/p1".into(), kek_id: "k1".into(), blob: vec![1, 2, 3] };
+    let key = KeyRecord {
+        name: "patient/p1".into(),
+        kek_id: "k1".into(),
+        blob: vec![1, 2, 3],
+    };
     let k2 = key.clone();
-    store.write(move |tx| tx.put_data_key(&k2, false)).await.unwrap();
+    store
+        .write(move |tx| tx.put_data_key(&k2, false))
+        .await
+        .unwrap();
     let k3 = key.clone();
-    assert!(matches!(store.write(move |tx| tx.put_data_key(&k3, false)).await, Err(StoreError::Conflict { .. })));
-    let rewrapped = KeyRecord { kek_id: "k2".into(), ..key.clone() };
+    assert!(matches!(
+        store.write(move |tx| tx.put_data_key(&k3, false)).await,
+        Err(StoreError::Conflict { .. })
+    ));
+    let rewrapped = KeyRecord {
+        kek_id: "k2".into(),
+        ..key.clone()
+    };
     let r2 = rewrapped.clone();
-    store.write(move |tx| tx.put_data_key(&r2, true)).await.unwrap();
-    assert_eq!(store.read(|tx| tx.data_key("patient/p1")).await.unwrap(), Some(rewrapped));
-    assert_eq!(store.read(|tx| tx.data_keys_not_under("k2", 10)).await.unwrap().len(), 0);
-    assert_eq!(store.read(|tx| tx.data_key_counts()).await.unwrap(), vec![("k2".to_string(), 1)]);
-    put(&store, version("Patient", "p1", 1, 1), index(&["n"], &[]), Expect::Absent).await.unwrap();
+    store
+        .write(move |tx| tx.put_data_key(&r2, true))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.read(|tx| tx.data_key("patient/p1")).await.unwrap(),
+        Some(rewrapped)
+    );
+    assert_eq!(
+        store
+            .read(|tx| tx.data_keys_not_under("k2", 10))
+            .await
+            .unwrap()
+            .len(),
+        0
+    );
+    assert_eq!(
+        store.read(|tx| tx.data_key_counts()).await.unwrap(),
+        vec![("k2".to_string(), 1)]
+    );
+    put(
+        &store,
+        version("Patient", "p1", 1, 1),
+        index(&["n"], &[]),
+        Expect::Absent,
+    )
+    .await
+    .unwrap();
     let mut obs = version("Observation", "o1", 1, 1);
     obs.compartment = Some("p1".into());
     obs.key_name = "patient/p1".into();
-    put(&store, obs, index(&["n"], &[(1, 0.0, 1.0)]), Expect::Absent).await.unwrap();
-    put(&store, version("Patient", "p2", 1, 1), index(&["n"], &[]), Expect::Absent).await.unwrap();
-    let erased = store.write(|tx| tx.erase_compartment("p1", "patient/p1")).await.unwrap();
+    put(&store, obs, index(&["n"], &[(1, 0.0, 1.0)]), Expect::Absent)
+        .await
+        .unwrap();
+    put(
+        &store,
+        version("Patient", "p2", 1, 1),
+        index(&["n"], &[]),
+        Expect::Absent,
+    )
+    .await
+    .unwrap();
+    let erased = store
+        .write(|tx| tx.erase_compartment("p1", "patient/p1"))
+        .await
+        .unwrap();
     assert_eq!(erased, 2);
-    assert!(store.read(|tx| tx.data_key("patient/p1")).await.unwrap().is_none());
-    let o = store.read(|tx| tx.current("Observation", "o1")).await.unwrap().unwrap();
+    assert!(
+        store
+            .read(|tx| tx.data_key("patient/p1"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let o = store
+        .read(|tx| tx.current("Observation", "o1"))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(o.state, RecordState::Erased);
-    let v = store.read(|tx| tx.version("Observation", "o1", 1)).await.unwrap().unwrap();
-    assert_eq!(v.state, RecordState::Erased, "old versions read as erased too");
-    let q = IndexQuery { filters: vec![Filter::AnyToken(vec![tok("n")])], ..IndexQuery::all("Patient", 10) };
-    let ids: Vec<String> = store.read(move |tx| tx.search(&q)).await.unwrap().into_iter().map(|r| r.id).collect();
+    let v = store
+        .read(|tx| tx.version("Observation", "o1", 1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        v.state,
+        RecordState::Erased,
+        "old versions read as erased too"
+    );
+    let q = IndexQuery {
+        filters: vec![Filter::AnyToken(vec![tok("n")])],
+        ..IndexQuery::all("Patient", 10)
+    };
+    let ids: Vec<String> = store
+        .read(move |tx| tx.search(&q))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
     assert_eq!(ids, vec!["p2"]);
-    let again = put(&store, version("Observation", "o1", 2, 2), index(&[], &[]), Expect::Version(1)).await;
-    assert!(matches!(again, Err(StoreError::Conflict { .. })), "erased resources cannot be written");
+    let again = put(
+        &store,
+        version("Observation", "o1", 2, 2),
+        index(&[], &[]),
+        Expect::Version(1),
+    )
+    .await;
+    assert!(
+        matches!(again, Err(StoreError::Conflict { .. })),
+        "erased resources cannot be written"
+    );
 }
 
 /// Many concurrent writers on one resource: exactly one wins each version.
 pub async fn concurrent_writers_conflict(store: Arc<dyn Store>) {
-    put(&store, version("Patient", "c", 1, 1), index(&[], &[]), Expect::Absent).await.unwrap();
+    put(
+        &store,
+        version("Patient", "c", 1, 1),
+        index(&[], &[]),
+        Expect::Absent,
+    )
+    .await
+    .unwrap();
     let mut tasks = Vec::new();
     for _ in 0..16 {
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
-            put(&store, version("Patient", "c", 2, 2), index(&[], &[]), Expect::Version(1)).await.is_ok()
+            put(
+                &store,
+                version("Patient", "c", 2, 2),
+                index(&[], &[]),
+                Expect::Version(1),
+            )
+            .await
+            .is_ok()
         }));
     }
     let mut wins = 0;
@@ -280,5 +708,8 @@ pub async fn concurrent_writers_conflict(store: Arc<dyn Store>) {
             wins += 1;
         }
     }
-    assert_eq!(wins, 1, "exactly one concurrent update of version 1 succeeds");
+    assert_eq!(
+        wins, 1,
+        "exactly one concurrent update of version 1 succeeds"
+    );
 }

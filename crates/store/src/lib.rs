@@ -51,7 +51,9 @@ pub trait StoreExt: Store {
         F: FnOnce(&mut dyn ReadTx) -> StoreResult<T> + Send + 'static,
     {
         let any = self
-            .run_read(Box::new(move |tx| f(tx).map(|t| Box::new(t) as Box<dyn Any + Send>)))
+            .run_read(Box::new(move |tx| {
+                f(tx).map(|t| Box::new(t) as Box<dyn Any + Send>)
+            }))
             .await?;
         Ok(*any.downcast::<T>().expect("read job returns its own type"))
     }
@@ -63,7 +65,9 @@ pub trait StoreExt: Store {
         F: FnOnce(&mut dyn WriteTx) -> StoreResult<T> + Send + 'static,
     {
         let any = self
-            .run_write(Box::new(move |tx| f(tx).map(|t| Box::new(t) as Box<dyn Any + Send>)))
+            .run_write(Box::new(move |tx| {
+                f(tx).map(|t| Box::new(t) as Box<dyn Any + Send>)
+            }))
             .await?;
         Ok(*any.downcast::<T>().expect("write job returns its own type"))
     }

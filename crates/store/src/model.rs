@@ -8,7 +8,12 @@ pub type Token = [u8; 16];
 pub enum StoreError {
     /// An optimistic-locking precondition did not hold.
     #[error("version conflict on {rtype}/{id}: expected {expected}, found {found}")]
-    Conflict { rtype: String, id: String, expected: String, found: String },
+    Conflict {
+        rtype: String,
+        id: String,
+        expected: String,
+        found: String,
+    },
     /// The job itself decided to abort (its error is carried back to the caller).
     #[error("aborted: {0}")]
     Aborted(Box<dyn std::error::Error + Send + Sync>),
@@ -225,7 +230,12 @@ pub trait ReadTx {
     /// The current version (live, deleted or erased) of a resource.
     fn current(&mut self, rtype: &str, id: &str) -> StoreResult<Option<StoredVersion>>;
     /// A specific version.
-    fn version(&mut self, rtype: &str, id: &str, version: i64) -> StoreResult<Option<StoredVersion>>;
+    fn version(
+        &mut self,
+        rtype: &str,
+        id: &str,
+        version: i64,
+    ) -> StoreResult<Option<StoredVersion>>;
     /// Search current live versions.
     fn search(&mut self, q: &IndexQuery) -> StoreResult<Vec<StoredVersion>>;
     /// Count matches of `q` (ignoring order, keyset and limit), counting at most `cap`.

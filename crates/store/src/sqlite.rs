@@ -43,7 +43,11 @@ pub struct SqliteConfig {
 impl SqliteConfig {
     /// Defaults for a database at `path`.
     pub fn new(path: impl Into<PathBuf>) -> SqliteConfig {
-        SqliteConfig { path: path.into(), synchronous: Synchronous::Full, cache_mib: 256 }
+        SqliteConfig {
+            path: path.into(),
+            synchronous: Synchronous::Full,
+            cache_mib: 256,
+        }
     }
 }
 
@@ -119,10 +123,16 @@ fn open_connection(config: &SqliteConfig, read_only: bool) -> StoreResult<Connec
     let flags = if read_only {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
     } else {
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
     };
     let conn = Connection::open_with_flags(&config.path, flags).map_err(backend_err)?;
-    let cache_kib = if read_only { config.cache_mib as i64 * 256 } else { config.cache_mib as i64 * 1024 };
+    let cache_kib = if read_only {
+        config.cache_mib as i64 * 256
+    } else {
+        config.cache_mib as i64 * 1024
+    };
     let sync = match config.synchronous {
         Synchronous::Full => "FULL",
         Synchronous::Normal => "NORMAL",
@@ -133,8 +143,10 @@ fn open_connection(config: &SqliteConfig, read_only: bool) -> StoreResult<Connec
     ))
     .map_err(backend_err)?;
     if !read_only {
-        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(())).map_err(backend_err)?;
-        conn.execute_batch("PRAGMA wal_autocheckpoint = 4000;").map_err(backend_err)?;
+        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+            .map_err(backend_err)?;
+        conn.execute_batch("PRAGMA wal_autocheckpoint = 4000;")
+            .map_err(backend_err)?;
     }
     conn.set_prepared_statement_cache_capacity(256);
     Ok(conn)
@@ -194,7 +206,8 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<(WriteJob, Reply)>) {
                 Err(_) => break,
             }
         }
-        let mut results: Vec<(StoreResult<Box<dyn Any + Send>>, Reply)> = Vec::with_capacity(batch.len());
+        let mut results: Vec<(StoreResult<Box<dyn Any + Send>>, Reply)> =
+            Vec::with_capacity(batch.len());
         let begin = conn.execute_batch("BEGIN IMMEDIATE");
         if let Err(e) = begin {
             for (_, reply) in batch {
@@ -228,7 +241,9 @@ fn run_in_savepoint(conn: &mut Connection, job: WriteJob) -> StoreResult<Box<dyn
     }));
     let result = match outcome {
         Ok(r) => r,
-        Err(_) => Err(StoreError::Backend("write job panicked; its changes were rolled back".into())),
+        Err(_) => Err(StoreError::Backend(
+            "write job panicked; its changes were rolled back".into(),
+        )),
     };
     if result.is_err() {
         conn.execute_batch("ROLLBACK TO job").map_err(backend_err)?;
@@ -270,12 +285,15 @@ impl Store for SqliteStore {
         let (reply, wait) = oneshot::channel();
         {
             let writer = self.writer.lock();
-            let sender = writer.as_ref().ok_or_else(|| StoreError::Backend("store is closed".into()))?;
+            let sender = writer
+                .as_ref()
+                .ok_or_else(|| StoreError::Backend("store is closed".into()))?;
             sender
                 .send((job, reply))
                 .map_err(|_| StoreError::Backend("writer thread stopped".into()))?;
         }
-        wait.await.map_err(|_| StoreError::Backend("writer thread stopped".into()))?
+        wait.await
+            .map_err(|_| StoreError::Backend("writer thread stopped".into()))?
     }
 
     fn backend(&self) -> &'static str {
@@ -300,7 +318,10 @@ struct SqliteTx<'c> {
 const VERSION_COLUMNS: &str = "c.rid, c.rtype, c.id, v.version, v.last_updated, \
      CASE WHEN c.state = 2 THEN 2 ELSE v.state END, v.key_name, v.body, v.seq";
 
-fn row_to_version(row: &rusqlite::Row<'_>, sort_col: Option<usize>) -> rusqlite::Result<StoredVersion> {
+fn row_to_version(
+    row: &rusqlite::Row<'_>,
+    sort_col: Option<usize>,
+) -> rusqlite::Result<StoredVersion> {
     Ok(StoredVersion {
         rid: row.get(0)?,
         rtype: row.get(1)?,
@@ -381,7 +402,7 @@ fn push_range_cond(sql: &mut String, args: &mut Vec<SqlValue>, lo: &str, hi: &st
         args.push(SqlValue::Real(x));
     }
     if parts.is_empty() {
-        sql.push_str("1");
+        sql.push('1');
     } else {
         sql.push('(');
         sql.push_str(&parts.join(" AND "));
@@ -405,11 +426,21 @@ fn push_filters(sql: &mut String, args: &mut Vec<SqlValue>, filters: &[Filter]) 
         match f {
             Filter::AnyToken(tokens) | Filter::NoToken(tokens) => {
                 if tokens.is_empty() {
-                    sql.push_str(if matches!(f, Filter::AnyToken(_)) { "0" } else { "1" });
+                    sql.push_str(if matches!(f, Filter::AnyToken(_)) {
+                        "0"
+                    } else {
+                        "1"
+                    });
                     continue;
                 }
-                let not = if matches!(f, Filter::NoToken(_)) { "NOT " } else { "" };
-                sql.push_str(&format!("c.rid {not}IN (SELECT rid FROM idx_token WHERE token IN ("));
+                let not = if matches!(f, Filter::NoToken(_)) {
+                    "NOT "
+                } else {
+                    ""
+                };
+                sql.push_str(&format!(
+                    "c.rid {not}IN (SELECT rid FROM idx_token WHERE token IN ("
+                ));
                 push_placeholders(sql, tokens.len());
                 sql.push_str("))");
                 args.extend(tokens.iter().map(|t| SqlValue::Blob(t.to_vec())));
@@ -460,7 +491,12 @@ fn push_filters(sql: &mut String, args: &mut Vec<SqlValue>, filters: &[Filter]) 
 }
 
 impl SqliteTx<'_> {
-    fn query_versions(&self, sql: &str, args: Vec<SqlValue>, sort_col: Option<usize>) -> StoreResult<Vec<StoredVersion>> {
+    fn query_versions(
+        &self,
+        sql: &str,
+        args: Vec<SqlValue>,
+        sort_col: Option<usize>,
+    ) -> StoreResult<Vec<StoredVersion>> {
         let mut stmt = self.conn.prepare_cached(sql).map_err(backend_err)?;
         let rows = stmt
             .query_map(params_from_iter(args), |row| row_to_version(row, sort_col))
@@ -469,7 +505,8 @@ impl SqliteTx<'_> {
     }
 
     fn history_sql(q: &HistoryQuery, select: &str) -> (String, Vec<SqlValue>) {
-        let mut sql = format!("SELECT {select} FROM versions v JOIN current c ON c.rid = v.rid WHERE 1");
+        let mut sql =
+            format!("SELECT {select} FROM versions v JOIN current c ON c.rid = v.rid WHERE 1");
         let mut args = Vec::new();
         match &q.scope {
             HistoryScope::Instance { rtype, id } => {
@@ -505,7 +542,11 @@ impl SqliteTx<'_> {
             Order::Rid => ("CAST(c.rid AS REAL)".to_string(), String::new()),
             Order::LastUpdated => ("CAST(c.last_updated AS REAL)".to_string(), String::new()),
             Order::Range(pkey) => {
-                let (col, missing) = if q.descending { ("s.max_hi", SORT_LAST_DESC) } else { ("s.min_lo", SORT_LAST_ASC) };
+                let (col, missing) = if q.descending {
+                    ("s.max_hi", SORT_LAST_DESC)
+                } else {
+                    ("s.min_lo", SORT_LAST_ASC)
+                };
                 (
                     format!("COALESCE({col}, {missing:e})"),
                     format!(" LEFT JOIN idx_sort s ON s.pkey = {pkey} AND s.rid = c.rid"),
@@ -528,7 +569,9 @@ impl SqliteTx<'_> {
         }
         if let Some(k) = q.after {
             let op = if desc { "<" } else { ">" };
-            sql.push_str(&format!(" AND ({sort_expr} {op} ? OR ({sort_expr} = ? AND c.rid {op} ?))"));
+            sql.push_str(&format!(
+                " AND ({sort_expr} {op} ? OR ({sort_expr} = ? AND c.rid {op} ?))"
+            ));
             args.push(SqlValue::Real(k.sort_key));
             args.push(SqlValue::Real(k.sort_key));
             args.push(SqlValue::Integer(k.rid));
@@ -547,16 +590,25 @@ impl ReadTx for SqliteTx<'_> {
              WHERE c.rtype = ?1 AND c.id = ?2"
         );
         let mut stmt = self.conn.prepare_cached(&sql).map_err(backend_err)?;
-        stmt.query_row(params![rtype, id], |r| row_to_version(r, None)).optional().map_err(backend_err)
+        stmt.query_row(params![rtype, id], |r| row_to_version(r, None))
+            .optional()
+            .map_err(backend_err)
     }
 
-    fn version(&mut self, rtype: &str, id: &str, version: i64) -> StoreResult<Option<StoredVersion>> {
+    fn version(
+        &mut self,
+        rtype: &str,
+        id: &str,
+        version: i64,
+    ) -> StoreResult<Option<StoredVersion>> {
         let sql = format!(
             "SELECT {VERSION_COLUMNS} FROM current c JOIN versions v ON v.rid = c.rid \
              WHERE c.rtype = ?1 AND c.id = ?2 AND v.version = ?3"
         );
         let mut stmt = self.conn.prepare_cached(&sql).map_err(backend_err)?;
-        stmt.query_row(params![rtype, id, version], |r| row_to_version(r, None)).optional().map_err(backend_err)
+        stmt.query_row(params![rtype, id, version], |r| row_to_version(r, None))
+            .optional()
+            .map_err(backend_err)
     }
 
     fn search(&mut self, q: &IndexQuery) -> StoreResult<Vec<StoredVersion>> {
@@ -573,7 +625,9 @@ impl ReadTx for SqliteTx<'_> {
         let sql = format!("SELECT count(*) FROM ({inner} LIMIT ?)");
         args.push(SqlValue::Integer(cap.min(i64::MAX as u64) as i64));
         let mut stmt = self.conn.prepare_cached(&sql).map_err(backend_err)?;
-        let n: i64 = stmt.query_row(params_from_iter(args), |r| r.get(0)).map_err(backend_err)?;
+        let n: i64 = stmt
+            .query_row(params_from_iter(args), |r| r.get(0))
+            .map_err(backend_err)?;
         Ok(n as u64)
     }
 
@@ -589,7 +643,9 @@ impl ReadTx for SqliteTx<'_> {
         let sql = format!("SELECT count(*) FROM ({inner} LIMIT ?)");
         args.push(SqlValue::Integer(cap.min(i64::MAX as u64) as i64));
         let mut stmt = self.conn.prepare_cached(&sql).map_err(backend_err)?;
-        let n: i64 = stmt.query_row(params_from_iter(args), |r| r.get(0)).map_err(backend_err)?;
+        let n: i64 = stmt
+            .query_row(params_from_iter(args), |r| r.get(0))
+            .map_err(backend_err)?;
         Ok(n as u64)
     }
 
@@ -598,9 +654,15 @@ impl ReadTx for SqliteTx<'_> {
             .conn
             .prepare_cached("SELECT name, kek_id, blob FROM data_keys WHERE name = ?1")
             .map_err(backend_err)?;
-        stmt.query_row(params![name], |r| Ok(KeyRecord { name: r.get(0)?, kek_id: r.get(1)?, blob: r.get(2)? }))
-            .optional()
-            .map_err(backend_err)
+        stmt.query_row(params![name], |r| {
+            Ok(KeyRecord {
+                name: r.get(0)?,
+                kek_id: r.get(1)?,
+                blob: r.get(2)?,
+            })
+        })
+        .optional()
+        .map_err(backend_err)
     }
 
     fn data_keys_not_under(&mut self, kek_id: &str, limit: usize) -> StoreResult<Vec<KeyRecord>> {
@@ -610,7 +672,11 @@ impl ReadTx for SqliteTx<'_> {
             .map_err(backend_err)?;
         let rows = stmt
             .query_map(params![kek_id, limit as i64], |r| {
-                Ok(KeyRecord { name: r.get(0)?, kek_id: r.get(1)?, blob: r.get(2)? })
+                Ok(KeyRecord {
+                    name: r.get(0)?,
+                    kek_id: r.get(1)?,
+                    blob: r.get(2)?,
+                })
             })
             .map_err(backend_err)?;
         rows.collect::<Result<Vec<_>, _>>().map_err(backend_err)
@@ -619,18 +685,30 @@ impl ReadTx for SqliteTx<'_> {
     fn data_key_counts(&mut self) -> StoreResult<Vec<(String, u64)>> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT kek_id, count(*) FROM data_keys GROUP BY kek_id ORDER BY kek_id")
+            .prepare_cached(
+                "SELECT kek_id, count(*) FROM data_keys GROUP BY kek_id ORDER BY kek_id",
+            )
             .map_err(backend_err)?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))).map_err(backend_err)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(backend_err)?;
         rows.collect::<Result<Vec<_>, _>>().map_err(backend_err)
     }
 
     fn type_counts(&mut self) -> StoreResult<Vec<(String, u64)>> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT rtype, count(*) FROM current WHERE state = 0 GROUP BY rtype ORDER BY rtype")
+            .prepare_cached(
+                "SELECT rtype, count(*) FROM current WHERE state = 0 GROUP BY rtype ORDER BY rtype",
+            )
             .map_err(backend_err)?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))).map_err(backend_err)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(backend_err)?;
         rows.collect::<Result<Vec<_>, _>>().map_err(backend_err)
     }
 }
@@ -642,9 +720,11 @@ impl WriteTx for SqliteTx<'_> {
                 .conn
                 .prepare_cached("SELECT rid, version, state, index_blob FROM current WHERE rtype = ?1 AND id = ?2")
                 .map_err(backend_err)?;
-            stmt.query_row(params![v.rtype, v.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                .optional()
-                .map_err(backend_err)?
+            stmt.query_row(params![v.rtype, v.id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .optional()
+            .map_err(backend_err)?
         };
         let conflict = |expected: String, found: String| StoreError::Conflict {
             rtype: v.rtype.clone(),
@@ -652,8 +732,16 @@ impl WriteTx for SqliteTx<'_> {
             expected,
             found,
         };
-        let state = if v.deleted { RecordState::Deleted } else { RecordState::Live } as i64;
-        let blob = if v.deleted { None } else { Some(encode_index(index)) };
+        let state = if v.deleted {
+            RecordState::Deleted
+        } else {
+            RecordState::Live
+        } as i64;
+        let blob = if v.deleted {
+            None
+        } else {
+            Some(encode_index(index))
+        };
         let rid = match existing {
             None => {
                 if let Expect::Version(n) = expect {
@@ -666,25 +754,45 @@ impl WriteTx for SqliteTx<'_> {
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                     )
                     .map_err(backend_err)?;
-                stmt.execute(params![v.rtype, v.id, v.version, v.last_updated, state, v.compartment, blob])
-                    .map_err(backend_err)?;
+                stmt.execute(params![
+                    v.rtype,
+                    v.id,
+                    v.version,
+                    v.last_updated,
+                    state,
+                    v.compartment,
+                    blob
+                ])
+                .map_err(backend_err)?;
                 self.conn.last_insert_rowid()
             }
             Some((rid, cur_version, cur_state, old_blob)) => {
                 if cur_state == RecordState::Erased as i64 {
-                    return Err(conflict("a writable resource".into(), "an erased resource".into()));
+                    return Err(conflict(
+                        "a writable resource".into(),
+                        "an erased resource".into(),
+                    ));
                 }
                 match expect {
                     Expect::Absent if cur_state == RecordState::Live as i64 => {
-                        return Err(conflict("no resource".into(), format!("version {cur_version}")));
+                        return Err(conflict(
+                            "no resource".into(),
+                            format!("version {cur_version}"),
+                        ));
                     }
                     Expect::Version(n) if n != cur_version => {
-                        return Err(conflict(format!("version {n}"), format!("version {cur_version}")));
+                        return Err(conflict(
+                            format!("version {n}"),
+                            format!("version {cur_version}"),
+                        ));
                     }
                     _ => {}
                 }
                 if v.version <= cur_version {
-                    return Err(conflict(format!("a version above {cur_version}"), format!("version {}", v.version)));
+                    return Err(conflict(
+                        format!("a version above {cur_version}"),
+                        format!("version {}", v.version),
+                    ));
                 }
                 if let Some(old) = old_blob.as_deref().and_then(decode_index) {
                     self.delete_index(rid, &old)?;
@@ -696,8 +804,15 @@ impl WriteTx for SqliteTx<'_> {
                          index_blob = ?6 WHERE rid = ?1",
                     )
                     .map_err(backend_err)?;
-                stmt.execute(params![rid, v.version, v.last_updated, state, v.compartment, blob])
-                    .map_err(backend_err)?;
+                stmt.execute(params![
+                    rid,
+                    v.version,
+                    v.last_updated,
+                    state,
+                    v.compartment,
+                    blob
+                ])
+                .map_err(backend_err)?;
                 rid
             }
         };
@@ -709,8 +824,16 @@ impl WriteTx for SqliteTx<'_> {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )
                 .map_err(backend_err)?;
-            stmt.execute(params![rid, v.rtype, v.version, v.last_updated, state, v.key_name, v.body])
-                .map_err(backend_err)?;
+            stmt.execute(params![
+                rid,
+                v.rtype,
+                v.version,
+                v.last_updated,
+                state,
+                v.key_name,
+                v.body
+            ])
+            .map_err(backend_err)?;
         }
         if !v.deleted {
             self.insert_index(rid, index)?;
@@ -725,17 +848,20 @@ impl WriteTx for SqliteTx<'_> {
             "INSERT INTO data_keys (name, kek_id, blob) VALUES (?1, ?2, ?3)"
         };
         let mut stmt = self.conn.prepare_cached(sql).map_err(backend_err)?;
-        stmt.execute(params![key.name, key.kek_id, key.blob]).map_err(|e| match e {
-            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
-                StoreError::Conflict {
-                    rtype: "DataKey".into(),
-                    id: key.name.clone(),
-                    expected: "no key".into(),
-                    found: "an existing key".into(),
+        stmt.execute(params![key.name, key.kek_id, key.blob])
+            .map_err(|e| match e {
+                rusqlite::Error::SqliteFailure(f, _)
+                    if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    StoreError::Conflict {
+                        rtype: "DataKey".into(),
+                        id: key.name.clone(),
+                        expected: "no key".into(),
+                        found: "an existing key".into(),
+                    }
                 }
-            }
-            e => backend_err(e),
-        })?;
+                e => backend_err(e),
+            })?;
         Ok(())
     }
 
@@ -748,7 +874,9 @@ impl WriteTx for SqliteTx<'_> {
                      OR (rtype = 'Patient' AND id = ?1)",
                 )
                 .map_err(backend_err)?;
-            let it = stmt.query_map(params![patient_id], |r| Ok((r.get(0)?, r.get(1)?))).map_err(backend_err)?;
+            let it = stmt
+                .query_map(params![patient_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(backend_err)?;
             it.collect::<Result<Vec<_>, _>>().map_err(backend_err)?
         };
         for (rid, blob) in &rows {
@@ -787,10 +915,13 @@ impl SqliteTx<'_> {
         {
             let mut stmt = self
                 .conn
-                .prepare_cached("INSERT OR IGNORE INTO idx_range (pkey, lo, rid, hi) VALUES (?1, ?2, ?3, ?4)")
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO idx_range (pkey, lo, rid, hi) VALUES (?1, ?2, ?3, ?4)",
+                )
                 .map_err(backend_err)?;
             for r in &index.ranges {
-                stmt.execute(params![r.pkey, r.lo, rid, r.hi]).map_err(backend_err)?;
+                stmt.execute(params![r.pkey, r.lo, rid, r.hi])
+                    .map_err(backend_err)?;
             }
         }
         let mut stmt = self
@@ -802,7 +933,8 @@ impl SqliteTx<'_> {
             )
             .map_err(backend_err)?;
         for r in &index.ranges {
-            stmt.execute(params![r.pkey, rid, r.lo, r.hi]).map_err(backend_err)?;
+            stmt.execute(params![r.pkey, rid, r.lo, r.hi])
+                .map_err(backend_err)?;
         }
         Ok(())
     }
@@ -819,10 +951,14 @@ impl SqliteTx<'_> {
         }
         let mut del_range = self
             .conn
-            .prepare_cached("DELETE FROM idx_range WHERE pkey = ?1 AND lo = ?2 AND rid = ?3 AND hi = ?4")
+            .prepare_cached(
+                "DELETE FROM idx_range WHERE pkey = ?1 AND lo = ?2 AND rid = ?3 AND hi = ?4",
+            )
             .map_err(backend_err)?;
         for r in &index.ranges {
-            del_range.execute(params![r.pkey, r.lo, rid, r.hi]).map_err(backend_err)?;
+            del_range
+                .execute(params![r.pkey, r.lo, rid, r.hi])
+                .map_err(backend_err)?;
         }
         drop(del_range);
         let mut del_sort = self
@@ -830,7 +966,9 @@ impl SqliteTx<'_> {
             .prepare_cached("DELETE FROM idx_sort WHERE pkey = ?1 AND rid = ?2")
             .map_err(backend_err)?;
         for r in &index.ranges {
-            del_sort.execute(params![r.pkey, rid]).map_err(backend_err)?;
+            del_sort
+                .execute(params![r.pkey, rid])
+                .map_err(backend_err)?;
         }
         Ok(())
     }
