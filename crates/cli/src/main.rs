@@ -17,7 +17,11 @@ use custos_store::{SqliteConfig, SqliteStore, Store};
 use crate::config::FileConfig;
 
 #[derive(Parser)]
-#[command(name = "custos", version, about = "Custos: the patient-data server that guards itself")]
+#[command(
+    name = "custos",
+    version,
+    about = "Custos: the patient-data server that guards itself"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -138,10 +142,16 @@ enum PatientAction {
 fn main() {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CUSTOS_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CUSTOS_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     if let Err(e) = rt.block_on(run(cli)) {
         eprintln!("custos: error: {}", one_line(&e));
         std::process::exit(1);
@@ -149,7 +159,10 @@ fn main() {
 }
 
 fn one_line(e: &anyhow::Error) -> String {
-    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// The resolved settings of one data directory.
@@ -165,7 +178,11 @@ fn resolve(data: &DataArgs) -> anyhow::Result<(FileConfig, PathBuf)> {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
     };
-    let dir = data.data_dir.clone().or_else(|| file.data_dir.clone()).unwrap_or_else(|| PathBuf::from("./data"));
+    let dir = data
+        .data_dir
+        .clone()
+        .or_else(|| file.data_dir.clone())
+        .unwrap_or_else(|| PathBuf::from("./data"));
     Ok((file, dir))
 }
 
@@ -179,15 +196,26 @@ fn kek_provider(dir: &Path) -> anyhow::Result<Arc<dyn KekProvider>> {
     }
     let path = key_file(dir);
     if !path.exists() {
-        bail!("no key file at {}; run `custos init --data-dir {}` first (or set CUSTOS_KEK)", path.display(), dir.display());
+        bail!(
+            "no key file at {}; run `custos init --data-dir {}` first (or set CUSTOS_KEK)",
+            path.display(),
+            dir.display()
+        );
     }
     Ok(Arc::new(FileKekProvider::open(&path)?))
 }
 
 /// Open a data directory's store and record service.
-pub async fn open_data(file: FileConfig, dir: PathBuf, sealer: Arc<dyn Sealer>) -> anyhow::Result<Opened> {
+pub async fn open_data(
+    file: FileConfig,
+    dir: PathBuf,
+    sealer: Arc<dyn Sealer>,
+) -> anyhow::Result<Opened> {
     if !dir.is_dir() {
-        bail!("data directory {} does not exist; run `custos init` first", dir.display());
+        bail!(
+            "data directory {} does not exist; run `custos init` first",
+            dir.display()
+        );
     }
     let provider = kek_provider(&dir)?;
     let mut sc = SqliteConfig::new(dir.join("custos.db"));
@@ -209,7 +237,12 @@ pub async fn open_data(file: FileConfig, dir: PathBuf, sealer: Arc<dyn Sealer>) 
     let records = Records::open(store.clone() as Arc<dyn Store>, provider, sealer, rc)
         .await
         .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    Ok(Opened { records, store, file, data_dir: dir })
+    Ok(Opened {
+        records,
+        store,
+        file,
+        data_dir: dir,
+    })
 }
 
 /// Create a data directory with key material.
@@ -222,15 +255,22 @@ pub fn init_dir(dir: &Path, dev_tls: bool) -> anyhow::Result<()> {
     }
     let kf = key_file(dir);
     if kf.exists() {
-        bail!("{} already exists; refusing to overwrite key material", kf.display());
+        bail!(
+            "{} already exists; refusing to overwrite key material",
+            kf.display()
+        );
     }
     FileKekProvider::create(&kf)?;
     if dev_tls {
         let tls = dir.join("tls");
         std::fs::create_dir_all(&tls)?;
-        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])?;
+        let cert =
+            rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])?;
         std::fs::write(tls.join("cert.pem"), cert.cert.pem())?;
-        write_private(&tls.join("key.pem"), cert.signing_key.serialize_pem().as_bytes())?;
+        write_private(
+            &tls.join("key.pem"),
+            cert.signing_key.serialize_pem().as_bytes(),
+        )?;
     }
     Ok(())
 }
@@ -244,7 +284,9 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
     f.write_all(bytes)?;
     Ok(())
 }
@@ -253,7 +295,8 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
         tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
     }
     #[cfg(not(unix))]
@@ -265,12 +308,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Init { data, dev_tls } => {
             let (_, dir) = resolve(&data)?;
             init_dir(&dir, dev_tls)?;
-            println!("initialized {} (key file {}, mode 0600)", dir.display(), key_file(&dir).display());
+            println!(
+                "initialized {} (key file {}, mode 0600)",
+                dir.display(),
+                key_file(&dir).display()
+            );
             if dev_tls {
-                println!("self-signed TLS pair in {}/tls (development only)", dir.display());
+                println!(
+                    "self-signed TLS pair in {}/tls (development only)",
+                    dir.display()
+                );
             }
         }
-        Command::Serve { data, listen, base_url, tls_cert, tls_key, max_body } => {
+        Command::Serve {
+            data,
+            listen,
+            base_url,
+            tls_cert,
+            tls_key,
+            max_body,
+        } => {
             let (file, dir) = resolve(&data)?;
             let mut sc = ServerConfig::default();
             sc.listen = listen.or(file.listen).unwrap_or(sc.listen);
@@ -288,23 +345,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 sc,
                 |addr| {
                     tracing::info!(%addr, tls, "custos listening");
-                    println!("custos listening on {}://{addr}", if tls { "https" } else { "http" });
+                    println!(
+                        "custos listening on {}://{addr}",
+                        if tls { "https" } else { "http" }
+                    );
                 },
                 shutdown_signal(),
             )
             .await?;
             opened.store.close();
         }
-        Command::Demo { data_dir, patients, seed, keep_running } => demo::run(data_dir, patients, seed, keep_running).await?,
-        Command::Synth { patients, seed, out, demographics_only } => synth(patients, seed, out, demographics_only)?,
-        Command::Keys { action: KeysAction::Rotate { data, keep_retired } } => rotate(&data, keep_retired).await?,
-        Command::Keys { action: KeysAction::Status { data } } => {
+        Command::Demo {
+            data_dir,
+            patients,
+            seed,
+            keep_running,
+        } => demo::run(data_dir, patients, seed, keep_running).await?,
+        Command::Synth {
+            patients,
+            seed,
+            out,
+            demographics_only,
+        } => synth(patients, seed, out, demographics_only)?,
+        Command::Keys {
+            action: KeysAction::Rotate { data, keep_retired },
+        } => rotate(&data, keep_retired).await?,
+        Command::Keys {
+            action: KeysAction::Status { data },
+        } => {
             let (file, dir) = resolve(&data)?;
             let opened = open_data(file, dir.clone(), Arc::new(GcmSealer)).await?;
             let counts = opened.records.store().as_ref().read_key_counts().await?;
             if let Ok(f) = FileKekProvider::open(&key_file(&dir)) {
                 for (id, state) in f.list() {
-                    let n = counts.iter().find(|(k, _)| *k == id).map(|(_, n)| *n).unwrap_or(0);
+                    let n = counts
+                        .iter()
+                        .find(|(k, _)| *k == id)
+                        .map(|(_, n)| *n)
+                        .unwrap_or(0);
                     println!("{id}  {state:?}  wraps {n} data keys");
                 }
             } else {
@@ -313,15 +391,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Patient { action: PatientAction::Shred { data, id, yes } } => {
+        Command::Patient {
+            action: PatientAction::Shred { data, id, yes },
+        } => {
             if !yes {
                 bail!("crypto-shredding is irreversible; repeat with --yes to erase Patient/{id}");
             }
             let (file, dir) = resolve(&data)?;
             let opened = open_data(file, dir, Arc::new(GcmSealer)).await?;
-            let n = opened.records.shred_patient(&id).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            let n = opened
+                .records
+                .shred_patient(&id)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
             opened.store.close();
-            println!("erased Patient/{id}: its data key is destroyed; {n} resources (every version) are now unreadable");
+            println!(
+                "erased Patient/{id}: its data key is destroyed; {n} resources (every version) are now unreadable"
+            );
         }
         Command::Bench(args) => bench::run(args).await?,
     }
@@ -345,20 +431,42 @@ impl StoreReads for dyn Store {
 async fn rotate(data: &DataArgs, keep_retired: bool) -> anyhow::Result<()> {
     let (file, dir) = resolve(data)?;
     if std::env::var_os("CUSTOS_KEK").is_some() {
-        bail!("keys rotate works on a key file; with CUSTOS_KEK, put the new KEK first in the variable and run `custos keys rotate` against a key file, or re-deploy");
+        bail!(
+            "keys rotate works on a key file; with CUSTOS_KEK, put the new KEK first in the variable and run `custos keys rotate` against a key file, or re-deploy"
+        );
     }
     let kf = FileKekProvider::open(&key_file(&dir))?;
     let new_id = kf.add_primary()?;
-    let retired: Vec<String> = kf.list().into_iter().filter(|(id, _)| *id != new_id).map(|(id, _)| id).collect();
+    let retired: Vec<String> = kf
+        .list()
+        .into_iter()
+        .filter(|(id, _)| *id != new_id)
+        .map(|(id, _)| id)
+        .collect();
     let opened = open_data(file, dir.clone(), Arc::new(GcmSealer)).await?;
-    let total: u64 = opened.records.store().as_ref().read_key_counts().await?.iter().map(|(_, n)| n).sum();
+    let total: u64 = opened
+        .records
+        .store()
+        .as_ref()
+        .read_key_counts()
+        .await?
+        .iter()
+        .map(|(_, n)| n)
+        .sum();
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("re-wrapping data keys {bar:40} {pos}/{len} ({per_sec}, eta {eta})")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "re-wrapping data keys {bar:40} {pos}/{len} ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     loop {
-        let n = opened.records.keys().rewrap_batch(opened.records.store(), 500).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        let n = opened
+            .records
+            .keys()
+            .rewrap_batch(opened.records.store(), 500)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
         if n == 0 {
             break;
         }
@@ -366,7 +474,11 @@ async fn rotate(data: &DataArgs, keep_retired: bool) -> anyhow::Result<()> {
     }
     bar.finish();
     let counts = opened.records.store().as_ref().read_key_counts().await?;
-    let still: Vec<&String> = counts.iter().filter(|(id, n)| *id != new_id && *n > 0).map(|(id, _)| id).collect();
+    let still: Vec<&String> = counts
+        .iter()
+        .filter(|(id, n)| *id != new_id && *n > 0)
+        .map(|(id, _)| id)
+        .collect();
     if !still.is_empty() {
         bail!("some data keys are still wrapped under retired KEKs; run rotate again");
     }
@@ -376,17 +488,36 @@ async fn rotate(data: &DataArgs, keep_retired: bool) -> anyhow::Result<()> {
     opened.store.close();
     println!(
         "rotation complete: every data key is wrapped under {new_id}{}",
-        if keep_retired { "; retired KEKs kept" } else { "; retired KEKs removed" }
+        if keep_retired {
+            "; retired KEKs kept"
+        } else {
+            "; retired KEKs removed"
+        }
     );
     Ok(())
 }
 
-fn synth(patients: usize, seed: u64, out: Option<PathBuf>, demographics_only: bool) -> anyhow::Result<()> {
+fn synth(
+    patients: usize,
+    seed: u64,
+    out: Option<PathBuf>,
+    demographics_only: bool,
+) -> anyhow::Result<()> {
     use std::io::Write;
-    let detail = if demographics_only { custos_synth::Detail::DemographicsOnly } else { custos_synth::Detail::Full };
-    let s = custos_synth::Synth::new(custos_synth::SynthConfig { patients, seed, detail });
+    let detail = if demographics_only {
+        custos_synth::Detail::DemographicsOnly
+    } else {
+        custos_synth::Detail::Full
+    };
+    let s = custos_synth::Synth::new(custos_synth::SynthConfig {
+        patients,
+        seed,
+        detail,
+    });
     let mut w: Box<dyn Write> = match out {
-        Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(&p).with_context(|| format!("cannot create {}", p.display()))?)),
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(&p).with_context(|| format!("cannot create {}", p.display()))?,
+        )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
     serde_json::to_writer(&mut w, &s.directory_bundle())?;
