@@ -24,7 +24,9 @@ fn resource() -> &'static Value {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(expr) = Expr::compile(text) {
         let _ = expr.evaluate(resource());
     }

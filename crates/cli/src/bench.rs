@@ -1,5 +1,30 @@
-//! `custos bench`: figures for ingest, reads, searches and sealing cost.
-//! (Being written; see `run`.)
+//! `custos bench`: figures for ingest, reads, searches and sealing cost,
+//! measured on this machine with an in-process server and an in-process
+//! load generator (hyper, keep-alive connections).
+//!
+//! Phases:
+//! 1. ingest synthetic transaction Bundles (AES-256-GCM sealing);
+//! 2. the same ingest with a copying "sealer", for the cost of sealing;
+//! 3. reads by id over HTTP on both data sets (throughput, latency);
+//! 4. identifier and family searches over a large demographics-only data set.
+//!
+//! The benchmark runs on its own tokio runtime (one worker per logical CPU)
+//! whose threads log at `warn` unless `CUSTOS_LOG` says otherwise, so that
+//! the server's one-line-per-request log does not flood the output.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use custos_crypto::{CopySealer, GcmSealer, Sealer};
+use custos_server::ServerConfig;
+use custos_store::SqliteStore;
+use custos_synth::{Detail, Synth, SynthConfig};
+use serde_json::{Value, json};
+
+use crate::client::FhirClient;
+use crate::config::FileConfig;
 
 /// Benchmark options.
 #[derive(clap::Args, Debug, Clone)]
@@ -7,10 +32,1130 @@ pub struct BenchArgs {
     /// A short smoke run (small data sets, a few seconds) for CI.
     #[arg(long)]
     pub quick: bool,
+    /// Demographics-only patients loaded for the search phase
+    /// [default: 100000; 2000 with --quick].
+    #[arg(long, value_name = "N")]
+    pub search_patients: Option<usize>,
+    /// Patients (full clinical records) in the ingest phase [default: 400; 30 with --quick].
+    #[arg(long, value_name = "N")]
+    pub ingest_patients: Option<usize>,
+    /// Measured seconds of each read run, after a 1-second warm-up [default: 10; 2 with --quick].
+    #[arg(long, value_name = "S")]
+    pub read_seconds: Option<f64>,
+    /// Concurrent keep-alive connections of the read runs [default: 64; 16 with --quick].
+    #[arg(long, value_name = "C")]
+    pub connections: Option<usize>,
+    /// Seed of the synthetic data and of the choice of searched patients.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
 }
+
+/// The settings of one run, defaults resolved.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    quick: bool,
+    ingest_patients: usize,
+    search_patients: usize,
+    read_seconds: f64,
+    connections: usize,
+    searches: usize,
+    seed: u64,
+}
+
+impl Plan {
+    fn from(args: &BenchArgs) -> anyhow::Result<Plan> {
+        let q = args.quick;
+        let plan = Plan {
+            quick: q,
+            ingest_patients: args.ingest_patients.unwrap_or(if q { 30 } else { 400 }),
+            search_patients: args
+                .search_patients
+                .unwrap_or(if q { 2_000 } else { 100_000 }),
+            read_seconds: args.read_seconds.unwrap_or(if q { 2.0 } else { 10.0 }),
+            connections: args.connections.unwrap_or(if q { 16 } else { 64 }),
+            searches: 2_000,
+            seed: args.seed,
+        };
+        if plan.ingest_patients == 0 || plan.search_patients == 0 {
+            bail!("--ingest-patients and --search-patients must be at least 1");
+        }
+        if plan.connections == 0 {
+            bail!("--connections must be at least 1");
+        }
+        if !(plan.read_seconds.is_finite()
+            && plan.read_seconds > 0.0
+            && plan.read_seconds <= 3600.0)
+        {
+            bail!("--read-seconds must be more than 0 and at most 3600");
+        }
+        Ok(plan)
+    }
+}
+
+// Targets.
+const INGEST_TARGET: f64 = 15_000.0;
+const SEAL_RATIO_TARGET: f64 = 1.15;
+const READ_TARGET: f64 = 25_000.0;
+const READ_P99_TARGET_US: u32 = 5_000;
+const SEARCH_P99_TARGET_US: u32 = 5_000;
+
+/// Patients per transaction Bundle when loading the search data set.
+const SEARCH_BATCH: usize = 1_000;
+/// Concurrent senders.
+const INGEST_SENDERS: usize = 4;
+const SEARCH_LOAD_SENDERS: usize = 2;
+const SEARCH_TASKS: usize = 4;
+/// Failed requests quoted in the output (the rest are only counted).
+const ERROR_SAMPLES: usize = 5;
 
 /// Run the benchmark and print its figures.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let _ = args;
-    anyhow::bail!("the benchmark is not built yet")
+    let plan = Plan::from(&args)?;
+    // A dedicated runtime (own thread, own workers, own log filter); the
+    // caller's runtime only waits for the answer.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("custos-bench".into())
+        .spawn(move || {
+            let _ = tx.send(run_on_own_runtime(plan));
+        })
+        .context("cannot start the benchmark thread")?;
+    rx.await
+        .context("the benchmark thread stopped unexpectedly")?
+}
+
+fn bench_log_filter() -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_env("CUSTOS_LOG").unwrap_or_else(|_| "warn".into())
+}
+
+/// Make this thread log through the benchmark's filter for the rest of its life.
+fn install_thread_logger() {
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(bench_log_filter())
+        .with_writer(std::io::stderr)
+        .finish();
+    std::mem::forget(tracing::subscriber::set_default(subscriber));
+}
+
+fn run_on_own_runtime(plan: Plan) -> anyhow::Result<()> {
+    install_thread_logger();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("custos-bench-worker")
+        .on_thread_start(install_thread_logger)
+        .build()
+        .context("cannot start the benchmark runtime")?;
+    let result = rt.block_on(bench(plan));
+    rt.shutdown_timeout(Duration::from_secs(5));
+    result
+}
+
+// ---------------------------------------------------------------------------
+// Output
+// ---------------------------------------------------------------------------
+
+/// One line of the result table.
+struct Row {
+    phase: &'static str,
+    what: String,
+    figure: String,
+    target: String,
+    verdict: &'static str,
+}
+
+fn row(phase: &'static str, what: impl Into<String>, figure: impl Into<String>) -> Row {
+    Row {
+        phase,
+        what: what.into(),
+        figure: figure.into(),
+        target: "-".into(),
+        verdict: "",
+    }
+}
+
+impl Row {
+    fn want(mut self, target: impl Into<String>, met: bool) -> Row {
+        self.target = target.into();
+        self.verdict = if met { "ok" } else { "MISS" };
+        self
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    let heads = ["phase", "measurement", "figure", "target", ""];
+    let w = |f: &dyn Fn(&Row) -> usize, h: &str| {
+        rows.iter().map(f).max().unwrap_or(0).max(h.chars().count())
+    };
+    let w0 = w(&|r| r.phase.chars().count(), heads[0]);
+    let w1 = w(&|r| r.what.chars().count(), heads[1]);
+    let w2 = w(&|r| r.figure.chars().count(), heads[2]);
+    let w3 = w(&|r| r.target.chars().count(), heads[3]);
+    println!();
+    println!(
+        "{:<w0$}  {:<w1$}  {:>w2$}  {:<w3$}  {}",
+        heads[0], heads[1], heads[2], heads[3], heads[4]
+    );
+    println!(
+        "{}  {}  {}  {}  ----",
+        "-".repeat(w0),
+        "-".repeat(w1),
+        "-".repeat(w2),
+        "-".repeat(w3)
+    );
+    let mut last = "";
+    for r in rows {
+        let phase = if r.phase == last { "" } else { r.phase };
+        last = r.phase;
+        println!(
+            "{:<w0$}  {:<w1$}  {:>w2$}  {:<w3$}  {}",
+            phase, r.what, r.figure, r.target, r.verdict
+        );
+    }
+}
+
+/// `12345.6` as `12,346`.
+fn thousands(x: f64) -> String {
+    let n = x.round().max(0.0) as u64;
+    let s = n.to_string();
+    let mut out = String::with_capacity(s.len() + s.len() / 3);
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+fn ms(us: u32) -> String {
+    format!("{:.2}", us as f64 / 1000.0)
+}
+
+/// Latency summary, in microseconds.
+#[derive(Debug, Clone, Copy, Default)]
+struct Lat {
+    n: usize,
+    p50: u32,
+    p99: u32,
+    max: u32,
+}
+
+impl Lat {
+    fn of(mut micros: Vec<u32>) -> Lat {
+        if micros.is_empty() {
+            return Lat::default();
+        }
+        micros.sort_unstable();
+        let n = micros.len();
+        let at = |p: f64| micros[((n as f64 * p).ceil() as usize).clamp(1, n) - 1];
+        Lat {
+            n,
+            p50: at(0.50),
+            p99: at(0.99),
+            max: micros[n - 1],
+        }
+    }
+
+    fn text(&self) -> String {
+        format!("{} / {} / {} ms", ms(self.p50), ms(self.p99), ms(self.max))
+    }
+}
+
+/// Counted failures with a few quoted.
+#[derive(Default)]
+struct Failures {
+    count: usize,
+    samples: Vec<String>,
+}
+
+impl Failures {
+    fn add(&mut self, what: impl FnOnce() -> String) {
+        self.count += 1;
+        if self.samples.len() < ERROR_SAMPLES {
+            self.samples.push(what());
+        }
+    }
+
+    fn merge(&mut self, other: Failures) {
+        self.count += other.count;
+        for s in other.samples {
+            if self.samples.len() < ERROR_SAMPLES {
+                self.samples.push(s);
+            }
+        }
+    }
+
+    fn print(&self, label: &str) {
+        if self.count > 0 {
+            println!("   {label}: {} failed", self.count);
+            for s in &self.samples {
+                println!("     - {s}");
+            }
+        }
+    }
+}
+
+fn snippet(body: &[u8]) -> String {
+    let s = String::from_utf8_lossy(body);
+    let s = s.trim();
+    if s.chars().count() > 160 {
+        format!("{}…", s.chars().take(160).collect::<String>())
+    } else {
+        s.to_string()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// An in-process server on a fresh data directory
+// ---------------------------------------------------------------------------
+
+/// A directory removed (with everything in it) when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(label: &str) -> anyhow::Result<TempDir> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let path = std::env::temp_dir().join(format!(
+            "custos-bench-{}-{nanos:09}-{label}",
+            std::process::id()
+        ));
+        if path.exists() {
+            bail!("{} already exists", path.display());
+        }
+        Ok(TempDir(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct BenchServer {
+    client: FhirClient,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    store: Arc<SqliteStore>,
+    // Declared last: dropped after the store.
+    _dir: TempDir,
+}
+
+impl BenchServer {
+    async fn start(label: &str, sealer: Arc<dyn Sealer>) -> anyhow::Result<BenchServer> {
+        let dir = TempDir::new(label)?;
+        crate::init_dir(dir.path(), false)?;
+        let opened =
+            crate::open_data(FileConfig::default(), dir.path().to_path_buf(), sealer).await?;
+        let sc = ServerConfig {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..ServerConfig::default()
+        };
+        let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let records = opened.records.clone();
+        let task = tokio::spawn(async move {
+            custos_server::serve(
+                records,
+                sc,
+                move |a| {
+                    let _ = bound_tx.send(a);
+                },
+                async move {
+                    let _ = stop_rx.await;
+                },
+            )
+            .await
+        });
+        let addr = match bound_rx.await {
+            Ok(a) => a,
+            Err(_) => {
+                return Err(match task.await {
+                    Ok(Err(e)) => e.context("the server did not start"),
+                    _ => anyhow::anyhow!("the server did not start"),
+                });
+            }
+        };
+        let client = FhirClient::new(&format!("http://{addr}"));
+        println!(
+            ".. {label} server at {}, data dir {}",
+            client.base(),
+            dir.path().display()
+        );
+        Ok(BenchServer {
+            client,
+            stop: Some(stop_tx),
+            task,
+            store: opened.store,
+            _dir: dir,
+        })
+    }
+
+    /// Stop the server, close the store, remove the data directory.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        // Drop the client's idle keep-alive connections first.
+        self.client = FhirClient::new("http://127.0.0.1:9");
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let served = tokio::time::timeout(Duration::from_secs(15), &mut self.task).await;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.close())
+            .await
+            .context("closing the store failed")?;
+        match served {
+            Ok(Ok(r)) => r.context("the server failed"),
+            Ok(Err(e)) => Err(anyhow::anyhow!("the server task failed: {e}")),
+            Err(_) => {
+                self.task.abort();
+                bail!("the server did not stop within 15 s")
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Synthetic data
+// ---------------------------------------------------------------------------
+
+/// `f(0..n)` computed on every CPU, in order.
+fn par_map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> anyhow::Result<Vec<T>> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(n.max(1));
+    let next = AtomicUsize::new(0);
+    let mut parts: Vec<(usize, T)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            break;
+                        }
+                        out.push((i, f(i)));
+                    }
+                    out
+                })
+            })
+            .collect();
+        let mut parts = Vec::with_capacity(n);
+        for h in handles {
+            parts.extend(
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a data generator thread panicked"))?,
+            );
+        }
+        anyhow::Ok(parts)
+    })?;
+    parts.sort_unstable_by_key(|(i, _)| *i);
+    Ok(parts.into_iter().map(|(_, t)| t).collect())
+}
+
+/// Serialized patient bundles and their entry counts.
+struct IngestData {
+    directory: Vec<u8>,
+    bundles: Vec<(Vec<u8>, usize)>,
+    resources: usize,
+}
+
+fn ingest_data(plan: &Plan) -> anyhow::Result<IngestData> {
+    let synth = Synth::new(SynthConfig {
+        patients: plan.ingest_patients,
+        seed: plan.seed,
+        detail: Detail::Full,
+    });
+    let directory = serde_json::to_vec(&synth.directory_bundle())?;
+    let bundles = par_map(plan.ingest_patients, |i| {
+        let (b, _) = synth.patient(i);
+        let n = b["entry"].as_array().map(Vec::len).unwrap_or(0);
+        serde_json::to_vec(&b).map(|bytes| (bytes, n))
+    })?
+    .into_iter()
+    .collect::<Result<Vec<_>, _>>()?;
+    let resources = bundles.iter().map(|(_, n)| n).sum();
+    Ok(IngestData {
+        directory,
+        bundles,
+        resources,
+    })
+}
+
+/// Transaction Bundles of up to `SEARCH_BATCH` demographics-only Patients each.
+fn search_data(plan: &Plan) -> anyhow::Result<Vec<Vec<u8>>> {
+    let synth = Synth::new(SynthConfig {
+        patients: plan.search_patients,
+        seed: plan.seed,
+        detail: Detail::DemographicsOnly,
+    });
+    let batches = plan.search_patients.div_ceil(SEARCH_BATCH);
+    let out = par_map(batches, |b| {
+        let lo = b * SEARCH_BATCH;
+        let hi = (lo + SEARCH_BATCH).min(plan.search_patients);
+        let mut entries = Vec::with_capacity(hi - lo);
+        for i in lo..hi {
+            let (mut bundle, _) = synth.patient(i);
+            match bundle["entry"].as_array_mut().and_then(Vec::pop) {
+                Some(e) => entries.push(e),
+                None => return Err(anyhow::anyhow!("synthetic patient {i} has no entry")),
+            }
+        }
+        Ok(serde_json::to_vec(
+            &json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}),
+        )?)
+    });
+    out?.into_iter().collect()
+}
+
+/// SplitMix64: a small deterministic generator for picking patients.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, self.below(i + 1));
+        }
+    }
+}
+
+/// Percent-encode a query parameter value (everything but unreserved characters).
+fn pct(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Phases
+// ---------------------------------------------------------------------------
+
+struct Ingested {
+    secs: f64,
+    patients: Vec<String>,
+    observations: Vec<String>,
+}
+
+/// Post the directory, then time the patient bundles sent by `INGEST_SENDERS` tasks.
+async fn ingest(server: &BenchServer, data: &Arc<IngestData>) -> anyhow::Result<Ingested> {
+    let c = &server.client;
+    let (s, body) = c
+        .send("POST", "/", Some(data.directory.clone()))
+        .await
+        .context("posting the directory bundle")?;
+    if s != 200 {
+        bail!(
+            "the directory bundle was refused with HTTP {s}: {}",
+            snippet(&body)
+        );
+    }
+    let next = Arc::new(AtomicUsize::new(0));
+    let t = Instant::now();
+    let mut tasks = Vec::with_capacity(INGEST_SENDERS);
+    for _ in 0..INGEST_SENDERS {
+        let (c, data, next) = (c.clone(), data.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((bytes, _)) = data.bundles.get(i) else {
+                    break;
+                };
+                let (s, body) = c
+                    .send("POST", "/", Some(bytes.clone()))
+                    .await
+                    .with_context(|| format!("posting patient bundle {i}"))?;
+                if s != 200 {
+                    bail!(
+                        "patient bundle {i} was refused with HTTP {s}: {}",
+                        snippet(&body)
+                    );
+                }
+                answers.push(body);
+            }
+            anyhow::Ok(answers)
+        }));
+    }
+    let mut answers = Vec::with_capacity(data.bundles.len());
+    for task in tasks {
+        answers.extend(task.await.context("an ingest sender failed")??);
+    }
+    let secs = t.elapsed().as_secs_f64();
+    // Collect the new ids (after the clock stopped).
+    let (mut patients, mut observations) = (Vec::new(), Vec::new());
+    let mut created = 0usize;
+    for body in answers {
+        let v: Value =
+            serde_json::from_slice(&body).context("a transaction-response is not JSON")?;
+        for e in v["entry"].as_array().map(Vec::as_slice).unwrap_or_default() {
+            let Some(loc) = e["response"]["location"].as_str() else {
+                continue;
+            };
+            created += 1;
+            let mut parts = loc.split('/');
+            match (parts.next(), parts.next()) {
+                (Some("Patient"), Some(id)) => patients.push(format!("Patient/{id}")),
+                (Some("Observation"), Some(id)) => observations.push(format!("Observation/{id}")),
+                _ => {}
+            }
+        }
+    }
+    if created != data.resources {
+        bail!(
+            "the server answered with {created} locations for {} posted resources",
+            data.resources
+        );
+    }
+    if patients.is_empty() || observations.is_empty() {
+        bail!("no Patient or Observation locations came back from the ingest");
+    }
+    Ok(Ingested {
+        secs,
+        patients,
+        observations,
+    })
+}
+
+/// Read paths: Patients and Observations alternating, each list shuffled.
+fn read_paths(ing: &Ingested, seed: u64) -> Vec<String> {
+    let mut rng = SplitMix(seed ^ 0x5245_4144);
+    let (mut p, mut o) = (ing.patients.clone(), ing.observations.clone());
+    rng.shuffle(&mut p);
+    rng.shuffle(&mut o);
+    let n = p.len().max(o.len());
+    let mut out = Vec::with_capacity(2 * n);
+    for k in 0..n {
+        out.push(p[k % p.len()].clone());
+        out.push(o[k % o.len()].clone());
+    }
+    out
+}
+
+struct ReadResult {
+    rate: f64,
+    lat: Lat,
+    failures: Failures,
+}
+
+/// `conns` keep-alive loops of `GET /{Type}/{id}` for 1 s of warm-up and then `secs` measured seconds.
+async fn read_bench(
+    client: &FhirClient,
+    paths: Arc<Vec<String>>,
+    conns: usize,
+    secs: f64,
+) -> anyhow::Result<ReadResult> {
+    let start = Instant::now();
+    let warm_end = start + Duration::from_secs(1);
+    let end = warm_end + Duration::from_secs_f64(secs);
+    let per_task = (secs * READ_TARGET * 1.5 / conns as f64) as usize + 16;
+    let mut tasks = Vec::with_capacity(conns);
+    for t in 0..conns {
+        let (c, paths) = (client.clone(), paths.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat: Vec<u32> = Vec::with_capacity(per_task);
+            let mut failures = Failures::default();
+            let mut last = warm_end;
+            let mut i = t * paths.len() / conns;
+            loop {
+                let t0 = Instant::now();
+                if t0 >= end {
+                    break;
+                }
+                let path = &paths[i % paths.len()];
+                i += 1;
+                let r = c.send("GET", path, None).await;
+                let t1 = Instant::now();
+                match &r {
+                    Ok((200, _)) => {}
+                    Ok((s, body)) => {
+                        failures.add(|| format!("GET /{path} -> HTTP {s}: {}", snippet(body)))
+                    }
+                    Err(e) => failures.add(|| format!("GET /{path} -> {e:#}")),
+                }
+                if t0 >= warm_end {
+                    lat.push(t1.duration_since(t0).as_micros().min(u32::MAX as u128) as u32);
+                    last = t1;
+                }
+            }
+            (lat, failures, last)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut failures = Failures::default();
+    let mut last = warm_end;
+    for task in tasks {
+        let (lat, f, l) = task.await.context("a read task failed")?;
+        all.extend(lat);
+        failures.merge(f);
+        last = last.max(l);
+    }
+    let window = last.duration_since(warm_end).as_secs_f64().max(1e-9);
+    let n = all.len();
+    Ok(ReadResult {
+        rate: n as f64 / window,
+        lat: Lat::of(all),
+        failures,
+    })
+}
+
+struct SearchResult {
+    identifier: Lat,
+    family: Lat,
+    identifier_ok: usize,
+    family_ok: usize,
+    secs: f64,
+    failures: Failures,
+}
+
+/// Identifier and family searches for `plan.searches` random patients, `SEARCH_TASKS` at a time.
+async fn search_bench(client: &FhirClient, plan: &Plan) -> anyhow::Result<SearchResult> {
+    let synth = Synth::new(SynthConfig {
+        patients: plan.search_patients,
+        seed: plan.seed,
+        detail: Detail::DemographicsOnly,
+    });
+    let mut rng = SplitMix(plan.seed ^ 0x5345_4152);
+    let picks: Vec<usize> = (0..plan.searches)
+        .map(|_| rng.below(plan.search_patients))
+        .collect();
+    let queries: Vec<(String, String)> = par_map(picks.len(), |k| {
+        let f = synth.patient(picks[k]).1;
+        (
+            format!("Patient?identifier={}", pct(&f.mrn)),
+            format!("Patient?family={}", pct(&f.family)),
+        )
+    })?;
+    let queries = Arc::new(queries);
+    let next = Arc::new(AtomicUsize::new(0));
+    let t = Instant::now();
+    let mut tasks = Vec::with_capacity(SEARCH_TASKS);
+    for _ in 0..SEARCH_TASKS {
+        let (c, queries, next) = (client.clone(), queries.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut id_lat, mut fam_lat) = (Vec::new(), Vec::new());
+            let (mut id_ok, mut fam_ok) = (0usize, 0usize);
+            let mut failures = Failures::default();
+            loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                let Some((by_id, by_family)) = queries.get(k) else {
+                    break;
+                };
+                for (q, lat, ok) in [
+                    (by_id, &mut id_lat, &mut id_ok),
+                    (by_family, &mut fam_lat, &mut fam_ok),
+                ] {
+                    let t0 = Instant::now();
+                    let r = c.send("GET", q, None).await;
+                    lat.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                    match r {
+                        Ok((200, body)) => match serde_json::from_slice::<Value>(&body) {
+                            Ok(v) if matches_of(&v) >= 1 => *ok += 1,
+                            Ok(_) => failures.add(|| format!("GET /{q} -> 200 but no match")),
+                            Err(e) => failures.add(|| format!("GET /{q} -> 200 but not JSON: {e}")),
+                        },
+                        Ok((s, body)) => {
+                            failures.add(|| format!("GET /{q} -> HTTP {s}: {}", snippet(&body)))
+                        }
+                        Err(e) => failures.add(|| format!("GET /{q} -> {e:#}")),
+                    }
+                }
+            }
+            (id_lat, fam_lat, id_ok, fam_ok, failures)
+        }));
+    }
+    let (mut id_all, mut fam_all) = (Vec::new(), Vec::new());
+    let (mut identifier_ok, mut family_ok) = (0, 0);
+    let mut failures = Failures::default();
+    for task in tasks {
+        let (a, b, x, y, f) = task.await.context("a search task failed")?;
+        id_all.extend(a);
+        fam_all.extend(b);
+        identifier_ok += x;
+        family_ok += y;
+        failures.merge(f);
+    }
+    Ok(SearchResult {
+        identifier: Lat::of(id_all),
+        family: Lat::of(fam_all),
+        identifier_ok,
+        family_ok,
+        secs: t.elapsed().as_secs_f64(),
+        failures,
+    })
+}
+
+/// Matches in a searchset: `total` when given, else the entries in `search.mode` "match".
+fn matches_of(v: &Value) -> u64 {
+    if let Some(t) = v["total"].as_u64() {
+        return t;
+    }
+    v["entry"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|e| e["search"]["mode"].as_str().is_none_or(|m| m == "match"))
+                .count() as u64
+        })
+        .unwrap_or(0)
+}
+
+/// Load the search data set with `SEARCH_LOAD_SENDERS` senders; returns the seconds taken.
+async fn search_load(client: &FhirClient, batches: Vec<Vec<u8>>) -> anyhow::Result<f64> {
+    let queue = Arc::new(std::sync::Mutex::new(batches.into_iter().enumerate()));
+    let t = Instant::now();
+    let mut tasks = Vec::with_capacity(SEARCH_LOAD_SENDERS);
+    for _ in 0..SEARCH_LOAD_SENDERS {
+        let (c, queue) = (client.clone(), queue.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let item = queue
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("the batch queue is poisoned"))?
+                    .next();
+                let Some((i, bytes)) = item else { break };
+                let (s, body) = c
+                    .send("POST", "/", Some(bytes))
+                    .await
+                    .with_context(|| format!("posting search batch {i}"))?;
+                if s != 200 {
+                    bail!(
+                        "search batch {i} was refused with HTTP {s}: {}",
+                        snippet(&body)
+                    );
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await.context("a loading task failed")??;
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+// ---------------------------------------------------------------------------
+// The benchmark
+// ---------------------------------------------------------------------------
+
+async fn bench(plan: Plan) -> anyhow::Result<()> {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let profile = if cfg!(debug_assertions) {
+        "debug build (figures not meaningful; use --release)"
+    } else {
+        "release build"
+    };
+    let log = match std::env::var("CUSTOS_LOG") {
+        Ok(v) => format!("CUSTOS_LOG={v}"),
+        Err(_) => "warn (set CUSTOS_LOG=info to include the per-request log)".to_string(),
+    };
+    let total = Instant::now();
+    println!(
+        "== Custos bench{} ==",
+        if plan.quick {
+            " (quick smoke run; figures indicative)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "machine   {cpus} logical CPU(s) (available_parallelism), {profile}; server and load generator share one tokio runtime ({cpus} workers)"
+    );
+    println!(
+        "storage   SQLite, default configuration (synchronous=FULL), data dirs under {}",
+        std::env::temp_dir().display()
+    );
+    println!("log       {log}");
+    println!(
+        "plan      ingest {} patients (full records), {INGEST_SENDERS} senders; reads {} connections x {} s after 1 s warm-up; search {} patients, {} searches x 2, seed {}",
+        plan.ingest_patients,
+        plan.connections,
+        plan.read_seconds,
+        thousands(plan.search_patients as f64),
+        thousands(plan.searches as f64),
+        plan.seed
+    );
+    let mut rows = Vec::new();
+    let mut failed: Vec<String> = Vec::new();
+
+    // 1-3. Ingest and reads, sealed and copied.
+    let t = Instant::now();
+    let plan_c = plan;
+    let data = tokio::task::spawn_blocking(move || ingest_data(&plan_c))
+        .await
+        .context("generating data failed")??;
+    let data = Arc::new(data);
+    println!(
+        ".. generated {} patient bundles, {} resources, {:.1} MB in {:.1} s",
+        data.bundles.len(),
+        thousands(data.resources as f64),
+        data.bundles.iter().map(|(b, _)| b.len()).sum::<usize>() as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+    let mut runs: Vec<(&'static str, Ingested, ReadResult)> = Vec::new();
+    for (label, sealer) in [
+        ("sealed", Arc::new(GcmSealer) as Arc<dyn Sealer>),
+        ("copy", Arc::new(CopySealer) as Arc<dyn Sealer>),
+    ] {
+        let server = BenchServer::start(label, sealer).await?;
+        let ing = ingest(&server, &data).await?;
+        println!(
+            ".. ingest {label}: {} resources in {:.2} s = {} resources/s",
+            thousands(data.resources as f64),
+            ing.secs,
+            thousands(data.resources as f64 / ing.secs)
+        );
+        let paths = Arc::new(read_paths(&ing, plan.seed));
+        let read = read_bench(&server.client, paths, plan.connections, plan.read_seconds).await?;
+        println!(
+            ".. read {label}: {} req/s, p50 / p99 / max {}, {} failed",
+            thousands(read.rate),
+            read.lat.text(),
+            read.failures.count
+        );
+        read.failures.print(&format!("read {label}"));
+        server.stop().await?;
+        runs.push((label, ing, read));
+    }
+    let (sealed_ing, sealed_read) = (&runs[0].1, &runs[0].2);
+    let (copy_ing, copy_read) = (&runs[1].1, &runs[1].2);
+    let rate = |i: &Ingested| data.resources as f64 / i.secs;
+    let sealed_rate = rate(sealed_ing);
+    rows.push(
+        row(
+            "ingest",
+            format!(
+                "AES-256-GCM: {} patients, {} resources",
+                data.bundles.len(),
+                thousands(data.resources as f64)
+            ),
+            format!("{} resources/s", thousands(sealed_rate)),
+        )
+        .want(
+            format!(">= {} resources/s", thousands(INGEST_TARGET)),
+            sealed_rate >= INGEST_TARGET,
+        ),
+    );
+    rows.push(row(
+        "ingest",
+        "copy sealer (no encryption), same bundles",
+        format!("{} resources/s", thousands(rate(copy_ing))),
+    ));
+    let seal_ratio = sealed_ing.secs / copy_ing.secs;
+    rows.push(
+        row(
+            "ingest",
+            "sealing cost: sealed time / copy time",
+            format!("{seal_ratio:.3}"),
+        )
+        .want(
+            format!("<= {SEAL_RATIO_TARGET:.2}"),
+            seal_ratio <= SEAL_RATIO_TARGET,
+        ),
+    );
+    for (label, ing, read) in [
+        ("AES-256-GCM", sealed_ing, sealed_read),
+        ("copy sealer", copy_ing, copy_read),
+    ] {
+        let what = format!(
+            "{label}: GET /{{Type}}/{{id}}, {} conns, {} s, {} Patient + {} Observation ids",
+            plan.connections,
+            plan.read_seconds,
+            thousands(ing.patients.len() as f64),
+            thousands(ing.observations.len() as f64)
+        );
+        let mut r = row("read", what, format!("{} req/s", thousands(read.rate)));
+        if label == "AES-256-GCM" {
+            r = r.want(
+                format!(">= {} req/s", thousands(READ_TARGET)),
+                read.rate >= READ_TARGET,
+            );
+        }
+        rows.push(r);
+        let mut r = row(
+            "read",
+            format!("{label}: latency p50 / p99 / max"),
+            read.lat.text(),
+        );
+        if label == "AES-256-GCM" {
+            r = r.want(
+                format!("p99 <= {} ms", ms(READ_P99_TARGET_US)),
+                read.lat.p99 <= READ_P99_TARGET_US,
+            );
+        }
+        rows.push(r);
+        rows.push(
+            row(
+                "read",
+                format!(
+                    "{label}: responses other than 200 (of {})",
+                    thousands(read.lat.n as f64)
+                ),
+                read.failures.count.to_string(),
+            )
+            .want("0", read.failures.count == 0),
+        );
+        if read.failures.count > 0 {
+            failed.push(format!("{} {label} reads failed", read.failures.count));
+        }
+    }
+    let read_ratio = if copy_read.rate > 0.0 {
+        sealed_read.rate / copy_read.rate
+    } else {
+        0.0
+    };
+    rows.push(row(
+        "read",
+        "sealing cost: sealed req/s / copy req/s",
+        format!("{read_ratio:.3}"),
+    ));
+
+    // 4. Search at scale.
+    let t = Instant::now();
+    let plan_c = plan;
+    let batches = tokio::task::spawn_blocking(move || search_data(&plan_c))
+        .await
+        .context("generating data failed")??;
+    println!(
+        ".. generated {} demographics-only patients in {} Bundles, {:.1} MB in {:.1} s",
+        thousands(plan.search_patients as f64),
+        batches.len(),
+        batches.iter().map(Vec::len).sum::<usize>() as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+    let server = BenchServer::start("search", Arc::new(GcmSealer)).await?;
+    let n_batches = batches.len();
+    let load_secs = search_load(&server.client, batches).await?;
+    let load_rate = plan.search_patients as f64 / load_secs;
+    println!(
+        ".. search load: {} patients in {load_secs:.1} s = {} patients/s",
+        thousands(plan.search_patients as f64),
+        thousands(load_rate)
+    );
+    let s = search_bench(&server.client, &plan).await?;
+    println!(
+        ".. searches: {} in {:.1} s; identifier p50 / p99 / max {}; family {}",
+        thousands((s.identifier.n + s.family.n) as f64),
+        s.secs,
+        s.identifier.text(),
+        s.family.text()
+    );
+    s.failures.print("search");
+    server.stop().await?;
+    rows.push(row(
+        "search",
+        format!(
+            "load {} Patients, {n_batches} transaction Bundles of <= {}, {SEARCH_LOAD_SENDERS} senders",
+            thousands(plan.search_patients as f64),
+            thousands(SEARCH_BATCH as f64)
+        ),
+        format!("{} patients/s", thousands(load_rate)),
+    ));
+    let at = format!(
+        "p99 <= {} ms{}",
+        ms(SEARCH_P99_TARGET_US),
+        if plan.search_patients < 100_000 {
+            " (at 100,000)"
+        } else {
+            ""
+        }
+    );
+    rows.push(
+        row(
+            "search",
+            format!(
+                "Patient?identifier=<mrn>: p50 / p99 / max ({} searches)",
+                thousands(s.identifier.n as f64)
+            ),
+            s.identifier.text(),
+        )
+        .want(at.clone(), s.identifier.p99 <= SEARCH_P99_TARGET_US),
+    );
+    rows.push(
+        row(
+            "search",
+            format!(
+                "Patient?family=<family>: p50 / p99 / max ({} searches)",
+                thousands(s.family.n as f64)
+            ),
+            s.family.text(),
+        )
+        .want(at, s.family.p99 <= SEARCH_P99_TARGET_US),
+    );
+    rows.push(
+        row(
+            "search",
+            "identifier searches with >= 1 match",
+            format!(
+                "{} / {}",
+                thousands(s.identifier_ok as f64),
+                thousands(s.identifier.n as f64)
+            ),
+        )
+        .want("all", s.identifier_ok == s.identifier.n),
+    );
+    rows.push(
+        row(
+            "search",
+            "family searches with >= 1 match",
+            format!(
+                "{} / {}",
+                thousands(s.family_ok as f64),
+                thousands(s.family.n as f64)
+            ),
+        )
+        .want("all", s.family_ok == s.family.n),
+    );
+    if s.failures.count > 0 {
+        failed.push(format!(
+            "{} searches failed or found nothing",
+            s.failures.count
+        ));
+    }
+
+    print_table(&rows);
+    let missed = rows.iter().filter(|r| r.verdict == "MISS").count();
+    println!();
+    println!(
+        "{} of {} targets met{}; total time {:.1} s",
+        rows.iter().filter(|r| r.verdict == "ok").count(),
+        rows.iter().filter(|r| !r.verdict.is_empty()).count(),
+        if plan.quick && missed > 0 {
+            " (quick run: small data sets, short runs; figures indicative)"
+        } else {
+            ""
+        },
+        total.elapsed().as_secs_f64()
+    );
+    if !failed.is_empty() {
+        bail!("benchmark checks failed: {}", failed.join("; "));
+    }
+    Ok(())
 }

@@ -19,8 +19,13 @@ impl FhirClient {
     pub fn new(base: &str) -> FhirClient {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        let http = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(connector);
-        FhirClient { base: base.trim_end_matches('/').to_string(), http }
+        let http = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        FhirClient {
+            base: base.trim_end_matches('/').to_string(),
+            http,
+        }
     }
 
     pub fn base(&self) -> &str {
@@ -28,9 +33,21 @@ impl FhirClient {
     }
 
     /// Send a request; returns the status and the raw body.
-    pub async fn send(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> anyhow::Result<(u16, Bytes)> {
-        let url = if path.starts_with("http") { path.to_string() } else { format!("{}/{}", self.base, path.trim_start_matches('/')) };
-        let mut req = Request::builder().method(method).uri(url).header("accept", "application/fhir+json");
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<(u16, Bytes)> {
+        let url = if path.starts_with("http") {
+            path.to_string()
+        } else {
+            format!("{}/{}", self.base, path.trim_start_matches('/'))
+        };
+        let mut req = Request::builder()
+            .method(method)
+            .uri(url)
+            .header("accept", "application/fhir+json");
         if body.is_some() {
             req = req.header("content-type", "application/fhir+json");
         }
@@ -42,10 +59,19 @@ impl FhirClient {
     }
 
     /// Send JSON and parse the JSON answer.
-    pub async fn json(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<(u16, Value)> {
+    pub async fn json(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(u16, Value)> {
         let body = body.map(serde_json::to_vec).transpose()?;
         let (status, bytes) = self.send(method, path, body).await?;
-        let v = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes)? };
+        let v = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)?
+        };
         Ok((status, v))
     }
 }

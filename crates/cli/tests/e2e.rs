@@ -23,7 +23,11 @@ impl Drop for Server {
 }
 
 fn custos(args: &[&str]) -> std::process::Output {
-    Command::new(BIN).args(args).env("CUSTOS_LOG", "warn").output().expect("run custos")
+    Command::new(BIN)
+        .args(args)
+        .env("CUSTOS_LOG", "warn")
+        .output()
+        .expect("run custos")
 }
 
 fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Server {
@@ -45,16 +49,27 @@ fn serve_dir(dir: &Path, extra: &[&str]) -> Server {
         .spawn()
         .expect("spawn custos serve");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let base = line.trim().rsplit(' ').next().unwrap().to_string();
     assert!(base.starts_with("http://"), "unexpected start line: {line}");
-    Server { child, base, dir: dir.to_path_buf(), _tmp: None }
+    Server {
+        child,
+        base,
+        dir: dir.to_path_buf(),
+        _tmp: None,
+    }
 }
 
 fn start() -> Server {
     let dir = tempfile::tempdir().unwrap();
     let out = custos(&["init", "--data-dir", dir.path().to_str().unwrap()]);
-    assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "init failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     start_in(dir, &[])
 }
 
@@ -62,11 +77,23 @@ fn client() -> reqwest::Client {
     reqwest::Client::builder().build().unwrap()
 }
 
-async fn send(s: &Server, method: &str, path: &str, body: Option<Value>, headers: &[(&str, &str)]) -> (u16, Value, reqwest::header::HeaderMap) {
-    let url = if path.starts_with("http") { path.to_string() } else { format!("{}/{}", s.base, path.trim_start_matches('/')) };
+async fn send(
+    s: &Server,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    headers: &[(&str, &str)],
+) -> (u16, Value, reqwest::header::HeaderMap) {
+    let url = if path.starts_with("http") {
+        path.to_string()
+    } else {
+        format!("{}/{}", s.base, path.trim_start_matches('/'))
+    };
     let mut req = client().request(method.parse().unwrap(), url);
     if let Some(b) = body {
-        req = req.header("content-type", "application/fhir+json").body(serde_json::to_vec(&b).unwrap());
+        req = req
+            .header("content-type", "application/fhir+json")
+            .body(serde_json::to_vec(&b).unwrap());
     }
     for (k, v) in headers {
         req = req.header(*k, *v);
@@ -75,7 +102,11 @@ async fn send(s: &Server, method: &str, path: &str, body: Option<Value>, headers
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let bytes = resp.bytes().await.unwrap();
-    let v = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
+    let v = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+    };
     (status, v, headers)
 }
 
@@ -97,31 +128,69 @@ fn patient(family: &str, mrn: &str) -> Value {
 #[tokio::test]
 async fn crud_versions_and_history() {
     let s = start();
-    let (st, created, h) = send(&s, "POST", "Patient", Some(patient("Okonkwo", "MRN-1")), &[]).await;
+    let (st, created, h) = send(
+        &s,
+        "POST",
+        "Patient",
+        Some(patient("Okonkwo", "MRN-1")),
+        &[],
+    )
+    .await;
     assert_eq!(st, 201);
     let id = created["id"].as_str().unwrap().to_string();
     assert_eq!(created["meta"]["versionId"], "1");
-    assert!(h["location"].to_str().unwrap().ends_with(&format!("/Patient/{id}/_history/1")));
+    assert!(
+        h["location"]
+            .to_str()
+            .unwrap()
+            .ends_with(&format!("/Patient/{id}/_history/1"))
+    );
     assert_eq!(h["etag"], "W/\"1\"");
     assert!(uuid_like(&id), "ids are unguessable UUIDs");
 
     let (st, read, _) = send(&s, "GET", &format!("Patient/{id}"), None, &[]).await;
-    assert_eq!((st, read["name"][0]["family"].as_str()), (200, Some("Okonkwo")));
+    assert_eq!(
+        (st, read["name"][0]["family"].as_str()),
+        (200, Some("Okonkwo"))
+    );
 
     let mut upd = read.clone();
     upd["gender"] = json!("other");
-    let (st, updated, _) = send(&s, "PUT", &format!("Patient/{id}"), Some(upd.clone()), &[("if-match", "W/\"1\"")]).await;
-    assert_eq!((st, updated["meta"]["versionId"].as_str()), (200, Some("2")));
+    let (st, updated, _) = send(
+        &s,
+        "PUT",
+        &format!("Patient/{id}"),
+        Some(upd.clone()),
+        &[("if-match", "W/\"1\"")],
+    )
+    .await;
+    assert_eq!(
+        (st, updated["meta"]["versionId"].as_str()),
+        (200, Some("2"))
+    );
     // A stale If-Match is refused.
-    let (st, oo, _) = send(&s, "PUT", &format!("Patient/{id}"), Some(upd), &[("if-match", "W/\"1\"")]).await;
+    let (st, oo, _) = send(
+        &s,
+        "PUT",
+        &format!("Patient/{id}"),
+        Some(upd),
+        &[("if-match", "W/\"1\"")],
+    )
+    .await;
     assert_eq!(st, 412);
     assert!(is_outcome(&oo));
 
     let (st, v1, _) = send(&s, "GET", &format!("Patient/{id}/_history/1"), None, &[]).await;
     assert_eq!((st, v1["gender"].as_str()), (200, Some("female")));
     let (st, hist, _) = send(&s, "GET", &format!("Patient/{id}/_history"), None, &[]).await;
-    assert_eq!((st, hist["type"].as_str(), hist["total"].as_u64()), (200, Some("history"), Some(2)));
-    assert_eq!(hist["entry"][0]["resource"]["meta"]["versionId"], "2", "newest first");
+    assert_eq!(
+        (st, hist["type"].as_str(), hist["total"].as_u64()),
+        (200, Some("history"), Some(2))
+    );
+    assert_eq!(
+        hist["entry"][0]["resource"]["meta"]["versionId"], "2",
+        "newest first"
+    );
 
     let (st, _, _) = send(&s, "DELETE", &format!("Patient/{id}"), None, &[]).await;
     assert_eq!(st, 204);
@@ -142,14 +211,45 @@ fn uuid_like(id: &str) -> bool {
 #[tokio::test]
 async fn conditional_create_and_search_semantics() {
     let s = start();
-    let cond = [("if-none-exist", "identifier=http://hospital.example/mrn|MRN-7")];
-    let (st, a, _) = send(&s, "POST", "Patient", Some(patient("Müller", "MRN-7")), &cond).await;
+    let cond = [(
+        "if-none-exist",
+        "identifier=http://hospital.example/mrn|MRN-7",
+    )];
+    let (st, a, _) = send(
+        &s,
+        "POST",
+        "Patient",
+        Some(patient("Müller", "MRN-7")),
+        &cond,
+    )
+    .await;
     assert_eq!(st, 201);
-    let (st, b, _) = send(&s, "POST", "Patient", Some(patient("Müller", "MRN-7")), &cond).await;
+    let (st, b, _) = send(
+        &s,
+        "POST",
+        "Patient",
+        Some(patient("Müller", "MRN-7")),
+        &cond,
+    )
+    .await;
     assert_eq!(st, 200, "If-None-Exist with one match returns it");
     assert_eq!(a["id"], b["id"]);
-    send(&s, "POST", "Patient", Some(patient("Mueller", "MRN-8")), &[]).await;
-    send(&s, "POST", "Patient", Some(patient("Smithson", "MRN-9")), &[]).await;
+    send(
+        &s,
+        "POST",
+        "Patient",
+        Some(patient("Mueller", "MRN-8")),
+        &[],
+    )
+    .await;
+    send(
+        &s,
+        "POST",
+        "Patient",
+        Some(patient("Smithson", "MRN-9")),
+        &[],
+    )
+    .await;
 
     let total = |q: &'static str| {
         let s = &s;
@@ -160,13 +260,24 @@ async fn conditional_create_and_search_semantics() {
             b["total"].as_u64().unwrap()
         }
     };
-    assert_eq!(total("Patient?family=muller").await, 1, "accent- and case-insensitive");
+    assert_eq!(
+        total("Patient?family=muller").await,
+        1,
+        "accent- and case-insensitive"
+    );
     assert_eq!(total("Patient?family=mu").await, 2, "prefix match");
     assert_eq!(total("Patient?family:exact=Müller").await, 1);
     assert_eq!(total("Patient?family:exact=müller").await, 0);
-    assert_eq!(total("Patient?family=smithsonian").await, 0, "longer than the value");
+    assert_eq!(
+        total("Patient?family=smithsonian").await,
+        0,
+        "longer than the value"
+    );
     assert_eq!(total("Patient?family:contains=hso").await, 1);
-    assert_eq!(total("Patient?identifier=http://hospital.example/mrn|MRN-8").await, 1);
+    assert_eq!(
+        total("Patient?identifier=http://hospital.example/mrn|MRN-8").await,
+        1
+    );
     assert_eq!(total("Patient?identifier=MRN-9").await, 1);
     assert_eq!(total("Patient?identifier=http://other|MRN-9").await, 0);
     assert_eq!(total("Patient?birthdate=1984").await, 3);
@@ -175,16 +286,33 @@ async fn conditional_create_and_search_semantics() {
     assert_eq!(total("Patient?birthdate=ge1984-07-15").await, 3);
     assert_eq!(total("Patient?gender=female&family=smi").await, 1);
     assert_eq!(total("Patient?telecom=555-867-5309").await, 3);
-    assert_eq!(total("Patient?family=muller,smithson").await, 2, "comma is OR");
+    assert_eq!(
+        total("Patient?family=muller,smithson").await,
+        2,
+        "comma is OR"
+    );
     assert_eq!(total("Patient?_id=nope").await, 0);
 
     // Strict handling refuses unknown parameters; lenient reports them.
-    let (st, oo, _) = send(&s, "GET", "Patient?bogus=1", None, &[("prefer", "handling=strict")]).await;
+    let (st, oo, _) = send(
+        &s,
+        "GET",
+        "Patient?bogus=1",
+        None,
+        &[("prefer", "handling=strict")],
+    )
+    .await;
     assert_eq!(st, 400);
     assert!(is_outcome(&oo));
     let (st, b, _) = send(&s, "GET", "Patient?bogus=1", None, &[]).await;
     assert_eq!(st, 200);
-    assert!(b["entry"].as_array().unwrap().iter().any(|e| e["search"]["mode"] == "outcome"));
+    assert!(
+        b["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["search"]["mode"] == "outcome")
+    );
     let (st, _, _) = send(&s, "GET", "Patient?birthdate=1984-13-45", None, &[]).await;
     assert_eq!(st, 400, "invalid date");
     let (st, b, _) = send(&s, "POST", "Patient/_search", None, &[]).await;
@@ -215,7 +343,12 @@ async fn paging_is_stable_under_concurrent_writes() {
         assert_eq!(st, 200);
         pages += 1;
         for e in b["entry"].as_array().cloned().unwrap_or_default() {
-            seen.push(e["resource"]["effectiveDateTime"].as_str().unwrap().to_string());
+            seen.push(
+                e["resource"]["effectiveDateTime"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            );
         }
         if pages == 1 {
             // A write between pages, sorting before everything seen, must not shift pages.
@@ -227,24 +360,66 @@ async fn paging_is_stable_under_concurrent_writes() {
             });
             send(&s, "POST", "Observation", Some(early), &[]).await;
         }
-        match b["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next") {
+        match b["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next")
+        {
             Some(l) => url = l["url"].as_str().unwrap().to_string(),
             None => break,
         }
     }
-    let expected: Vec<String> = (1..=25).map(|d| format!("2020-01-{d:02}T10:00:00Z")).collect();
+    let expected: Vec<String> = (1..=25)
+        .map(|d| format!("2020-01-{d:02}T10:00:00Z"))
+        .collect();
     assert_eq!(seen, expected, "no skipped or repeated entries");
     assert_eq!(pages, 3);
     // Previous from the second page gives the first.
-    let (_, p1, _) = send(&s, "GET", &format!("Observation?patient=Patient/{pid}&_sort=date&_count=10"), None, &[]).await;
-    let next = p1["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next").unwrap()["url"].as_str().unwrap().to_string();
+    let (_, p1, _) = send(
+        &s,
+        "GET",
+        &format!("Observation?patient=Patient/{pid}&_sort=date&_count=10"),
+        None,
+        &[],
+    )
+    .await;
+    let next = p1["link"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["relation"] == "next")
+        .unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let (_, p2, _) = send(&s, "GET", &next, None, &[]).await;
-    let prev = p2["link"].as_array().unwrap().iter().find(|l| l["relation"] == "previous").unwrap()["url"].as_str().unwrap().to_string();
+    let prev = p2["link"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["relation"] == "previous")
+        .unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let (_, back, _) = send(&s, "GET", &prev, None, &[]).await;
     assert_eq!(back["entry"], p1["entry"]);
     // Sorting descending and _include.
-    let (_, d, _) = send(&s, "GET", &format!("Observation?subject=Patient/{pid}&_sort=-date&_count=1&_include=Observation:subject"), None, &[]).await;
-    assert_eq!(d["entry"][0]["resource"]["effectiveDateTime"], "2020-01-25T10:00:00Z");
+    let (_, d, _) = send(
+        &s,
+        "GET",
+        &format!(
+            "Observation?subject=Patient/{pid}&_sort=-date&_count=1&_include=Observation:subject"
+        ),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(
+        d["entry"][0]["resource"]["effectiveDateTime"],
+        "2020-01-25T10:00:00Z"
+    );
     assert_eq!(d["entry"][1]["search"]["mode"], "include");
     assert_eq!(d["entry"][1]["resource"]["id"], pid.as_str());
     let (_, q, _) = send(&s, "GET", "Observation?value-quantity=gt80", None, &[]).await;
@@ -254,13 +429,23 @@ async fn paging_is_stable_under_concurrent_writes() {
 #[tokio::test]
 async fn transactions_are_all_or_nothing() {
     let s = start();
-    let synth = custos_synth::Synth::new(custos_synth::SynthConfig { patients: 2, seed: 7, detail: custos_synth::Detail::Full });
+    let synth = custos_synth::Synth::new(custos_synth::SynthConfig {
+        patients: 2,
+        seed: 7,
+        detail: custos_synth::Detail::Full,
+    });
     let (st, dir, _) = send(&s, "POST", "", Some(synth.directory_bundle()), &[]).await;
     assert_eq!(st, 200, "{dir}");
     // Synthea-style bundles load as they are, twice the directory is idempotent (ifNoneExist).
     let (st, again, _) = send(&s, "POST", "", Some(synth.directory_bundle()), &[]).await;
     assert_eq!(st, 200);
-    assert!(again["entry"].as_array().unwrap().iter().all(|e| e["response"]["status"] == "200 OK"));
+    assert!(
+        again["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["response"]["status"] == "200 OK")
+    );
     let (bundle, facts) = synth.patient(0);
     let n = bundle["entry"].as_array().unwrap().len();
     let (st, resp, _) = send(&s, "POST", "", Some(bundle), &[]).await;
@@ -269,11 +454,30 @@ async fn transactions_are_all_or_nothing() {
     assert_eq!(resp["entry"].as_array().unwrap().len(), n);
     let loc = resp["entry"][0]["response"]["location"].as_str().unwrap();
     let pid = loc.split('/').nth(1).unwrap();
-    let (_, found, _) = send(&s, "GET", &format!("Patient?identifier={}", facts.mrn), None, &[]).await;
+    let (_, found, _) = send(
+        &s,
+        "GET",
+        &format!("Patient?identifier={}", facts.mrn),
+        None,
+        &[],
+    )
+    .await;
     assert_eq!(found["entry"][0]["resource"]["id"], pid);
-    let (_, enc, _) = send(&s, "GET", &format!("Encounter?patient=Patient/{pid}"), None, &[]).await;
-    let enc_ref = enc["entry"][0]["resource"]["participant"][0]["individual"]["reference"].as_str().unwrap();
-    assert!(enc_ref.starts_with("Practitioner/"), "conditional references resolved: {enc_ref}");
+    let (_, enc, _) = send(
+        &s,
+        "GET",
+        &format!("Encounter?patient=Patient/{pid}"),
+        None,
+        &[],
+    )
+    .await;
+    let enc_ref = enc["entry"][0]["resource"]["participant"][0]["individual"]["reference"]
+        .as_str()
+        .unwrap();
+    assert!(
+        enc_ref.starts_with("Practitioner/"),
+        "conditional references resolved: {enc_ref}"
+    );
     let before = count_all(&s).await;
 
     // One bad entry (a reference to nothing) fails the whole transaction.
@@ -290,7 +494,11 @@ async fn transactions_are_all_or_nothing() {
     let (st, oo, _) = send(&s, "POST", "", Some(bad), &[]).await;
     assert_eq!(st, 422, "{oo}");
     assert!(is_outcome(&oo));
-    assert_eq!(count_all(&s).await, before, "nothing of a failed transaction survives");
+    assert_eq!(
+        count_all(&s).await,
+        before,
+        "nothing of a failed transaction survives"
+    );
     let (_, none, _) = send(&s, "GET", "Patient?identifier=A-1", None, &[]).await;
     assert_eq!(none["total"], 0);
 
@@ -311,7 +519,14 @@ async fn transactions_are_all_or_nothing() {
 
 async fn count_all(s: &Server) -> u64 {
     let mut n = 0;
-    for t in ["Patient", "Observation", "Encounter", "Condition", "Practitioner", "Organization"] {
+    for t in [
+        "Patient",
+        "Observation",
+        "Encounter",
+        "Condition",
+        "Practitioner",
+        "Organization",
+    ] {
         let (_, b, _) = send(s, "GET", &format!("{t}?_summary=count"), None, &[]).await;
         n += b["total"].as_u64().unwrap();
     }
@@ -321,11 +536,18 @@ async fn count_all(s: &Server) -> u64 {
 #[tokio::test]
 async fn bad_input_gets_operation_outcomes() {
     let dir = tempfile::tempdir().unwrap();
-    assert!(custos(&["init", "--data-dir", dir.path().to_str().unwrap()]).status.success());
+    assert!(
+        custos(&["init", "--data-dir", dir.path().to_str().unwrap()])
+            .status
+            .success()
+    );
     let s = start_in(dir, &["--max-body", "2048"]);
     let c = client();
     let raw = |method: &str, path: &str, ct: &str, body: Vec<u8>| {
-        c.request(method.parse().unwrap(), format!("{}/{path}", s.base)).header("content-type", ct.to_string()).body(body).send()
+        c.request(method.parse().unwrap(), format!("{}/{path}", s.base))
+            .header("content-type", ct.to_string())
+            .body(body)
+            .send()
     };
     let cases: Vec<(u16, reqwest::Response)> = vec![
         (400, raw("POST", "Patient", "application/fhir+json", b"{not json".to_vec()).await.unwrap()),
@@ -346,11 +568,18 @@ async fn bad_input_gets_operation_outcomes() {
     ];
     for (i, (want, resp)) in cases.into_iter().enumerate() {
         let got = resp.status().as_u16();
-        let ct = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+        let ct = resp
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         assert_eq!(got, want, "case {i}: {body}");
         assert!(is_outcome(&body), "case {i} is an OperationOutcome: {body}");
-        assert!(ct.starts_with("application/fhir+json"), "case {i} content type {ct}");
+        assert!(
+            ct.starts_with("application/fhir+json"),
+            "case {i} content type {ct}"
+        );
     }
     // Conflict: two creates racing on If-None-Exist never both create.
     let (st, _, _) = send(&s, "GET", "metadata", None, &[]).await;
@@ -364,14 +593,43 @@ async fn capability_statement_tells_the_truth() {
     assert_eq!(st, 200);
     assert_eq!(cs["resourceType"], "CapabilityStatement");
     assert_eq!(cs["fhirVersion"], "4.0.1");
-    let patient = cs["rest"][0]["resource"].as_array().unwrap().iter().find(|r| r["type"] == "Patient").unwrap();
-    let names: Vec<&str> = patient["searchParam"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
-    for p in ["identifier", "family", "given", "name", "birthdate", "gender", "address-postalcode", "telecom", "general-practitioner", "_id", "_lastUpdated"] {
+    let patient = cs["rest"][0]["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "Patient")
+        .unwrap();
+    let names: Vec<&str> = patient["searchParam"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    for p in [
+        "identifier",
+        "family",
+        "given",
+        "name",
+        "birthdate",
+        "gender",
+        "address-postalcode",
+        "telecom",
+        "general-practitioner",
+        "_id",
+        "_lastUpdated",
+    ] {
         assert!(names.contains(&p), "Patient.{p} advertised");
     }
     // Every advertised parameter is accepted under strict handling.
     for p in names.iter().filter(|p| !p.starts_with('_')).take(40) {
-        let (st, b, _) = send(&s, "GET", &format!("Patient?{p}:missing=true"), None, &[("prefer", "handling=strict")]).await;
+        let (st, b, _) = send(
+            &s,
+            "GET",
+            &format!("Patient?{p}:missing=true"),
+            None,
+            &[("prefer", "handling=strict")],
+        )
+        .await;
         assert_eq!(st, 200, "advertised Patient.{p} is searchable: {b}");
     }
 }
@@ -381,7 +639,11 @@ async fn capability_statement_tells_the_truth() {
 #[tokio::test]
 async fn at_rest_encryption_tamper_shred_and_rotate() {
     let mut s = start();
-    let synth = custos_synth::Synth::new(custos_synth::SynthConfig { patients: 8, seed: 99, detail: custos_synth::Detail::Full });
+    let synth = custos_synth::Synth::new(custos_synth::SynthConfig {
+        patients: 8,
+        seed: 99,
+        detail: custos_synth::Detail::Full,
+    });
     send(&s, "POST", "", Some(synth.directory_bundle()), &[]).await;
     let mut facts = Vec::new();
     let mut pids = Vec::new();
@@ -389,12 +651,28 @@ async fn at_rest_encryption_tamper_shred_and_rotate() {
         let (b, f) = synth.patient(i);
         let (st, r, _) = send(&s, "POST", "", Some(b), &[]).await;
         assert_eq!(st, 200);
-        pids.push(r["entry"][0]["response"]["location"].as_str().unwrap().split('/').nth(1).unwrap().to_string());
+        pids.push(
+            r["entry"][0]["response"]["location"]
+                .as_str()
+                .unwrap()
+                .split('/')
+                .nth(1)
+                .unwrap()
+                .to_string(),
+        );
         facts.push(f);
     }
     let dir = s.dir.clone();
     for f in &facts {
-        for needle in [&f.family, &f.given, &f.mrn, &f.ssn, &f.birth_date, &f.phone, &f.postal_code] {
+        for needle in [
+            &f.family,
+            &f.given,
+            &f.mrn,
+            &f.ssn,
+            &f.birth_date,
+            &f.phone,
+            &f.postal_code,
+        ] {
             for file in db_files(&dir) {
                 let bytes = std::fs::read(&file).unwrap_or_default();
                 assert!(
@@ -427,7 +705,13 @@ async fn at_rest_encryption_tamper_shred_and_rotate() {
     let s = serve_dir(&dir2, &[]);
     let (st, oo, _) = send(&s, "GET", &format!("Patient/{}", pids[0]), None, &[]).await;
     assert_eq!(st, 500);
-    assert!(oo["issue"][0]["diagnostics"].as_str().unwrap().contains("integrity check failed"), "{oo}");
+    assert!(
+        oo["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("integrity check failed"),
+        "{oo}"
+    );
     let (st, _, _) = send(&s, "GET", &format!("Patient/{}", pids[2]), None, &[]).await;
     assert_eq!(st, 200, "other records are unaffected");
     drop(s);
@@ -437,26 +721,73 @@ async fn at_rest_encryption_tamper_shred_and_rotate() {
     let out = custos(&["patient", "shred", "--data-dir", d, &pids[2]]);
     assert!(!out.status.success(), "shred needs --yes");
     let out = custos(&["patient", "shred", "--data-dir", d, &pids[2], "--yes"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = custos(&["keys", "rotate", "--data-dir", d]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let keys: Value = serde_json::from_slice(&std::fs::read(dir2.join("keys.json")).unwrap()).unwrap();
-    assert_eq!(keys["keks"].as_array().unwrap().len(), 1, "the retired KEK is gone");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let keys: Value =
+        serde_json::from_slice(&std::fs::read(dir2.join("keys.json")).unwrap()).unwrap();
+    assert_eq!(
+        keys["keks"].as_array().unwrap().len(),
+        1,
+        "the retired KEK is gone"
+    );
     let s = serve_dir(&dir2, &[]);
     let (st, _, _) = send(&s, "GET", &format!("Patient/{}", pids[2]), None, &[]).await;
     assert_eq!(st, 410, "shredded");
-    let (st, h, _) = send(&s, "GET", &format!("Patient/{}/_history/1", pids[2]), None, &[]).await;
+    let (st, h, _) = send(
+        &s,
+        "GET",
+        &format!("Patient/{}/_history/1", pids[2]),
+        None,
+        &[],
+    )
+    .await;
     assert_eq!(st, 410, "every version is unreadable: {h}");
-    let (st, b, _) = send(&s, "GET", &format!("Observation?patient=Patient/{}", pids[2]), None, &[]).await;
+    let (st, b, _) = send(
+        &s,
+        "GET",
+        &format!("Observation?patient=Patient/{}", pids[2]),
+        None,
+        &[],
+    )
+    .await;
     assert_eq!((st, b["total"].as_u64()), (200, Some(0)));
     let (st, p, _) = send(&s, "GET", &format!("Patient/{}", pids[3]), None, &[]).await;
-    assert_eq!((st, p["id"].as_str()), (200, Some(pids[3].as_str())), "readable after rotation");
-    let (st, b, _) = send(&s, "GET", &format!("Patient?identifier={}", facts[3].mrn), None, &[]).await;
-    assert_eq!((st, b["total"].as_u64()), (200, Some(1)), "blind index survives rotation");
+    assert_eq!(
+        (st, p["id"].as_str()),
+        (200, Some(pids[3].as_str())),
+        "readable after rotation"
+    );
+    let (st, b, _) = send(
+        &s,
+        "GET",
+        &format!("Patient?identifier={}", facts[3].mrn),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (st, b["total"].as_u64()),
+        (200, Some(1)),
+        "blind index survives rotation"
+    );
 }
 
 fn db_files(dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(dir).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_file()).collect()
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.is_file())
+        .collect()
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -471,12 +802,18 @@ fn cli_errors_are_one_line_and_non_zero() {
     let out = custos(&["serve", "--data-dir", "/nonexistent/custos"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.starts_with("custos: error:") && err.trim().lines().count() == 1, "{err}");
+    assert!(
+        err.starts_with("custos: error:") && err.trim().lines().count() == 1,
+        "{err}"
+    );
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
     assert!(custos(&["init", "--data-dir", d]).status.success());
     let again = custos(&["init", "--data-dir", d]);
-    assert!(!again.status.success(), "init refuses to overwrite key material");
+    assert!(
+        !again.status.success(),
+        "init refuses to overwrite key material"
+    );
     let mode = std::fs::metadata(dir.path().join("keys.json")).unwrap();
     #[cfg(unix)]
     {

@@ -11,7 +11,9 @@ use time::{Date, Month};
 /// A partial date covers its whole extent: `2020` is all of 2020.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct DateRange {
+    /// First microsecond covered.
     pub start: i64,
+    /// First microsecond after the range.
     pub end: i64,
 }
 

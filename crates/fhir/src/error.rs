@@ -54,7 +54,7 @@ impl ErrorKind {
         }
     }
 
-    /// The FHIR `IssueType` code (http://hl7.org/fhir/issue-type) for this kind.
+    /// The FHIR `IssueType` code (<http://hl7.org/fhir/issue-type>) for this kind.
     pub fn issue_code(self) -> &'static str {
         match self {
             ErrorKind::BadRequest => "invalid",
@@ -80,29 +80,37 @@ impl ErrorKind {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct FhirError {
+    /// What went wrong (decides the HTTP status).
     pub kind: ErrorKind,
+    /// The client-safe explanation.
     pub message: String,
 }
 
 impl FhirError {
+    /// An error of `kind` with `message`.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         FhirError {
             kind,
             message: message.into(),
         }
     }
+    /// 400 Bad Request.
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::BadRequest, message)
     }
+    /// 404 Not Found.
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::NotFound, message)
     }
+    /// 422 Unprocessable Entity.
     pub fn unprocessable(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Unprocessable, message)
     }
+    /// 409 Conflict.
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Conflict, message)
     }
+    /// 500 Internal Server Error.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Internal, message)
     }
@@ -112,4 +120,5 @@ impl FhirError {
     }
 }
 
+/// The result of FHIR processing.
 pub type Result<T, E = FhirError> = std::result::Result<T, E>;

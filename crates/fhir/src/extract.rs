@@ -12,7 +12,9 @@ pub enum IndexValue {
     /// token: `system` (if any) and `code` (Coding.code, Identifier.value,
     /// ContactPoint.value, a code, a boolean as "true"/"false").
     Token {
+        /// The code system, if any.
         system: Option<String>,
+        /// The code (never empty).
         code: String,
     },
     /// string: the raw (un-normalized) text of one part (HumanName.family,
@@ -24,14 +26,20 @@ pub enum IndexValue {
     /// it has the form `Type/id` (relative, or absolute ending in `Type/id`,
     /// optionally `/_history/n`); `raw` is the reference text as written.
     Reference {
+        /// The target resource type, when the text names one.
         target_type: Option<String>,
+        /// The target id, when the text names one.
         target_id: Option<String>,
+        /// The reference text as written.
         raw: String,
     },
     /// quantity: value with its unit system and code.
     Quantity {
+        /// The number.
         value: f64,
+        /// The unit system (`urn:iso:std:iso:4217` for Money).
         system: Option<String>,
+        /// The unit code (the human unit when no code is given; the currency for Money).
         code: Option<String>,
     },
     /// number.

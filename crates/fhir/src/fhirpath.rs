@@ -59,7 +59,9 @@ pub struct Expr {
 /// elements (`value[x]`), the type suffix it was found under (`"Quantity"`).
 #[derive(Debug, Clone, Copy)]
 pub struct Node<'a> {
+    /// The JSON value reached.
     pub value: &'a Value,
+    /// The type suffix of the choice element it was found under (`valueQuantity` → `Quantity`).
     pub choice_type: Option<&'a str>,
 }
 
@@ -70,11 +72,20 @@ static FALSE: Value = Value::Bool(false);
 
 /// Deepest nesting of parentheses / function arguments accepted by the compiler.
 const MAX_DEPTH: usize = 64;
+/// Deepest syntax tree accepted (a path step, an operator or a function
+/// call is a level); bounds the recursion of compilation and evaluation.
+const MAX_TREE_DEPTH: usize = 128;
+/// Most tokens accepted in one expression (the longest R4 expression has a
+/// few hundred); bounds the depth of the compiled tree and of evaluation.
+const MAX_TOKENS: usize = 4096;
 
 impl Expr {
     /// Compile an expression; `Err` names the unsupported construct.
     pub fn compile(source: &str) -> Result<Expr, String> {
         let tokens = lex(source)?;
+        if tokens.len() > MAX_TOKENS {
+            return Err(format!("expression too long (over {MAX_TOKENS} tokens)"));
+        }
         let mut parser = Parser {
             tokens,
             pos: 0,
@@ -85,6 +96,11 @@ impl Expr {
             return Err(format!(
                 "unexpected {} after the end of the expression",
                 tok.describe()
+            ));
+        }
+        if ast_depth(&ast) > MAX_TREE_DEPTH {
+            return Err(format!(
+                "expression nested too deeply (over {MAX_TREE_DEPTH} levels)"
             ));
         }
         let prog = lower(ast)?;
@@ -778,6 +794,40 @@ fn path(base: Prog, step: Step) -> Prog {
     }
 }
 
+/// The depth of a syntax tree, computed without recursion.
+fn ast_depth(ast: &Ast) -> usize {
+    let mut max = 0;
+    let mut stack = vec![(ast, 1usize)];
+    while let Some((node, depth)) = stack.pop() {
+        max = max.max(depth);
+        match node {
+            Ast::This
+            | Ast::Root
+            | Ast::Empty
+            | Ast::Str(_)
+            | Ast::Num(..)
+            | Ast::Bool(_)
+            | Ast::Ident(_) => {}
+            Ast::Member(base, _) | Ast::Is(base, _) | Ast::As(base, _) => {
+                stack.push((base, depth + 1))
+            }
+            Ast::Call(base, _, args) => {
+                stack.push((base, depth + 1));
+                stack.extend(args.iter().map(|a| (a, depth + 1)));
+            }
+            Ast::Index(base, idx) => {
+                stack.push((base, depth + 1));
+                stack.push((idx, depth + 1));
+            }
+            Ast::Binary(_, l, r) => {
+                stack.push((l, depth + 1));
+                stack.push((r, depth + 1));
+            }
+        }
+    }
+    max
+}
+
 fn lower(ast: Ast) -> Result<Prog, String> {
     Ok(match ast {
         Ast::This => Prog::Focus,
@@ -1059,18 +1109,9 @@ impl<'a> Eval<'a> {
             Prog::Union(parts) => {
                 let start = out.len();
                 for part in parts {
-                    let before = out.len();
                     self.eval(part, focus, out);
-                    // Union removes duplicates (the same node reached twice).
-                    let mut i = before;
-                    while i < out.len() {
-                        if out[start..i].iter().any(|seen| same_item(seen, &out[i])) {
-                            out.remove(i);
-                        } else {
-                            i += 1;
-                        }
-                    }
                 }
+                dedup_from(out, start);
             }
             Prog::Equals(l, r, negate) => {
                 let left = self.collect(l, focus);
@@ -1223,6 +1264,41 @@ fn is_resource_of(item: &Item<'_, '_>, name: &str) -> bool {
         "DomainResource" => !matches!(rt, Some("Bundle" | "Binary" | "Parameters")),
         _ => rt == Some(name),
     }
+}
+
+/// Remove repeated items (the same node reached twice) from `out[start..]`,
+/// keeping first occurrences: union semantics, in linear time.
+fn dedup_from(out: &mut Vec<Item<'_, '_>>, start: usize) {
+    let n = out.len() - start;
+    if n < 2 {
+        return;
+    }
+    let mut write = start;
+    if n <= 16 {
+        for read in start..out.len() {
+            let item = out[read];
+            if !out[start..write].iter().any(|seen| same_item(seen, &item)) {
+                out[write] = item;
+                write += 1;
+            }
+        }
+    } else {
+        let mut seen = std::collections::HashSet::with_capacity(n);
+        for read in start..out.len() {
+            let item = out[read];
+            let key = match item {
+                Item::Node(node) => (0u8, node.value as *const Value as usize, 0usize),
+                Item::Bool(b) => (1, usize::from(b), 0),
+                Item::Str(s) => (2, s.as_ptr() as usize, s.len()),
+                Item::Num(f) => (3, f.to_bits() as usize, 0),
+            };
+            if seen.insert(key) {
+                out[write] = item;
+                write += 1;
+            }
+        }
+    }
+    out.truncate(write);
 }
 
 fn same_item(a: &Item<'_, '_>, b: &Item<'_, '_>) -> bool {
@@ -1986,6 +2062,40 @@ mod tests {
         }
         let deep = format!("{}Patient.id{}", "(".repeat(200), ")".repeat(200));
         assert!(Expr::compile(&deep).unwrap_err().contains("deeply"));
+    }
+
+    #[test]
+    fn choice_type_table_is_sorted() {
+        assert!(CHOICE_TYPES.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn long_expressions_are_bounded() {
+        let long = vec!["Patient.id"; 3000].join(" | ");
+        assert!(Expr::compile(&long).unwrap_err().contains("too long"));
+        let ok = vec!["Patient.id"; 100].join(" | ");
+        assert_eq!(eval(&ok, &patient()), vec![json!("p1")]);
+        let deep = vec!["Patient.id"; 1000].join(" | ");
+        assert!(Expr::compile(&deep).unwrap_err().contains("deeply"));
+        let chain = format!("Patient{}", ".a".repeat(120));
+        assert!(Expr::compile(&chain).is_ok());
+        let chain = format!("Patient{}", ".a".repeat(1500));
+        assert!(Expr::compile(&chain).unwrap_err().contains("deeply"));
+        let logic = vec!["Patient.active"; 126].join(" and ");
+        assert_eq!(eval(&logic, &patient()), vec![json!(true)]);
+    }
+
+    #[test]
+    fn large_unions_are_linear() {
+        let items: Vec<Value> = (0..50_000)
+            .map(|i| json!({"system": "s", "value": i.to_string()}))
+            .collect();
+        let p = json!({"resourceType": "Patient", "identifier": items});
+        let e = Expr::compile(
+            "Patient.identifier | Patient.identifier.where(value = '7') | Patient.id",
+        )
+        .unwrap();
+        assert_eq!(e.evaluate(&p).len(), 50_000);
     }
 
     #[test]

@@ -15,14 +15,23 @@ const SEARCH_PARAMETERS_JSON: &str = include_str!("../data/search-parameters-r4.
 /// The type of a search parameter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ParamKind {
+    /// A number.
     Number,
+    /// A date, dateTime, instant or Period.
     Date,
+    /// A string, HumanName or Address.
     String,
+    /// A code, Coding, CodeableConcept, Identifier, ContactPoint or boolean.
     Token,
+    /// A reference to another resource.
     Reference,
+    /// A combination of parameters (not supported by Custos).
     Composite,
+    /// A quantity.
     Quantity,
+    /// A uri, url or canonical.
     Uri,
+    /// Special search logic (not supported by Custos).
     Special,
 }
 
@@ -67,6 +76,7 @@ pub struct SearchParam {
     pub code: String,
     /// The canonical URL of the definition.
     pub url: String,
+    /// The parameter type.
     pub kind: ParamKind,
     /// The FHIRPath expression from the definition.
     pub expression: String,

@@ -22,31 +22,51 @@ pub enum Handling {
 /// A comparison prefix (`eq`, `ne`, `gt`, `lt`, `ge`, `le`, `sa`, `eb`, `ap`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Prefix {
+    /// `eq` (the default): the resource value lies within the query range.
     #[default]
     Eq,
+    /// `ne`: not `eq`.
     Ne,
+    /// `gt`: the resource value extends above the query value.
     Gt,
+    /// `lt`: the resource value extends below the query value.
     Lt,
+    /// `ge`: `gt` or `eq`.
     Ge,
+    /// `le`: `lt` or `eq`.
     Le,
+    /// `sa`: starts after the query value.
     Sa,
+    /// `eb`: ends before the query value.
     Eb,
+    /// `ap`: approximately equal.
     Ap,
 }
 
 /// A search modifier (`:exact`, `:missing=true` …).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Modifier {
+    /// `:exact` (string): exact, case- and accent-sensitive equality.
     Exact,
+    /// `:contains` (string): normalized substring.
     Contains,
+    /// `:missing` (any type): values are [`SearchValue::Missing`].
     Missing,
+    /// `:not` (token, `_id`): no value matches.
     Not,
+    /// `:text` (token): normalized prefix of the text or display.
     Text,
+    /// `:above` (not supported).
     Above,
+    /// `:below` (not supported).
     Below,
+    /// `:in` (not supported).
     In,
+    /// `:not-in` (not supported).
     NotIn,
+    /// `:of-type` (not supported).
     OfType,
+    /// `:identifier` (reference): matches `Reference.identifier`; values are tokens.
     Identifier,
     /// `:Patient` on a reference parameter.
     Type(String),
@@ -68,31 +88,47 @@ pub enum TokenSystem {
 pub enum SearchValue {
     /// `code` is `None` for `system|` (any code in the system).
     Token {
+        /// The system constraint.
         system: TokenSystem,
+        /// The code, or `None` for any code in the system.
         code: Option<String>,
     },
     /// The raw query text (normalize with [`crate::normalize::search_string`] unless `:exact`).
     String(String),
+    /// A date with its prefix, as the range it covers.
     Date {
+        /// The comparison.
         prefix: Prefix,
+        /// The range the query date covers.
         range: DateRange,
     },
     /// `Type/id`, a bare `id` (type from the modifier or the parameter's single
     /// target), or an absolute URL kept in `id` with `target_type: None`.
     Reference {
+        /// The target type, when known.
         target_type: Option<String>,
+        /// The id, or the absolute URL when `target_type` is `None` and it contains `:`.
         id: String,
     },
+    /// `[prefix]value[|system|code]`.
     Quantity {
+        /// The comparison.
         prefix: Prefix,
+        /// The number.
         value: f64,
+        /// The unit system, if given.
         system: Option<String>,
+        /// The unit code, if given.
         code: Option<String>,
     },
+    /// `[prefix]value`.
     Number {
+        /// The comparison.
         prefix: Prefix,
+        /// The number.
         value: f64,
     },
+    /// A uri, compared exactly.
     Uri(String),
     /// The `true`/`false` of `:missing`.
     Missing(bool),
@@ -112,23 +148,31 @@ pub enum ClauseParam {
 /// One `name[:modifier]=v1,v2` of a query. Clauses are AND-ed.
 #[derive(Debug, Clone)]
 pub struct Clause {
+    /// The parameter searched on.
     pub param: ClauseParam,
+    /// The modifier after the colon, if any.
     pub modifier: Option<Modifier>,
+    /// The alternatives (OR-ed); never empty.
     pub values: Vec<SearchValue>,
 }
 
 /// A sort key from `_sort` (`-date` is descending).
 #[derive(Debug, Clone)]
 pub struct SortKey {
+    /// The parameter sorted on.
     pub param: ClauseParam,
+    /// `-name`: descending.
     pub descending: bool,
 }
 
 /// `_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TotalMode {
+    /// `none`: no total.
     None,
+    /// `estimate`: an estimate is enough.
     Estimate,
+    /// `accurate` (the default): an exact total.
     #[default]
     Accurate,
 }
@@ -136,21 +180,30 @@ pub enum TotalMode {
 /// `_include` / `_revinclude` (`Type:param[:target]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Include {
+    /// The resource type holding the reference.
     pub source_type: String,
+    /// The reference parameter's code, or `*` for all of them.
     pub param: String,
+    /// Only references to this type, if given.
     pub target_type: Option<String>,
 }
 
 /// A parsed search on one resource type.
 #[derive(Debug, Clone, Default)]
 pub struct SearchRequest {
+    /// The resource type searched.
     pub resource_type: String,
+    /// The search criteria, AND-ed.
     pub clauses: Vec<Clause>,
+    /// `_sort` keys, most significant first.
     pub sort: Vec<SortKey>,
     /// `_count` (`None`: the server default).
     pub count: Option<usize>,
+    /// `_total`.
     pub total: TotalMode,
+    /// `_include`s.
     pub include: Vec<Include>,
+    /// `_revinclude`s.
     pub revinclude: Vec<Include>,
     /// `_summary=count` asks for the total only.
     pub summary_count: bool,
@@ -878,9 +931,7 @@ impl Clause {
                 }
                 let r = DateRange::instant(last_updated);
                 self.values.iter().any(|v| match v {
-                    SearchValue::Date { prefix, range } => {
-                        date_matches(*prefix, &r, range, now_micros())
-                    }
+                    SearchValue::Date { prefix, range } => date_matches(*prefix, &r, range),
                     _ => false,
                 })
             }
@@ -989,7 +1040,7 @@ impl Clause {
             },
             (IndexValue::Token { .. }, SearchValue::Token { .. }) => token_matches(v, q),
             (IndexValue::Date(r), SearchValue::Date { prefix, range }) => {
-                date_matches(*prefix, r, range, now_micros())
+                date_matches(*prefix, r, range)
             }
             (
                 IndexValue::Reference {
@@ -1088,8 +1139,18 @@ fn now_micros() -> i64 {
 }
 
 /// R4 prefix semantics of a resource range `r` against a query range `q`
-/// (see [`Clause::matches`]); `now` anchors `ap`.
-fn date_matches(prefix: Prefix, r: &DateRange, q: &DateRange, now: i64) -> bool {
+/// (see [`Clause::matches`]), `ap` anchored at the current time.
+fn date_matches(prefix: Prefix, r: &DateRange, q: &DateRange) -> bool {
+    let now = if prefix == Prefix::Ap {
+        now_micros()
+    } else {
+        0
+    };
+    date_matches_at(prefix, r, q, now)
+}
+
+/// [`date_matches`] with `now` (UTC micros) anchoring `ap`.
+fn date_matches_at(prefix: Prefix, r: &DateRange, q: &DateRange, now: i64) -> bool {
     let contained = q.start <= r.start && r.end <= q.end;
     match prefix {
         Prefix::Eq => contained,
@@ -1810,22 +1871,22 @@ mod tests {
         let now = 1_000;
         let r = |s, e| DateRange { start: s, end: e };
         use Prefix::*;
-        assert!(date_matches(Eq, &r(100, 200), &q, now));
-        assert!(date_matches(Eq, &r(120, 130), &q, now));
-        assert!(!date_matches(Eq, &r(90, 130), &q, now));
-        assert!(date_matches(Gt, &r(150, 201), &q, now));
-        assert!(!date_matches(Gt, &r(150, 200), &q, now));
-        assert!(date_matches(Lt, &r(99, 110), &q, now));
-        assert!(!date_matches(Lt, &r(100, 110), &q, now));
-        assert!(date_matches(Sa, &r(200, 210), &q, now));
-        assert!(!date_matches(Sa, &r(199, 210), &q, now));
-        assert!(date_matches(Eb, &r(0, 100), &q, now));
-        assert!(!date_matches(Eb, &r(0, 101), &q, now));
+        assert!(date_matches_at(Eq, &r(100, 200), &q, now));
+        assert!(date_matches_at(Eq, &r(120, 130), &q, now));
+        assert!(!date_matches_at(Eq, &r(90, 130), &q, now));
+        assert!(date_matches_at(Gt, &r(150, 201), &q, now));
+        assert!(!date_matches_at(Gt, &r(150, 200), &q, now));
+        assert!(date_matches_at(Lt, &r(99, 110), &q, now));
+        assert!(!date_matches_at(Lt, &r(100, 110), &q, now));
+        assert!(date_matches_at(Sa, &r(200, 210), &q, now));
+        assert!(!date_matches_at(Sa, &r(199, 210), &q, now));
+        assert!(date_matches_at(Eb, &r(0, 100), &q, now));
+        assert!(!date_matches_at(Eb, &r(0, 101), &q, now));
         // ap: widened by 10% of the distance from now (|1000-100|/10 = 90).
-        assert!(date_matches(Ap, &r(280, 300), &q, now));
-        assert!(!date_matches(Ap, &r(290, 300), &q, now));
-        assert!(date_matches(Ap, &r(i64::MIN, i64::MAX), &q, now));
-        assert!(date_matches(
+        assert!(date_matches_at(Ap, &r(280, 300), &q, now));
+        assert!(!date_matches_at(Ap, &r(290, 300), &q, now));
+        assert!(date_matches_at(Ap, &r(i64::MIN, i64::MAX), &q, now));
+        assert!(date_matches_at(
             Ap,
             &r(0, 1),
             &DateRange {
