@@ -826,7 +826,22 @@ fn matches_of(v: &Value) -> u64 {
 }
 
 /// Load the search data set with `SEARCH_LOAD_SENDERS` senders; returns the seconds taken.
-async fn search_load(client: &FhirClient, batches: Vec<Vec<u8>>) -> anyhow::Result<f64> {
+/// The directory bundle is posted first, untimed: the Patients reference it conditionally.
+async fn search_load(
+    client: &FhirClient,
+    directory: Vec<u8>,
+    batches: Vec<Vec<u8>>,
+) -> anyhow::Result<f64> {
+    let (s, body) = client
+        .send("POST", "/", Some(directory))
+        .await
+        .context("posting the directory bundle")?;
+    if s != 200 {
+        bail!(
+            "the directory bundle was refused with HTTP {s}: {}",
+            snippet(&body)
+        );
+    }
     let queue = Arc::new(std::sync::Mutex::new(batches.into_iter().enumerate()));
     let t = Instant::now();
     let mut tasks = Vec::with_capacity(SEARCH_LOAD_SENDERS);
@@ -1052,7 +1067,7 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
     );
     let server = BenchServer::start("search", Arc::new(GcmSealer)).await?;
     let n_batches = batches.len();
-    let load_secs = search_load(&server.client, batches).await?;
+    let load_secs = search_load(&server.client, data.directory.clone(), batches).await?;
     let load_rate = plan.search_patients as f64 / load_secs;
     println!(
         ".. search load: {} patients in {load_secs:.1} s = {} patients/s",

@@ -232,6 +232,11 @@ impl Records {
                 Filter::AnyToken(vec![tk.present()])
             }));
         }
+        if matches!(clause.modifier, Some(Modifier::Text | Modifier::Identifier)) {
+            // Neither the display text of a token nor the identifier of a
+            // reference is indexed: answer from the opened resources.
+            return Ok(ClausePlan::ConfirmOnly);
+        }
         let not = clause.modifier == Some(Modifier::Not);
         let mut parts = Vec::new();
         let mut ranges = Vec::new();
