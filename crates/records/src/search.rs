@@ -466,12 +466,13 @@ impl Records {
 
 fn plan_blind_date(tk: &Tokens<'_>, prefix: Prefix, range: &DateRange) -> ClausePlan {
     if prefix == Prefix::Eq
-        && let Some((precision, text)) = blind_date_texts(range).pop() {
-            // Exact only when the query range is exactly that calendar unit.
-            if aligned(range, precision) {
-                return ClausePlan::Exact(Filter::AnyToken(vec![tk.date(precision, &text)]));
-            }
+        && let Some((precision, text)) = blind_date_texts(range).pop()
+    {
+        // Exact only when the query range is exactly that calendar unit.
+        if aligned(range, precision) {
+            return ClausePlan::Exact(Filter::AnyToken(vec![tk.date(precision, &text)]));
         }
+    }
     let (Some((y0, _, _)), Some((y1, _, _))) = (ymd(range.start), ymd(range.end.saturating_sub(1)))
     else {
         return ClausePlan::ConfirmOnly;

@@ -83,9 +83,11 @@ fn parse_entry(i: usize, e: &Value, base: &str) -> Result<Entry, FhirError> {
     }
     let id = segs.next().map(str::to_string);
     if let Some(id) = &id
-        && !types::is_valid_id(id) && method != Method::Get {
-            return Err(at("invalid id in url".into()));
-        }
+        && !types::is_valid_id(id)
+        && method != Method::Get
+    {
+        return Err(at("invalid id in url".into()));
+    }
     let resource = e.get("resource").cloned();
     if matches!(method, Method::Post | Method::Put) {
         let r = resource
@@ -575,9 +577,10 @@ fn rewrite_references(v: &mut Value, f: &mut dyn FnMut(&str) -> Option<String>) 
             for (k, x) in m.iter_mut() {
                 if k == "reference" {
                     if let Value::String(s) = x
-                        && let Some(new) = f(s) {
-                            *s = new;
-                        }
+                        && let Some(new) = f(s)
+                    {
+                        *s = new;
+                    }
                 } else {
                     rewrite_references(x, f);
                 }

@@ -78,9 +78,10 @@ pub async fn json_body(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok())
-        && len > limit {
-            return Err(too_large(limit));
-        }
+        && len > limit
+    {
+        return Err(too_large(limit));
+    }
     let bytes = axum::body::to_bytes(body, limit)
         .await
         .map_err(|_| too_large(limit))?;
@@ -224,9 +225,10 @@ pub fn resource_response(
         && let Ok(v) = HeaderValue::from_str(&format!(
             "{base}/{}/{}/_history/{}",
             o.rtype, o.id, o.version
-        )) {
-            h.insert(header::LOCATION, v.clone());
-            h.insert(header::CONTENT_LOCATION, v);
-        }
+        ))
+    {
+        h.insert(header::LOCATION, v.clone());
+        h.insert(header::CONTENT_LOCATION, v);
+    }
     resp
 }

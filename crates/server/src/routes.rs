@@ -107,9 +107,10 @@ async fn read(
     negotiate(&headers, &params(q))?;
     let o = s.records.read(&rtype, &id).await?;
     if let Some(inm) = headers.get("if-none-match").and_then(|v| v.to_str().ok())
-        && inm.trim() == o.etag() {
-            return Ok(StatusCode::NOT_MODIFIED.into_response());
-        }
+        && inm.trim() == o.etag()
+    {
+        return Ok(StatusCode::NOT_MODIFIED.into_response());
+    }
     Ok(resource_response(
         StatusCode::OK,
         &o,
