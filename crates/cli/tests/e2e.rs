@@ -314,7 +314,10 @@ async fn conditional_create_and_search_semantics() {
             .any(|e| e["search"]["mode"] == "outcome")
     );
     let self_link = b["link"][0]["url"].as_str().unwrap();
-    assert!(!self_link.contains("bogus"), "the self link lists only parameters used: {self_link}");
+    assert!(
+        !self_link.contains("bogus"),
+        "the self link lists only parameters used: {self_link}"
+    );
     let (st, _, _) = send(&s, "GET", "Patient?birthdate=1984-13-45", None, &[]).await;
     assert_eq!(st, 400, "invalid date");
     let (st, b, _) = send(&s, "POST", "Patient/_search", None, &[]).await;

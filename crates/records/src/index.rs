@@ -73,25 +73,13 @@ impl<'a> Tokens<'a> {
         all.extend_from_slice(parts);
         self.blind.token(&all)
     }
-    /// The parameter has at least one value (for `:missing`).
-    pub fn present(&self) -> Token {
-        self.t(b"present", &[])
-    }
     /// Token code in any system.
     pub fn code(&self, code: &str) -> Token {
         self.t(b"c", &[code.as_bytes()])
     }
-    /// Token code with no system.
-    pub fn code_no_system(&self, code: &str) -> Token {
-        self.t(b"n", &[code.as_bytes()])
-    }
     /// Token `system|code`.
     pub fn system_code(&self, system: &str, code: &str) -> Token {
         self.t(b"sc", &[system.as_bytes(), code.as_bytes()])
-    }
-    /// Any code in `system`.
-    pub fn system(&self, system: &str) -> Token {
-        self.t(b"s", &[system.as_bytes()])
     }
     /// A normalized string prefix (at most [`PREFIX_MAX`] characters).
     pub fn prefix(&self, normalized_prefix: &str) -> Token {
@@ -104,10 +92,6 @@ impl<'a> Tokens<'a> {
     /// A reference to `Type/id`.
     pub fn reference(&self, rtype: &str, id: &str) -> Token {
         self.t(b"r", &[rtype.as_bytes(), id.as_bytes()])
-    }
-    /// A reference to `id` of any type.
-    pub fn reference_id(&self, id: &str) -> Token {
-        self.t(b"i", &[id.as_bytes()])
     }
     /// A URI, or a reference kept as written (absolute URL, canonical).
     pub fn uri(&self, uri: &str) -> Token {
@@ -142,7 +126,8 @@ pub fn index_resource(
 ) -> IndexEntries {
     let mut out = IndexEntries::default();
     for p in params {
-        if !p.supported() {
+        // `_id` and `_lastUpdated` are answered by the current-row columns.
+        if !p.supported() || p.code == "_id" || p.code == "_lastUpdated" {
             continue;
         }
         let values = p.extract(resource);
@@ -150,7 +135,6 @@ pub fn index_resource(
             continue;
         }
         let tk = Tokens::new(blind, rtype, &p.code);
-        out.tokens.push(tk.present());
         for v in &values {
             index_value(&tk, rtype, p, v, &mut out);
         }
@@ -160,6 +144,10 @@ pub fn index_resource(
     out
 }
 
+/// The rows of one value. Kept lean on purpose (every row is a B-tree
+/// insert on the ingest path): rarer query forms (`system|` alone, `|code`,
+/// a quantity by code alone, `:missing`) are answered through a coarser row
+/// and confirmed on the opened resource.
 fn index_value(
     tk: &Tokens<'_>,
     rtype: &str,
@@ -167,18 +155,14 @@ fn index_value(
     v: &IndexValue,
     out: &mut IndexEntries,
 ) {
-    match (p.kind, v) {
-        (_, IndexValue::Token { system, code }) => {
+    match v {
+        IndexValue::Token { system, code } => {
             out.tokens.push(tk.code(code));
-            match system {
-                Some(s) => {
-                    out.tokens.push(tk.system_code(s, code));
-                    out.tokens.push(tk.system(s));
-                }
-                None => out.tokens.push(tk.code_no_system(code)),
+            if let Some(s) = system {
+                out.tokens.push(tk.system_code(s, code));
             }
         }
-        (_, IndexValue::String(raw)) => {
+        IndexValue::String(raw) => {
             out.tokens.push(tk.exact(raw));
             let n = search_string(raw);
             for (count, (i, c)) in n.char_indices().enumerate() {
@@ -188,70 +172,59 @@ fn index_value(
                 out.tokens.push(tk.prefix(&n[..i + c.len_utf8()]));
             }
         }
-        (_, IndexValue::Date(range)) => {
-            if blind_date(rtype) {
-                for (precision, text) in blind_date_texts(range) {
-                    out.tokens.push(tk.date(precision, &text));
-                }
-            } else {
-                out.ranges.push(RangeEntry {
-                    pkey: range_pkey(rtype, &p.code, None),
-                    lo: clamp_micros(range.start),
-                    hi: clamp_micros(range.end),
-                });
+        IndexValue::Date(range) if blind_date(rtype) => {
+            for (precision, text) in blind_date_texts(range) {
+                out.tokens.push(tk.date(precision, &text));
             }
         }
-        (
-            _,
-            IndexValue::Reference {
-                target_type,
-                target_id,
-                raw,
-            },
-        ) => {
-            if let (Some(t), Some(id)) = (target_type, target_id) {
-                out.tokens.push(tk.reference(t, id));
-                out.tokens.push(tk.reference_id(id));
-            }
-            out.tokens.push(tk.uri(raw));
+        IndexValue::Date(range) => out.ranges.push(RangeEntry {
+            pkey: range_pkey(rtype, &p.code, None),
+            lo: clamp_micros(range.start),
+            hi: clamp_micros(range.end),
+            sortable: true,
+        }),
+        IndexValue::Reference {
+            target_type: Some(t),
+            target_id: Some(id),
+            ..
+        } => {
+            out.tokens.push(tk.reference(t, id));
         }
-        (
-            _,
-            IndexValue::Quantity {
-                value,
-                system,
-                code,
-            },
-        ) => {
-            out.ranges.push(RangeEntry {
+        IndexValue::Reference { raw, .. } => out.tokens.push(tk.uri(raw)),
+        IndexValue::Quantity {
+            value,
+            system,
+            code,
+        } => {
+            let plain = RangeEntry {
                 pkey: range_pkey(rtype, &p.code, None),
                 lo: *value,
                 hi: *value,
-            });
-            if let Some(c) = code {
+                sortable: false,
+            };
+            out.ranges.push(plain);
+            if let Some(unit) = quantity_unit(system.as_deref(), code.as_deref()) {
                 out.ranges.push(RangeEntry {
-                    pkey: range_pkey(rtype, &p.code, Some(c)),
-                    lo: *value,
-                    hi: *value,
+                    pkey: range_pkey(rtype, &p.code, Some(&unit)),
+                    ..plain
                 });
-                if let Some(s) = system {
-                    let unit = format!("{s}|{c}");
-                    out.ranges.push(RangeEntry {
-                        pkey: range_pkey(rtype, &p.code, Some(&unit)),
-                        lo: *value,
-                        hi: *value,
-                    });
-                }
             }
         }
-        (_, IndexValue::Number(x)) => {
-            out.ranges.push(RangeEntry {
-                pkey: range_pkey(rtype, &p.code, None),
-                lo: *x,
-                hi: *x,
-            });
-        }
-        (_, IndexValue::Uri(u)) => out.tokens.push(tk.uri(u)),
+        IndexValue::Number(x) => out.ranges.push(RangeEntry {
+            pkey: range_pkey(rtype, &p.code, None),
+            lo: *x,
+            hi: *x,
+            sortable: false,
+        }),
+        IndexValue::Uri(u) => out.tokens.push(tk.uri(u)),
+    }
+}
+
+/// The unit key of a quantity: `system|code` when both are known.
+pub fn quantity_unit(system: Option<&str>, code: Option<&str>) -> Option<String> {
+    match (system, code) {
+        (Some(s), Some(c)) => Some(format!("{s}|{c}")),
+        _ => None,
     }
 }
 

@@ -10,7 +10,8 @@ use custos_fhir::{FhirError, SearchValue};
 use custos_store::{Filter, IndexQuery, Keyset, Order, RangeCond, ReadTx, Token};
 
 use crate::index::{
-    PREFIX_MAX, Tokens, blind_date, blind_date_texts, char_prefix, clamp_micros, range_pkey, ymd,
+    PREFIX_MAX, Tokens, blind_date, blind_date_texts, char_prefix, clamp_micros, quantity_unit,
+    range_pkey, ymd,
 };
 use crate::keys::store_err;
 use crate::service::{Opened, Records};
@@ -224,17 +225,12 @@ impl Records {
             ClauseParam::Param(p) => *p,
         };
         let tk = Tokens::new(blind, rtype, &p.code);
-        if clause.modifier == Some(Modifier::Missing) {
-            let missing = matches!(clause.values.first(), Some(SearchValue::Missing(true)));
-            return Ok(ClausePlan::Exact(if missing {
-                Filter::NoToken(vec![tk.present()])
-            } else {
-                Filter::AnyToken(vec![tk.present()])
-            }));
-        }
-        if matches!(clause.modifier, Some(Modifier::Text | Modifier::Identifier)) {
-            // Neither the display text of a token nor the identifier of a
-            // reference is indexed: answer from the opened resources.
+        if matches!(
+            clause.modifier,
+            Some(Modifier::Missing | Modifier::Text | Modifier::Identifier)
+        ) {
+            // Presence, the display text of a token and the identifier of a
+            // reference are not indexed: answer from the opened resources.
             return Ok(ClausePlan::ConfirmOnly);
         }
         let not = clause.modifier == Some(Modifier::Not);
@@ -245,14 +241,19 @@ impl Records {
         for v in &clause.values {
             match v {
                 SearchValue::Token { system, code } => {
-                    let t = match (system, code) {
-                        (TokenSystem::Any, Some(c)) => tk.code(c),
-                        (TokenSystem::None, Some(c)) => tk.code_no_system(c),
-                        (TokenSystem::Is(s), Some(c)) => tk.system_code(s, c),
-                        (TokenSystem::Is(s), None) => tk.system(s),
+                    parts.push(match (system, code) {
+                        (TokenSystem::Any, Some(c)) => {
+                            ClausePlan::Exact(Filter::AnyToken(vec![tk.code(c)]))
+                        }
+                        // `|code`: the code's token, then check that it has no system.
+                        (TokenSystem::None, Some(c)) => {
+                            ClausePlan::Coarse(Filter::AnyToken(vec![tk.code(c)]))
+                        }
+                        (TokenSystem::Is(s), Some(c)) => {
+                            ClausePlan::Exact(Filter::AnyToken(vec![tk.system_code(s, c)]))
+                        }
                         (_, None) => return Ok(ClausePlan::ConfirmOnly),
-                    };
-                    parts.push(ClausePlan::Exact(Filter::AnyToken(vec![t])));
+                    });
                 }
                 SearchValue::String(raw) => match clause.modifier {
                     Some(Modifier::Exact) => {
@@ -275,13 +276,19 @@ impl Records {
                     }
                 },
                 SearchValue::Reference { target_type, id } => {
-                    let t = match (target_type, &clause.modifier) {
-                        (_, Some(Modifier::Type(t))) => tk.reference(t, id),
-                        (Some(t), _) => tk.reference(t, id),
-                        (None, _) if id.contains("://") || id.starts_with("urn:") => tk.uri(id),
-                        (None, _) => tk.reference_id(id),
+                    let tokens = match (target_type, &clause.modifier) {
+                        (_, Some(Modifier::Type(t))) => vec![tk.reference(t, id)],
+                        (Some(t), _) => vec![tk.reference(t, id)],
+                        (None, _) if id.contains("://") || id.starts_with("urn:") => {
+                            vec![tk.uri(id)]
+                        }
+                        // A bare id: any of the parameter's target types.
+                        (None, _) if !p.targets.is_empty() => {
+                            p.targets.iter().map(|t| tk.reference(t, id)).collect()
+                        }
+                        (None, _) => return Ok(ClausePlan::ConfirmOnly),
                     };
-                    parts.push(ClausePlan::Exact(Filter::AnyToken(vec![t])));
+                    parts.push(ClausePlan::Exact(Filter::AnyToken(tokens)));
                 }
                 SearchValue::Uri(u) => {
                     parts.push(ClausePlan::Exact(Filter::AnyToken(vec![tk.uri(u)])))
@@ -302,11 +309,7 @@ impl Records {
                     system,
                     code,
                 } => {
-                    let unit = match (system, code) {
-                        (Some(s), Some(c)) => Some(format!("{s}|{c}")),
-                        (None, Some(c)) => Some(c.clone()),
-                        _ => None,
-                    };
+                    let unit = quantity_unit(system.as_deref(), code.as_deref());
                     let pk = range_pkey(rtype, &p.code, unit.as_deref());
                     if !ranges.is_empty() && pk != range_pk {
                         return Ok(ClausePlan::ConfirmOnly);
@@ -430,6 +433,28 @@ impl Records {
             matches,
             more: false,
         })
+    }
+
+    /// The ids of up to `limit` matches. Without clauses to confirm, the
+    /// index answers alone and nothing is opened (conditional references
+    /// and creates resolve this way on the ingest path).
+    pub(crate) fn matching_ids(
+        &self,
+        tx: &mut dyn ReadTx,
+        plan: &Plan,
+        limit: usize,
+    ) -> Result<Vec<String>, FhirError> {
+        if plan.confirm.is_empty() {
+            let mut q = plan.query.clone();
+            q.limit = limit;
+            return Ok(tx.search_ids(&q).map_err(store_err)?);
+        }
+        Ok(self
+            .execute(tx, plan, None, false, limit)?
+            .matches
+            .into_iter()
+            .map(|o| o.id)
+            .collect())
     }
 
     /// The number of matches, or `None` when counting would cost more than

@@ -374,7 +374,7 @@ impl Records {
                     "reference '{r}' is not of the form Type/id"
                 )));
             }
-            match tx.current(t, id).map_err(store_err)? {
+            match head(tx, t, id)? {
                 Some(sv) if sv.state == RecordState::Live => {}
                 _ => {
                     return Err(FhirError::unprocessable(format!(
@@ -480,7 +480,7 @@ impl Records {
         self.store()
             .write(move |tx| {
                 let r = (|| {
-                    let cur = tx.current(&rtype, &id).map_err(store_err)?;
+                    let cur = head(tx, &rtype, &id)?;
                     let (version, expect, created) = match (&cur, if_match) {
                         (Some(sv), _) if sv.state == RecordState::Erased => {
                             return Err(FhirError::new(
@@ -534,7 +534,7 @@ impl Records {
         let (this, rtype, id) = (self.clone(), rtype.to_string(), id.to_string());
         self.store()
             .write(move |tx| {
-                let r = (|| match tx.current(&rtype, &id).map_err(store_err)? {
+                let r = (|| match head(tx, &rtype, &id)? {
                     None => Err(FhirError::not_found(format!("{rtype}/{id} is not known"))),
                     Some(sv) if sv.state != RecordState::Live => Ok(()),
                     Some(sv) => {
@@ -630,6 +630,20 @@ impl Records {
             .await
             .map_err(store_err)
     }
+}
+
+/// The version and state of a resource's current version.
+pub(crate) struct Head {
+    pub version: i64,
+    pub state: RecordState,
+}
+
+/// The current version and state of a resource, without reading its body.
+pub(crate) fn head(tx: &mut dyn ReadTx, rtype: &str, id: &str) -> Result<Option<Head>, FhirError> {
+    Ok(tx
+        .head(rtype, id)
+        .map_err(store_err)?
+        .map(|(version, state)| Head { version, state }))
 }
 
 /// Every `reference` string in a resource.

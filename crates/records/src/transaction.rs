@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::bundles::entry;
 use crate::keys::store_err;
-use crate::service::{Opened, Pending, Records, new_id};
+use crate::service::{Opened, Pending, Records, head, new_id};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Method {
@@ -275,8 +275,7 @@ impl Records {
         query: &str,
     ) -> Result<Vec<String>, FhirError> {
         let plan = self.plan_conditional(rtype, query)?;
-        let page = self.execute(tx, &plan, None, false, 2)?;
-        Ok(page.matches.into_iter().map(|o| o.id).collect())
+        self.matching_ids(tx, &plan, 2)
     }
 
     fn transaction_in(
@@ -419,7 +418,7 @@ impl Records {
             match e.method {
                 Method::Delete => {
                     let id = e.id.clone().expect("delete target resolved");
-                    let cur = tx.current(&e.rtype, &id).map_err(store_err)?;
+                    let cur = head(tx, &e.rtype, &id)?;
                     if let Some(sv) = cur.filter(|sv| sv.state == RecordState::Live) {
                         let p = Pending {
                             rtype: e.rtype.clone(),
@@ -439,7 +438,7 @@ impl Records {
                 }
                 Method::Post | Method::Put => {
                     let id = e.id.clone().expect("target resolved");
-                    let cur = tx.current(&e.rtype, &id).map_err(store_err)?;
+                    let cur = head(tx, &e.rtype, &id)?;
                     let (version, expect, created) = match &cur {
                         Some(sv) if sv.state == RecordState::Erased => {
                             return Err(fail(FhirError::new(

@@ -34,7 +34,12 @@ fn index(tokens: &[&str], ranges: &[(i64, f64, f64)]) -> IndexEntries {
         tokens: tokens.iter().map(|t| tok(t)).collect(),
         ranges: ranges
             .iter()
-            .map(|&(pkey, lo, hi)| RangeEntry { pkey, lo, hi })
+            .map(|&(pkey, lo, hi)| RangeEntry {
+                pkey,
+                lo,
+                hi,
+                sortable: true,
+            })
             .collect(),
     }
 }
@@ -249,6 +254,15 @@ pub async fn token_and_range_search(store: Arc<dyn Store>) {
         }])
         .await,
         vec!["r00", "r01", "r19"]
+    );
+    let q = IndexQuery {
+        filters: vec![Filter::AnyToken(vec![tok("n3"), tok("n4")])],
+        ..IndexQuery::all("Observation", 100)
+    };
+    assert_eq!(
+        store.read(move |tx| tx.search_ids(&q)).await.unwrap(),
+        vec!["r03", "r04"],
+        "ids-only search agrees"
     );
     assert_eq!(
         run(vec![Filter::Ids(vec!["r05".into(), "nope".into()])]).await,

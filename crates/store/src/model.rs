@@ -113,6 +113,9 @@ pub struct RangeEntry {
     pub pkey: i64,
     pub lo: f64,
     pub hi: f64,
+    /// Whether results may be ordered by this parameter (dates); only such
+    /// rows get a sort row.
+    pub sortable: bool,
 }
 
 /// The index rows of one resource version.
@@ -229,6 +232,8 @@ pub struct KeyRecord {
 pub trait ReadTx {
     /// The current version (live, deleted or erased) of a resource.
     fn current(&mut self, rtype: &str, id: &str) -> StoreResult<Option<StoredVersion>>;
+    /// The current version number and state of a resource, without its body.
+    fn head(&mut self, rtype: &str, id: &str) -> StoreResult<Option<(i64, RecordState)>>;
     /// A specific version.
     fn version(
         &mut self,
@@ -238,6 +243,8 @@ pub trait ReadTx {
     ) -> StoreResult<Option<StoredVersion>>;
     /// Search current live versions.
     fn search(&mut self, q: &IndexQuery) -> StoreResult<Vec<StoredVersion>>;
+    /// The ids of the matches of `q` (same order and limit as [`ReadTx::search`]), without bodies.
+    fn search_ids(&mut self, q: &IndexQuery) -> StoreResult<Vec<String>>;
     /// Count matches of `q` (ignoring order, keyset and limit), counting at most `cap`.
     fn count(&mut self, q: &IndexQuery, cap: u64) -> StoreResult<u64>;
     /// Versions, newest first.

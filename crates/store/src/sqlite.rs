@@ -340,7 +340,7 @@ fn row_to_version(
 }
 
 fn encode_index(index: &IndexEntries) -> Vec<u8> {
-    let mut out = Vec::with_capacity(8 + index.tokens.len() * 16 + index.ranges.len() * 24);
+    let mut out = Vec::with_capacity(8 + index.tokens.len() * 16 + index.ranges.len() * 25);
     out.extend_from_slice(&(index.tokens.len() as u32).to_le_bytes());
     for t in &index.tokens {
         out.extend_from_slice(t);
@@ -350,6 +350,7 @@ fn encode_index(index: &IndexEntries) -> Vec<u8> {
         out.extend_from_slice(&r.pkey.to_le_bytes());
         out.extend_from_slice(&r.lo.to_le_bytes());
         out.extend_from_slice(&r.hi.to_le_bytes());
+        out.push(u8::from(r.sortable));
     }
     out
 }
@@ -374,7 +375,13 @@ fn decode_index(blob: &[u8]) -> Option<IndexEntries> {
         let pkey = i64::from_le_bytes(take(&mut b, 8)?.try_into().ok()?);
         let lo = f64::from_le_bytes(take(&mut b, 8)?.try_into().ok()?);
         let hi = f64::from_le_bytes(take(&mut b, 8)?.try_into().ok()?);
-        index.ranges.push(RangeEntry { pkey, lo, hi });
+        let sortable = take(&mut b, 1)?[0] == 1;
+        index.ranges.push(RangeEntry {
+            pkey,
+            lo,
+            hi,
+            sortable,
+        });
     }
     Some(index)
 }
@@ -553,13 +560,23 @@ impl SqliteTx<'_> {
                 )
             }
         };
+        // When an index filter exists it must drive the lookup (row ids from
+        // the index, then the current row by primary key). Without this hint
+        // SQLite walks every resource of the type and probes the index list,
+        // which grows with the data. The unary `+` removes the type index
+        // from the planner's choices.
+        let indexed = q
+            .filters
+            .iter()
+            .any(|f| matches!(f, Filter::AnyToken(_) | Filter::AnyRange { .. }));
+        let rtype_col = if indexed { "+c.rtype" } else { "c.rtype" };
         let mut sql = if count_only {
-            "SELECT 1 FROM current c WHERE c.rtype = ? AND c.state = 0".to_string()
+            format!("SELECT 1 FROM current c WHERE {rtype_col} = ? AND c.state = 0")
         } else {
             format!(
                 "SELECT {VERSION_COLUMNS}, {sort_expr} AS sk FROM current c \
                  JOIN versions v ON v.rid = c.rid AND v.version = c.version{join} \
-                 WHERE c.rtype = ? AND c.state = 0"
+                 WHERE {rtype_col} = ? AND c.state = 0"
             )
         };
         args.push(SqlValue::Text(q.rtype.clone()));
@@ -595,6 +612,18 @@ impl ReadTx for SqliteTx<'_> {
             .map_err(backend_err)
     }
 
+    fn head(&mut self, rtype: &str, id: &str) -> StoreResult<Option<(i64, RecordState)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT version, state FROM current WHERE rtype = ?1 AND id = ?2")
+            .map_err(backend_err)?;
+        stmt.query_row(params![rtype, id], |r| {
+            Ok((r.get::<_, i64>(0)?, RecordState::from_i64(r.get(1)?)))
+        })
+        .optional()
+        .map_err(backend_err)
+    }
+
     fn version(
         &mut self,
         rtype: &str,
@@ -618,6 +647,21 @@ impl ReadTx for SqliteTx<'_> {
             rows.reverse();
         }
         Ok(rows)
+    }
+
+    fn search_ids(&mut self, q: &IndexQuery) -> StoreResult<Vec<String>> {
+        let (sql, args) = Self::search_sql(q, false);
+        // Same query, only the id column: the body is never read.
+        let sql = sql.replacen(VERSION_COLUMNS, "c.id", 1);
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(backend_err)?;
+        let rows = stmt
+            .query_map(params_from_iter(args), |r| r.get::<_, String>(0))
+            .map_err(backend_err)?;
+        let mut ids = rows.collect::<Result<Vec<_>, _>>().map_err(backend_err)?;
+        if q.backwards {
+            ids.reverse();
+        }
+        Ok(ids)
     }
 
     fn count(&mut self, q: &IndexQuery, cap: u64) -> StoreResult<u64> {
@@ -932,7 +976,7 @@ impl SqliteTx<'_> {
                  max_hi = max(max_hi, excluded.max_hi)",
             )
             .map_err(backend_err)?;
-        for r in &index.ranges {
+        for r in index.ranges.iter().filter(|r| r.sortable) {
             stmt.execute(params![r.pkey, rid, r.lo, r.hi])
                 .map_err(backend_err)?;
         }
@@ -965,7 +1009,7 @@ impl SqliteTx<'_> {
             .conn
             .prepare_cached("DELETE FROM idx_sort WHERE pkey = ?1 AND rid = ?2")
             .map_err(backend_err)?;
-        for r in &index.ranges {
+        for r in index.ranges.iter().filter(|r| r.sortable) {
             del_sort
                 .execute(params![r.pkey, rid])
                 .map_err(backend_err)?;
