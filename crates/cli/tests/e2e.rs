@@ -828,3 +828,37 @@ fn cli_errors_are_one_line_and_non_zero() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid config file"));
 }
+
+/// Racing conditional creates: the commit re-checks the condition, so
+/// exactly one resource is created and every racer gets it back.
+#[tokio::test]
+async fn racing_conditional_creates_create_one_resource() {
+    let s = start();
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        let base = s.base.clone();
+        tasks.push(tokio::spawn(async move {
+            let resp = client()
+                .post(format!("{base}/Patient"))
+                .header("content-type", "application/fhir+json")
+                .header("if-none-exist", "identifier=http://hospital.example/mrn|RACE-1")
+                .body(serde_json::to_vec(&patient("Race", "RACE-1")).unwrap())
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let body: Value = resp.json().await.unwrap();
+            (status, body["id"].as_str().unwrap_or_default().to_string())
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    assert_eq!(results.iter().filter(|(st, _)| *st == 201).count(), 1, "{results:?}");
+    assert!(results.iter().all(|(st, _)| *st == 201 || *st == 200), "{results:?}");
+    let first = &results[0].1;
+    assert!(results.iter().all(|(_, id)| id == first), "everyone sees the same resource");
+    let (_, b, _) = send(&s, "GET", "Patient?identifier=RACE-1", None, &[]).await;
+    assert_eq!(b["total"], 1);
+}

@@ -6,7 +6,7 @@ use custos_fhir::date::format_instant;
 use custos_fhir::{ErrorKind, FhirError, compartment, registry, types, validate};
 use custos_store::{
     Expect, HistoryQuery, HistoryScope, IndexEntries, NewVersion, ReadTx, RecordState, Store,
-    StoreExt, StoredVersion, WriteTx,
+    StoreError, StoreExt, StoredVersion, WriteTx,
 };
 use serde_json::{Value, json};
 
@@ -70,6 +70,33 @@ impl Opened {
     /// `meta.lastUpdated` as a FHIR instant.
     pub fn last_modified(&self) -> String {
         format_instant(self.last_updated)
+    }
+}
+
+/// A version stamped, indexed and serialized, ready to be sealed and stored.
+pub(crate) struct Prepared {
+    pub rtype: String,
+    pub id: String,
+    pub version: i64,
+    pub at: i64,
+    pub resource: Value,
+    pub body: Vec<u8>,
+    pub index: IndexEntries,
+    pub key_name: String,
+    pub compartment: Option<String>,
+}
+
+impl Prepared {
+    pub(crate) fn into_opened(self) -> Opened {
+        Opened {
+            rtype: self.rtype,
+            id: self.id,
+            version: self.version,
+            last_updated: self.at,
+            resource: self.resource,
+            rid: 0,
+            sort_key: None,
+        }
     }
 }
 
@@ -201,7 +228,7 @@ impl Records {
         })
     }
 
-    fn check_type(rtype: &str) -> Result<(), FhirError> {
+    pub(crate) fn check_type(rtype: &str) -> Result<(), FhirError> {
         if types::is_resource_type(rtype) {
             Ok(())
         } else {
@@ -211,7 +238,7 @@ impl Records {
         }
     }
 
-    fn check_id(id: &str) -> Result<(), FhirError> {
+    pub(crate) fn check_id(id: &str) -> Result<(), FhirError> {
         if types::is_valid_id(id) {
             Ok(())
         } else {
@@ -264,7 +291,7 @@ impl Records {
         p: Pending,
         at: i64,
     ) -> Result<Option<Opened>, FhirError> {
-        let Some(mut resource) = p.resource else {
+        let Some(resource) = p.resource else {
             // A deletion: a tombstone under the key of the current version.
             let cur = tx.current(&p.rtype, &p.id).map_err(store_err)?;
             let (key_name, compartment) = match &cur {
@@ -291,17 +318,33 @@ impl Records {
                 .map_err(store_err)?;
             return Ok(None);
         };
+        let prepared = self.prepare(&p.rtype, &p.id, p.version, resource, at)?;
+        self.commit_prepared(tx, &prepared, p.expect)
+            .map_err(store_err)?;
+        Ok(Some(prepared.into_opened()))
+    }
+
+    /// Stamp, index and serialize a version: the CPU work of a write, done
+    /// before the write transaction so that the single writer only seals and stores.
+    pub(crate) fn prepare(
+        &self,
+        rtype: &str,
+        id: &str,
+        version: i64,
+        mut resource: Value,
+        at: i64,
+    ) -> Result<Prepared, FhirError> {
         let obj = resource
             .as_object_mut()
             .ok_or_else(|| FhirError::bad_request("resource must be a JSON object"))?;
-        obj.insert("id".into(), Value::String(p.id.clone()));
+        obj.insert("id".into(), Value::String(id.to_string()));
         let meta = obj.entry("meta").or_insert_with(|| json!({}));
         if let Some(m) = meta.as_object_mut() {
-            m.insert("versionId".into(), Value::String(p.version.to_string()));
+            m.insert("versionId".into(), Value::String(version.to_string()));
             m.insert("lastUpdated".into(), Value::String(format_instant(at)));
         }
-        let compartment = if p.rtype == "Patient" {
-            Some(p.id.clone())
+        let compartment = if rtype == "Patient" {
+            Some(id.to_string())
         } else {
             compartment::patient_of(&resource)
         };
@@ -311,36 +354,50 @@ impl Records {
             .unwrap_or_else(|| SHARED_KEY_NAME.to_string());
         let index = index_resource(
             self.keys().blind(),
-            &p.rtype,
+            rtype,
             &resource,
-            registry().for_type(&p.rtype),
+            registry().for_type(rtype),
         );
         let body = serde_json::to_vec(&resource).map_err(|e| FhirError::internal(e.to_string()))?;
-        let key = self.keys().key_for_write(tx, &key_name)?;
+        Ok(Prepared {
+            rtype: rtype.to_string(),
+            id: id.to_string(),
+            version,
+            at,
+            resource,
+            body,
+            index,
+            key_name,
+            compartment,
+        })
+    }
+
+    /// Seal a prepared version under its data key and store it, inside the write transaction.
+    pub(crate) fn commit_prepared(
+        &self,
+        tx: &mut dyn WriteTx,
+        p: &Prepared,
+        expect: Expect,
+    ) -> Result<(), StoreError> {
+        let key = self
+            .keys()
+            .key_for_write(tx, &p.key_name)
+            .map_err(StoreError::abort)?;
         let sealed =
             self.keys()
                 .sealer()
-                .seal(&key, &aad(&p.rtype, &p.id, p.version, &key_name), &body);
+                .seal(&key, &aad(&p.rtype, &p.id, p.version, &p.key_name), &p.body);
         let nv = NewVersion {
             rtype: p.rtype.clone(),
             id: p.id.clone(),
             version: p.version,
-            last_updated: at,
+            last_updated: p.at,
             deleted: false,
-            key_name,
-            compartment,
+            key_name: p.key_name.clone(),
+            compartment: p.compartment.clone(),
             body: sealed,
         };
-        tx.put(&nv, &index, p.expect).map_err(store_err)?;
-        Ok(Some(Opened {
-            rtype: p.rtype,
-            id: p.id,
-            version: p.version,
-            last_updated: at,
-            resource,
-            rid: 0,
-            sort_key: None,
-        }))
+        tx.put(&nv, &p.index, expect)
     }
 
     /// Refuse relative references to resources that do not exist (422).
@@ -416,144 +473,6 @@ impl Records {
             }
         }
         Ok(())
-    }
-
-    /// Create (POST). With `if_none_exist` (a query string), an existing
-    /// single match is returned instead (`created == false`); several → 412.
-    pub async fn create(
-        &self,
-        rtype: &str,
-        body: Value,
-        if_none_exist: Option<String>,
-    ) -> Result<(Opened, bool), FhirError> {
-        Self::validate_body(rtype, None, &body)?;
-        let cond = match if_none_exist {
-            Some(q) => Some(self.plan_conditional(rtype, &q)?),
-            None => None,
-        };
-        let (this, rtype) = (self.clone(), rtype.to_string());
-        self.store()
-            .write(move |tx| {
-                let r = (|| {
-                    if let Some(plan) = &cond {
-                        let page = this.execute(tx, plan, None, false, 2)?;
-                        match page.matches.len() {
-                            0 => {}
-                            1 => return Ok((page.matches.into_iter().next().expect("one"), false)),
-                            _ => {
-                                return Err(FhirError::new(
-                                    ErrorKind::PreconditionFailed,
-                                    "the If-None-Exist criteria match several resources",
-                                ));
-                            }
-                        }
-                    }
-                    this.check_references(tx, &body)?;
-                    let at = this.now();
-                    let p = Pending {
-                        rtype: rtype.clone(),
-                        id: new_id(),
-                        version: 1,
-                        resource: Some(body),
-                        expect: Expect::Absent,
-                    };
-                    let opened = this.write_pending(tx, p, at)?.expect("created");
-                    Ok((opened, true))
-                })();
-                r.map_err(custos_store::StoreError::abort)
-            })
-            .await
-            .map_err(store_err)
-    }
-
-    /// Update (PUT), creating the resource with the client's id if absent.
-    /// `if_match` is the version the client last saw (`If-Match`); a stale one is 412.
-    pub async fn update(
-        &self,
-        rtype: &str,
-        id: &str,
-        body: Value,
-        if_match: Option<i64>,
-    ) -> Result<(Opened, bool), FhirError> {
-        Self::validate_body(rtype, Some(id), &body)?;
-        let (this, rtype, id) = (self.clone(), rtype.to_string(), id.to_string());
-        self.store()
-            .write(move |tx| {
-                let r = (|| {
-                    let cur = head(tx, &rtype, &id)?;
-                    let (version, expect, created) = match (&cur, if_match) {
-                        (Some(sv), _) if sv.state == RecordState::Erased => {
-                            return Err(FhirError::new(
-                                ErrorKind::Gone,
-                                format!("{rtype}/{id} was erased"),
-                            ));
-                        }
-                        (Some(sv), Some(m)) if sv.version != m || sv.state != RecordState::Live => {
-                            return Err(FhirError::new(
-                                ErrorKind::PreconditionFailed,
-                                format!(
-                                    "If-Match version {m} is not the current version {}",
-                                    sv.version
-                                ),
-                            ));
-                        }
-                        (None, Some(_)) => {
-                            return Err(FhirError::new(
-                                ErrorKind::PreconditionFailed,
-                                format!("{rtype}/{id} does not exist"),
-                            ));
-                        }
-                        (Some(sv), _) if sv.state == RecordState::Deleted => {
-                            (sv.version + 1, Expect::Absent, true)
-                        }
-                        (Some(sv), _) => (sv.version + 1, Expect::Version(sv.version), false),
-                        (None, None) => (1, Expect::Absent, true),
-                    };
-                    this.check_references(tx, &body)?;
-                    let at = this.now();
-                    let p = Pending {
-                        rtype: rtype.clone(),
-                        id: id.clone(),
-                        version,
-                        resource: Some(body),
-                        expect,
-                    };
-                    Ok((this.write_pending(tx, p, at)?.expect("written"), created))
-                })();
-                r.map_err(custos_store::StoreError::abort)
-            })
-            .await
-            .map_err(store_err)
-    }
-
-    /// Delete: a tombstone version. Deleting a deleted resource succeeds;
-    /// an unknown one is 404.
-    pub async fn delete(&self, rtype: &str, id: &str) -> Result<(), FhirError> {
-        Self::check_type(rtype)?;
-        Self::check_id(id)?;
-        let (this, rtype, id) = (self.clone(), rtype.to_string(), id.to_string());
-        self.store()
-            .write(move |tx| {
-                let r = (|| match head(tx, &rtype, &id)? {
-                    None => Err(FhirError::not_found(format!("{rtype}/{id} is not known"))),
-                    Some(sv) if sv.state != RecordState::Live => Ok(()),
-                    Some(sv) => {
-                        let at = this.now();
-                        let p = Pending {
-                            rtype,
-                            id,
-                            version: sv.version + 1,
-                            resource: None,
-                            expect: Expect::Version(sv.version),
-                        };
-                        this.write_pending(tx, p, at)?;
-                        Ok(())
-                    }
-                })();
-                r.map_err(custos_store::StoreError::abort)
-            })
-            .await
-            .map_err(store_err)
     }
 
     /// Crypto-shredding: erase a patient's data key, making every version of

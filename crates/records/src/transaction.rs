@@ -1,19 +1,20 @@
 //! `batch` and `transaction` Bundles.
 //!
-//! A transaction runs as one write job: conditional creates and conditional
-//! references are resolved, `urn:uuid:` references rewritten, every entry
-//! written and every reference checked inside a single store transaction,
-//! so it commits whole or not at all. A batch runs each entry on its own.
+//! A transaction is prepared in a read snapshot and committed as one write
+//! job that re-verifies what the preparation assumed, so it commits whole or
+//! not at all (see [`Records::run_entries`]). Single creates, updates and
+//! deletes are one-entry transactions. A batch runs each entry on its own.
 use std::collections::HashMap;
 
 use custos_fhir::date::format_instant;
 use custos_fhir::{ErrorKind, FhirError, types};
-use custos_store::{Expect, RecordState, StoreError, StoreExt, WriteTx};
+use custos_store::{Expect, ReadTx, RecordState, StoreError, StoreExt, WriteTx};
 use serde_json::{Value, json};
 
 use crate::bundles::entry;
 use crate::keys::store_err;
-use crate::service::{Opened, Pending, Records, head, new_id};
+use crate::search::Plan;
+use crate::service::{Opened, Pending, Prepared, Records, head, new_id};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Method {
@@ -135,6 +136,79 @@ fn parse_entry(i: usize, e: &Value, base: &str) -> Result<Entry, FhirError> {
     })
 }
 
+/// Why a commit gave up: a lost race (prepare again) or a real error.
+#[derive(Debug)]
+enum CommitError {
+    Retry,
+    Fhir(FhirError),
+}
+
+impl std::fmt::Display for CommitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommitError::Retry => f.write_str("retry"),
+            CommitError::Fhir(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for CommitError {}
+
+/// One prepared write of a transaction.
+struct TxWrite {
+    pos: usize,
+    prepared: Prepared,
+    expect: Expect,
+    created: bool,
+}
+
+/// What the prepare phase decided, for the commit phase to carry out.
+#[derive(Default)]
+struct TxPlan {
+    entries: Vec<Entry>,
+    done: Vec<Option<Done>>,
+    /// Conditional queries and the ids they must still resolve to.
+    checks: Vec<(Plan, Vec<String>)>,
+    writes: Vec<TxWrite>,
+    /// (position, type, id, current version) of live resources to delete.
+    deletes: Vec<(usize, String, String, i64)>,
+}
+
+/// An error of entry `index`; single interactions keep the bare message.
+fn entry_error(index: usize, err: FhirError, single: bool) -> FhirError {
+    if single {
+        err
+    } else {
+        FhirError::new(err.kind, format!("Bundle.entry[{index}]: {}", err.message))
+    }
+}
+
+impl Entry {
+    fn single(
+        method: Method,
+        rtype: &str,
+        id: Option<String>,
+        condition: Option<String>,
+        if_match: Option<i64>,
+        resource: Option<Value>,
+    ) -> Entry {
+        Entry {
+            index: 0,
+            full_url: None,
+            method,
+            rtype: rtype.to_string(),
+            url: match &id {
+                Some(i) => format!("{rtype}/{i}"),
+                None => rtype.to_string(),
+            },
+            id,
+            condition,
+            if_match,
+            resource,
+        }
+    }
+}
+
 /// The outcome of one entry.
 struct Done {
     status: &'static str,
@@ -245,16 +319,7 @@ impl Records {
         base: &str,
         representation: bool,
     ) -> Result<Value, FhirError> {
-        let this = self.clone();
-        let base_owned = base.to_string();
-        let done = self
-            .store()
-            .write(move |tx| {
-                this.transaction_in(tx, entries, &base_owned)
-                    .map_err(StoreError::abort)
-            })
-            .await
-            .map_err(store_err)?;
+        let done = self.run_entries(entries, base, false).await?;
         let entries: Vec<Value> = done
             .iter()
             .map(|d| response_entry(base, d, representation))
@@ -268,92 +333,126 @@ impl Records {
         }))
     }
 
-    fn resolve_condition(
+    /// Run entries as one all-or-nothing transaction, in two phases:
+    ///
+    /// 1. **prepare**, in a read snapshot on the blocking pool (in parallel
+    ///    with other requests): resolve conditional creates and references,
+    ///    rewrite `urn:uuid:` references, decide versions, stamp, index and
+    ///    serialize every resource;
+    /// 2. **commit**, on the single writer: re-run each conditional query and
+    ///    require the same answer, write every version under its expected
+    ///    current version, seal, and check every reference.
+    ///
+    /// If another write got in between (a conditional answers differently,
+    /// a version moved), the commit rolls back and the whole transaction is
+    /// prepared again, a few times at most.
+    async fn run_entries(
         &self,
-        tx: &mut dyn WriteTx,
-        rtype: &str,
-        query: &str,
-    ) -> Result<Vec<String>, FhirError> {
-        let plan = self.plan_conditional(rtype, query)?;
-        self.matching_ids(tx, &plan, 2)
+        entries: Vec<Entry>,
+        base: &str,
+        single: bool,
+    ) -> Result<Vec<Done>, FhirError> {
+        const ATTEMPTS: usize = 4;
+        for _ in 0..ATTEMPTS {
+            let (this, attempt) = (self.clone(), entries.clone());
+            let at = self.now();
+            let plan = self
+                .store()
+                .read(move |tx| Ok(this.prepare_entries(tx, attempt, at, single)))
+                .await
+                .map_err(store_err)??;
+            let (this, base) = (self.clone(), base.to_string());
+            let committed = self
+                .store()
+                .write(move |tx| {
+                    this.commit_entries(tx, plan, &base, single)
+                        .map_err(StoreError::abort)
+                })
+                .await;
+            match committed {
+                Ok(done) => return Ok(done),
+                Err(e) => match e.into_aborted::<CommitError>() {
+                    Ok(CommitError::Retry) => continue,
+                    Ok(CommitError::Fhir(f)) => return Err(f),
+                    Err(other) => return Err(store_err(other)),
+                },
+            }
+        }
+        Err(FhirError::conflict(
+            "concurrent writes kept changing what this request depends on; retry it",
+        ))
     }
 
-    fn transaction_in(
+    /// Phase 1: everything that needs no write lock.
+    fn prepare_entries(
         &self,
-        tx: &mut dyn WriteTx,
+        tx: &mut dyn ReadTx,
         mut entries: Vec<Entry>,
-        base: &str,
-    ) -> Result<Vec<Done>, FhirError> {
+        at: i64,
+        single: bool,
+    ) -> Result<TxPlan, FhirError> {
         let n = entries.len();
-        let mut done: Vec<Option<Done>> = (0..n).map(|_| None).collect();
-        // 1. Decide every target id; map full URLs to their targets.
+        let mut plan = TxPlan {
+            done: (0..n).map(|_| None).collect(),
+            ..TxPlan::default()
+        };
+        let fail = |index: usize, err: FhirError| entry_error(index, err, single);
+        // Decide every target id; map full URLs to their targets.
         let mut map: HashMap<String, String> = HashMap::new();
         for (pos, e) in entries.iter_mut().enumerate() {
-            match e.method {
-                Method::Post => {
-                    let mut existing = None;
-                    if let Some(cond) = &e.condition {
-                        let ids = self.resolve_condition(tx, &e.rtype, cond)?;
-                        match ids.len() {
-                            0 => {}
-                            1 => existing = Some(ids[0].clone()),
-                            _ => {
-                                return Err(FhirError::new(
-                                    ErrorKind::PreconditionFailed,
-                                    format!(
-                                        "Bundle.entry[{}]: ifNoneExist matches several resources",
-                                        e.index
-                                    ),
-                                ));
-                            }
-                        }
+            let needs_resolution = match e.method {
+                Method::Post => e.condition.is_some(),
+                Method::Put | Method::Delete => e.id.is_none(),
+                Method::Get => false,
+            };
+            if needs_resolution {
+                let cond = e.condition.clone().unwrap_or_default();
+                let query = self
+                    .plan_conditional(&e.rtype, &cond)
+                    .map_err(|err| fail(e.index, err))?;
+                let ids = self.matching_ids(tx, &query, 2)?;
+                plan.checks.push((query, ids.clone()));
+                match (e.method, ids.len()) {
+                    (_, n) if n > 1 => {
+                        return Err(fail(
+                            e.index,
+                            FhirError::new(
+                                ErrorKind::PreconditionFailed,
+                                "the conditional criteria match several resources",
+                            ),
+                        ));
                     }
-                    let id = existing.clone().unwrap_or_else(new_id);
-                    if existing.is_some() {
+                    (Method::Post, 1) => {
                         e.method = Method::Get;
                         e.resource = None;
-                        e.url = format!("{}/{}", e.rtype, id);
-                        done[pos] = Some(Done {
+                        e.url = format!("{}/{}", e.rtype, ids[0]);
+                        plan.done[pos] = Some(Done {
                             status: "200 OK",
                             opened: None,
                             location: Some(e.url.clone()),
                             body: None,
                         });
+                        e.id = Some(ids[0].clone());
                     }
-                    e.id = Some(id);
-                }
-                Method::Put | Method::Delete if e.id.is_none() => {
-                    let cond = e.condition.clone().unwrap_or_default();
-                    let ids = self.resolve_condition(tx, &e.rtype, &cond)?;
-                    match (e.method, ids.len()) {
-                        (_, 0) if e.method == Method::Put => e.id = Some(new_id()),
-                        (_, 0) => {
-                            done[pos] = Some(Done {
-                                status: "204 No Content",
-                                opened: None,
-                                location: None,
-                                body: None,
-                            });
-                        }
-                        (_, 1) => e.id = Some(ids[0].clone()),
-                        _ => {
-                            return Err(FhirError::new(
-                                ErrorKind::PreconditionFailed,
-                                format!(
-                                    "Bundle.entry[{}]: criteria match several resources",
-                                    e.index
-                                ),
-                            ));
-                        }
+                    (Method::Delete, 0) => {
+                        plan.done[pos] = Some(Done {
+                            status: "204 No Content",
+                            opened: None,
+                            location: None,
+                            body: None,
+                        });
                     }
+                    (_, 0) => e.id = Some(new_id()),
+                    (_, _) => e.id = Some(ids[0].clone()),
                 }
-                _ => {}
+            } else if e.method == Method::Post {
+                e.id = Some(new_id());
             }
             if let (Some(full), Some(id)) = (&e.full_url, &e.id) {
                 map.insert(full.clone(), format!("{}/{}", e.rtype, id));
             }
         }
-        // 2. Rewrite references: urn:uuid / full URLs of entries, then conditional references.
+        // Rewrite references: entries' full URLs, then conditional references.
         let mut conditional: HashMap<String, String> = HashMap::new();
         for e in entries.iter_mut() {
             let Some(res) = e.resource.as_mut() else {
@@ -361,23 +460,24 @@ impl Records {
             };
             let mut failure = None;
             rewrite_references(res, &mut |r: &str| {
-                if let Some(t) = map.get(r) {
-                    return Some(t.clone());
-                }
-                if let Some(t) = conditional.get(r) {
+                if let Some(t) = map.get(r).or_else(|| conditional.get(r)) {
                     return Some(t.clone());
                 }
                 let (rtype, q) = r.split_once('?')?;
                 if !types::is_resource_type(rtype) {
                     return None;
                 }
-                match self.resolve_condition(tx, rtype, q) {
-                    Ok(ids) if ids.len() == 1 => {
+                let resolved = self
+                    .plan_conditional(rtype, q)
+                    .and_then(|query| self.matching_ids(tx, &query, 2).map(|ids| (query, ids)));
+                match resolved {
+                    Ok((query, ids)) if ids.len() == 1 => {
                         let t = format!("{rtype}/{}", ids[0]);
+                        plan.checks.push((query, ids));
                         conditional.insert(r.to_string(), t.clone());
                         Some(t)
                     }
-                    Ok(ids) => {
+                    Ok((_, ids)) => {
                         failure.get_or_insert_with(|| {
                             FhirError::new(
                                 ErrorKind::PreconditionFailed,
@@ -393,133 +493,259 @@ impl Records {
                 }
             });
             if let Some(f) = failure {
-                return Err(FhirError::new(
-                    f.kind,
-                    format!("Bundle.entry[{}]: {}", e.index, f.message),
-                ));
+                return Err(fail(e.index, f));
             }
         }
-        // 3. Write in R4 order: DELETE, POST, PUT, then GET.
-        let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by_key(|&i| (entries[i].method, i));
-        let at = self.now();
-        let mut written: Vec<usize> = Vec::new();
-        for &i in &order {
-            let e = &entries[i];
-            if done[i].is_some() && e.method != Method::Get {
+        // Versions from the snapshot; the commit re-checks them.
+        for (pos, e) in entries.iter_mut().enumerate() {
+            if plan.done[pos].is_some() {
                 continue;
             }
-            let fail = |err: FhirError| {
-                FhirError::new(
-                    err.kind,
-                    format!("Bundle.entry[{}]: {}", e.index, err.message),
-                )
-            };
             match e.method {
                 Method::Delete => {
                     let id = e.id.clone().expect("delete target resolved");
-                    let cur = head(tx, &e.rtype, &id)?;
-                    if let Some(sv) = cur.filter(|sv| sv.state == RecordState::Live) {
-                        let p = Pending {
-                            rtype: e.rtype.clone(),
-                            id,
-                            version: sv.version + 1,
-                            resource: None,
-                            expect: Expect::Version(sv.version),
-                        };
-                        self.write_pending(tx, p, at).map_err(fail)?;
+                    match head(tx, &e.rtype, &id)? {
+                        Some(h) if h.state == RecordState::Live => {
+                            plan.deletes.push((pos, e.rtype.clone(), id, h.version));
+                        }
+                        _ => {
+                            plan.done[pos] = Some(Done {
+                                status: "204 No Content",
+                                opened: None,
+                                location: None,
+                                body: None,
+                            })
+                        }
                     }
-                    done[i] = Some(Done {
-                        status: "204 No Content",
-                        opened: None,
-                        location: None,
-                        body: None,
-                    });
                 }
                 Method::Post | Method::Put => {
                     let id = e.id.clone().expect("target resolved");
                     let cur = head(tx, &e.rtype, &id)?;
-                    let (version, expect, created) = match &cur {
-                        Some(sv) if sv.state == RecordState::Erased => {
-                            return Err(fail(FhirError::new(
-                                ErrorKind::Gone,
-                                "the resource was erased",
-                            )));
+                    let (version, expect, created) = match (&cur, e.if_match) {
+                        (Some(h), _) if h.state == RecordState::Erased => {
+                            return Err(fail(
+                                e.index,
+                                FhirError::new(
+                                    ErrorKind::Gone,
+                                    format!("{}/{id} was erased", e.rtype),
+                                ),
+                            ));
                         }
-                        Some(sv) if e.if_match.is_some_and(|m| m != sv.version) => {
-                            return Err(fail(FhirError::new(
-                                ErrorKind::PreconditionFailed,
-                                "ifMatch is not the current version",
-                            )));
+                        (Some(h), Some(m)) if h.version != m || h.state != RecordState::Live => {
+                            return Err(fail(
+                                e.index,
+                                FhirError::new(
+                                    ErrorKind::PreconditionFailed,
+                                    format!(
+                                        "If-Match version {m} is not the current version {}",
+                                        h.version
+                                    ),
+                                ),
+                            ));
                         }
-                        Some(sv) if sv.state == RecordState::Deleted => {
-                            (sv.version + 1, Expect::Absent, true)
+                        (None, Some(_)) => {
+                            return Err(fail(
+                                e.index,
+                                FhirError::new(
+                                    ErrorKind::PreconditionFailed,
+                                    format!("{}/{id} does not exist", e.rtype),
+                                ),
+                            ));
                         }
-                        Some(sv) => (sv.version + 1, Expect::Version(sv.version), false),
-                        None if e.if_match.is_some() => {
-                            return Err(fail(FhirError::new(
-                                ErrorKind::PreconditionFailed,
-                                "ifMatch on a missing resource",
-                            )));
+                        (Some(h), _) if h.state == RecordState::Deleted => {
+                            (h.version + 1, Expect::Absent, true)
                         }
-                        None => (1, Expect::Absent, true),
+                        (Some(h), _) => (h.version + 1, Expect::Version(h.version), false),
+                        (None, None) => (1, Expect::Absent, true),
                     };
-                    let mut resource = e.resource.clone().expect("validated");
-                    if e.method == Method::Post {
-                        resource
-                            .as_object_mut()
-                            .map(|o| o.insert("id".into(), Value::String(id.clone())));
-                    }
-                    let p = Pending {
-                        rtype: e.rtype.clone(),
-                        id,
-                        version,
-                        resource: Some(resource),
+                    let resource = e.resource.take().expect("validated");
+                    let prepared = self
+                        .prepare(&e.rtype, &id, version, resource, at)
+                        .map_err(|err| fail(e.index, err))?;
+                    plan.writes.push(TxWrite {
+                        pos,
+                        prepared,
                         expect,
-                    };
-                    let opened = self
-                        .write_pending(tx, p, at)
-                        .map_err(fail)?
-                        .expect("written");
-                    let status = if created { "201 Created" } else { "200 OK" };
-                    done[i] = Some(Done {
-                        status,
-                        opened: Some(opened),
-                        location: None,
-                        body: None,
-                    });
-                    written.push(i);
-                }
-                Method::Get => {
-                    if done[i].is_some() {
-                        continue;
-                    }
-                    let body = self.get_in(tx, e, base).map_err(fail)?;
-                    done[i] = Some(Done {
-                        status: "200 OK",
-                        opened: None,
-                        location: None,
-                        body: Some(body),
+                        created,
                     });
                 }
+                Method::Get => {}
             }
         }
-        // 4. Every reference of every written resource must now resolve.
-        for i in written {
+        plan.entries = entries;
+        Ok(plan)
+    }
+
+    /// Phase 2: on the writer, inside one store transaction.
+    fn commit_entries(
+        &self,
+        tx: &mut dyn WriteTx,
+        plan: TxPlan,
+        base: &str,
+        single: bool,
+    ) -> Result<Vec<Done>, CommitError> {
+        let TxPlan {
+            entries,
+            mut done,
+            checks,
+            writes,
+            deletes,
+        } = plan;
+        let fail = |pos: usize, err: FhirError| {
+            CommitError::Fhir(entry_error(entries[pos].index, err, single))
+        };
+        for (query, ids) in &checks {
+            if &self.matching_ids(tx, query, 2).map_err(CommitError::Fhir)? != ids {
+                return Err(CommitError::Retry);
+            }
+        }
+        let at = writes
+            .first()
+            .map(|w| w.prepared.at)
+            .unwrap_or_else(|| self.now());
+        for (pos, rtype, id, version) in deletes {
+            let p = Pending {
+                rtype,
+                id,
+                version: version + 1,
+                resource: None,
+                expect: Expect::Version(version),
+            };
+            match self.write_pending(tx, p, at) {
+                Ok(_) => {}
+                Err(e) if e.kind == ErrorKind::Conflict => return Err(CommitError::Retry),
+                Err(e) => return Err(fail(pos, e)),
+            }
+            done[pos] = Some(Done {
+                status: "204 No Content",
+                opened: None,
+                location: None,
+                body: None,
+            });
+        }
+        let mut written = Vec::with_capacity(writes.len());
+        for w in writes {
+            match self.commit_prepared(tx, &w.prepared, w.expect) {
+                Ok(()) => {}
+                Err(StoreError::Conflict { .. }) => return Err(CommitError::Retry),
+                Err(e) => return Err(fail(w.pos, store_err(e))),
+            }
+            let status = if w.created { "201 Created" } else { "200 OK" };
+            done[w.pos] = Some(Done {
+                status,
+                opened: Some(w.prepared.into_opened()),
+                location: None,
+                body: None,
+            });
+            written.push(w.pos);
+        }
+        for pos in written {
             if let Some(Done {
                 opened: Some(o), ..
-            }) = &done[i]
+            }) = &done[pos]
             {
-                let at = entries[i].index;
-                self.check_references(tx, &o.resource).map_err(|err| {
-                    FhirError::new(err.kind, format!("Bundle.entry[{at}]: {}", err.message))
-                })?;
+                self.check_references(tx, &o.resource)
+                    .map_err(|e| fail(pos, e))?;
+            }
+        }
+        for (pos, e) in entries.iter().enumerate() {
+            if e.method == Method::Get && done[pos].is_none() {
+                let body = self.get_in(tx, e, base).map_err(|err| fail(pos, err))?;
+                done[pos] = Some(Done {
+                    status: "200 OK",
+                    opened: None,
+                    location: None,
+                    body: Some(body),
+                });
             }
         }
         Ok(done
             .into_iter()
             .map(|d| d.expect("every entry processed"))
             .collect())
+    }
+
+    /// Create (POST) through the transaction machinery: with `if_none_exist`
+    /// an existing single match is returned instead (`created == false`).
+    pub async fn create(
+        &self,
+        rtype: &str,
+        body: Value,
+        if_none_exist: Option<String>,
+    ) -> Result<(Opened, bool), FhirError> {
+        Records::validate_body(rtype, None, &body)?;
+        let e = Entry::single(Method::Post, rtype, None, if_none_exist, None, Some(body));
+        let done = self
+            .run_entries(vec![e], "", true)
+            .await?
+            .pop()
+            .expect("one entry");
+        match done.opened {
+            Some(o) => Ok((o, true)),
+            None => {
+                let id = done
+                    .location
+                    .as_deref()
+                    .and_then(|l| l.split('/').nth(1))
+                    .unwrap_or_default()
+                    .to_string();
+                Ok((self.read(rtype, &id).await?, false))
+            }
+        }
+    }
+
+    /// Update (PUT), creating the resource with the client's id if absent.
+    /// `if_match` is the version the client last saw; a stale one is 412.
+    pub async fn update(
+        &self,
+        rtype: &str,
+        id: &str,
+        body: Value,
+        if_match: Option<i64>,
+    ) -> Result<(Opened, bool), FhirError> {
+        Records::validate_body(rtype, Some(id), &body)?;
+        let e = Entry::single(
+            Method::Put,
+            rtype,
+            Some(id.to_string()),
+            None,
+            if_match,
+            Some(body),
+        );
+        let done = self
+            .run_entries(vec![e], "", true)
+            .await?
+            .pop()
+            .expect("one entry");
+        let created = done.status.starts_with("201");
+        Ok((done.opened.expect("written"), created))
+    }
+
+    /// Delete: a tombstone version. Deleting a deleted resource succeeds;
+    /// an unknown one is 404.
+    pub async fn delete(&self, rtype: &str, id: &str) -> Result<(), FhirError> {
+        Records::check_type(rtype)?;
+        Records::check_id(id)?;
+        let (t, i) = (rtype.to_string(), id.to_string());
+        if self
+            .store()
+            .read(move |tx| tx.head(&t, &i))
+            .await
+            .map_err(store_err)?
+            .is_none()
+        {
+            return Err(FhirError::not_found(format!("{rtype}/{id} is not known")));
+        }
+        let e = Entry::single(
+            Method::Delete,
+            rtype,
+            Some(id.to_string()),
+            None,
+            None,
+            None,
+        );
+        self.run_entries(vec![e], "", true).await?;
+        Ok(())
     }
 
     /// A GET entry inside a transaction: a read, vread or search.
