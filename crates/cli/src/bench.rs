@@ -558,8 +558,26 @@ fn pct(s: &str) -> String {
 // Phases
 // ---------------------------------------------------------------------------
 
+/// CPU time (user + system) this process has used, in seconds (Linux only).
+fn process_cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after "(comm)": state is the first; utime and stime are the 12th and 13th.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // USER_HZ is 100 on every Linux configuration in use.
+    Some((utime + stime) as f64 / 100.0)
+}
+
+fn cpu_delta(before: Option<f64>, after: Option<f64>) -> Option<f64> {
+    Some(after? - before?)
+}
+
 struct Ingested {
     secs: f64,
+    /// Process CPU seconds (server and load generator) while ingesting.
+    cpu: Option<f64>,
     patients: Vec<String>,
     observations: Vec<String>,
 }
@@ -578,6 +596,7 @@ async fn ingest(server: &BenchServer, data: &Arc<IngestData>) -> anyhow::Result<
         );
     }
     let next = Arc::new(AtomicUsize::new(0));
+    let cpu0 = process_cpu_secs();
     let t = Instant::now();
     let mut tasks = Vec::with_capacity(INGEST_SENDERS);
     for _ in 0..INGEST_SENDERS {
@@ -609,6 +628,7 @@ async fn ingest(server: &BenchServer, data: &Arc<IngestData>) -> anyhow::Result<
         answers.extend(task.await.context("an ingest sender failed")??);
     }
     let secs = t.elapsed().as_secs_f64();
+    let cpu = cpu_delta(cpu0, process_cpu_secs());
     // Collect the new ids (after the clock stopped).
     let (mut patients, mut observations) = (Vec::new(), Vec::new());
     let mut created = 0usize;
@@ -639,6 +659,7 @@ async fn ingest(server: &BenchServer, data: &Arc<IngestData>) -> anyhow::Result<
     }
     Ok(Ingested {
         secs,
+        cpu,
         patients,
         observations,
     })
@@ -661,6 +682,8 @@ fn read_paths(ing: &Ingested, seed: u64) -> Vec<String> {
 
 struct ReadResult {
     rate: f64,
+    /// Process CPU microseconds per request (server and load generator).
+    cpu_us: Option<f64>,
     lat: Lat,
     failures: Failures,
 }
@@ -676,6 +699,12 @@ async fn read_bench(
     let warm_end = start + Duration::from_secs(1);
     let end = warm_end + Duration::from_secs_f64(secs);
     let per_task = (secs * READ_TARGET * 1.5 / conns as f64) as usize + 16;
+    let cpu_window = tokio::spawn(async move {
+        tokio::time::sleep_until(warm_end.into()).await;
+        let c0 = process_cpu_secs();
+        tokio::time::sleep_until(end.into()).await;
+        cpu_delta(c0, process_cpu_secs())
+    });
     let mut tasks = Vec::with_capacity(conns);
     for t in 0..conns {
         let (c, paths) = (client.clone(), paths.clone());
@@ -719,8 +748,14 @@ async fn read_bench(
     }
     let window = last.duration_since(warm_end).as_secs_f64().max(1e-9);
     let n = all.len();
+    let cpu_us = cpu_window
+        .await
+        .ok()
+        .flatten()
+        .map(|c| c * 1e6 / n.max(1) as f64);
     Ok(ReadResult {
         rate: n as f64 / window,
+        cpu_us,
         lat: Lat::of(all),
         failures,
     })
@@ -958,6 +993,7 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
     // other work on the machine decides the ratio. Reads run after the first
     // ingest of each.
     let mut best: [Option<f64>; 2] = [None, None];
+    let mut best_cpu: [Option<f64>; 2] = [None, None];
     let mut reads: [Option<ReadResult>; 2] = [None, None];
     for (round, k) in [0usize, 1, 1, 0].into_iter().enumerate() {
         let (label, sealer) = if k == 0 {
@@ -968,13 +1004,20 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
         let server = BenchServer::start(label, sealer).await?;
         let ing = ingest(&server, &data).await?;
         println!(
-            ".. ingest {label} (round {}): {} resources in {:.2} s = {} resources/s",
+            ".. ingest {label} (round {}): {} resources in {:.2} s = {} resources/s; process CPU {}",
             round + 1,
             thousands(data.resources as f64),
             ing.secs,
-            thousands(data.resources as f64 / ing.secs)
+            thousands(data.resources as f64 / ing.secs),
+            ing.cpu.map_or("unknown".to_string(), |c| format!(
+                "{c:.1} s = {:.0} us/resource",
+                c * 1e6 / data.resources as f64
+            ))
         );
         best[k] = Some(best[k].map_or(ing.secs, |b: f64| b.min(ing.secs)));
+        if let Some(c) = ing.cpu {
+            best_cpu[k] = Some(best_cpu[k].map_or(c, |b: f64| b.min(c)));
+        }
         if reads[k].is_none() {
             let paths = Arc::new(read_paths(&ing, plan.seed));
             println!(
@@ -986,10 +1029,12 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
             let read =
                 read_bench(&server.client, paths, plan.connections, plan.read_seconds).await?;
             println!(
-                ".. read {label}: {} req/s, p50 / p99 / max {}, {} failed",
+                ".. read {label}: {} req/s, p50 / p99 / max {}, {} failed; process CPU {}",
                 thousands(read.rate),
                 read.lat.text(),
-                read.failures.count
+                read.failures.count,
+                read.cpu_us
+                    .map_or("unknown".to_string(), |c| format!("{c:.0} us/request"))
             );
             read.failures.print(&format!("read {label}"));
             reads[k] = Some(read);
@@ -1035,6 +1080,18 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
             seal_ratio <= SEAL_RATIO_TARGET,
         ),
     );
+    if let (Some(sc), Some(cc)) = (best_cpu[0], best_cpu[1]) {
+        rows.push(row(
+            "ingest",
+            "sealed: process CPU per resource (server + client)",
+            format!("{:.0} us", sc * 1e6 / data.resources as f64),
+        ));
+        rows.push(row(
+            "ingest",
+            "sealing cost by process CPU: sealed / copy",
+            format!("{:.3}", sc / cc),
+        ));
+    }
     for (label, read) in [("sealed", sealed_read), ("copy", copy_read)] {
         let what = format!(
             "{label}: GET /{{Type}}/{{id}}, {} conns x {} s",
@@ -1085,6 +1142,21 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
         "sealing cost: sealed req/s / copy req/s",
         format!("{read_ratio:.3}"),
     ));
+    if let (Some(sc), Some(cc)) = (sealed_read.cpu_us, copy_read.cpu_us) {
+        rows.push(row(
+            "read",
+            "sealed: process CPU per request (server + client)",
+            format!(
+                "{sc:.0} us (=> {} req/s on {cpus} CPUs)",
+                thousands(cpus as f64 * 1e6 / sc)
+            ),
+        ));
+        rows.push(row(
+            "read",
+            "sealing cost by process CPU per request: sealed / copy",
+            format!("{:.3}", sc / cc),
+        ));
+    }
 
     // 4. Search at scale.
     let t = Instant::now();

@@ -841,7 +841,10 @@ async fn racing_conditional_creates_create_one_resource() {
             let resp = client()
                 .post(format!("{base}/Patient"))
                 .header("content-type", "application/fhir+json")
-                .header("if-none-exist", "identifier=http://hospital.example/mrn|RACE-1")
+                .header(
+                    "if-none-exist",
+                    "identifier=http://hospital.example/mrn|RACE-1",
+                )
                 .body(serde_json::to_vec(&patient("Race", "RACE-1")).unwrap())
                 .send()
                 .await
@@ -855,10 +858,20 @@ async fn racing_conditional_creates_create_one_resource() {
     for t in tasks {
         results.push(t.await.unwrap());
     }
-    assert_eq!(results.iter().filter(|(st, _)| *st == 201).count(), 1, "{results:?}");
-    assert!(results.iter().all(|(st, _)| *st == 201 || *st == 200), "{results:?}");
+    assert_eq!(
+        results.iter().filter(|(st, _)| *st == 201).count(),
+        1,
+        "{results:?}"
+    );
+    assert!(
+        results.iter().all(|(st, _)| *st == 201 || *st == 200),
+        "{results:?}"
+    );
     let first = &results[0].1;
-    assert!(results.iter().all(|(_, id)| id == first), "everyone sees the same resource");
+    assert!(
+        results.iter().all(|(_, id)| id == first),
+        "everyone sees the same resource"
+    );
     let (_, b, _) = send(&s, "GET", "Patient?identifier=RACE-1", None, &[]).await;
     assert_eq!(b["total"], 1);
 }

@@ -372,7 +372,12 @@ impl Records {
             match committed {
                 Ok(done) => return Ok(done),
                 Err(e) => match e.into_aborted::<CommitError>() {
-                    Ok(CommitError::Retry) => continue,
+                    Ok(CommitError::Retry) => {
+                        tracing::debug!(
+                            "a concurrent write changed what the transaction depends on; preparing again"
+                        );
+                        continue;
+                    }
                     Ok(CommitError::Fhir(f)) => return Err(f),
                     Err(other) => return Err(store_err(other)),
                 },

@@ -58,6 +58,7 @@ pub struct SqliteStore {
     config: SqliteConfig,
     writer: Mutex<Option<mpsc::Sender<(WriteJob, Reply)>>>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    checkpointer: Mutex<Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
     readers: Arc<Mutex<Vec<Connection>>>,
 }
 
@@ -145,7 +146,9 @@ fn open_connection(config: &SqliteConfig, read_only: bool) -> StoreResult<Connec
     if !read_only {
         conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
             .map_err(backend_err)?;
-        conn.execute_batch("PRAGMA wal_autocheckpoint = 4000;")
+        // Checkpoints run on their own thread (see `checkpoint_loop`), not in
+        // the writer's commits; the WAL is truncated back to 64 MiB after one.
+        conn.execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 67108864;")
             .map_err(backend_err)?;
     }
     conn.set_prepared_statement_cache_capacity(256);
@@ -165,10 +168,17 @@ impl SqliteStore {
             .name("custos-sqlite-writer".into())
             .spawn(move || writer_loop(conn, rx))
             .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let ck_conn = open_connection(&config, false)?;
+        let (stop, stopped) = mpsc::channel::<()>();
+        let ck = std::thread::Builder::new()
+            .name("custos-sqlite-checkpoint".into())
+            .spawn(move || checkpoint_loop(ck_conn, stopped))
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
         Ok(SqliteStore {
             config,
             writer: Mutex::new(Some(tx)),
             writer_thread: Mutex::new(Some(handle)),
+            checkpointer: Mutex::new(Some((stop, ck))),
             readers: Arc::new(Mutex::new(Vec::new())),
         })
     }
@@ -180,6 +190,10 @@ impl SqliteStore {
 
     /// Stop the writer after the queued jobs and checkpoint the WAL.
     pub fn close(&self) {
+        if let Some((stop, h)) = self.checkpointer.lock().take() {
+            drop(stop);
+            let _ = h.join();
+        }
         self.writer.lock().take();
         if let Some(h) = self.writer_thread.lock().take() {
             let _ = h.join();
@@ -191,6 +205,22 @@ impl SqliteStore {
 impl Drop for SqliteStore {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+/// Copies committed WAL frames into the database every few hundred
+/// milliseconds (PASSIVE: never blocks the writer or readers), so that the
+/// writer's commits only append to the WAL.
+fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>) {
+    loop {
+        match stop.recv_timeout(std::time::Duration::from_millis(250)) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+                }
+            }
+            _ => return,
+        }
     }
 }
 
