@@ -1089,7 +1089,15 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
         rows.push(row(
             "ingest",
             "sealing cost by process CPU: sealed / copy",
-            format!("{:.3}", sc / cc),
+            format!(
+                "{:.3}{}",
+                sc / cc,
+                if sc.min(cc) < 2.0 {
+                    " (coarse: under 2 CPU s)"
+                } else {
+                    ""
+                }
+            ),
         ));
     }
     for (label, read) in [("sealed", sealed_read), ("copy", copy_read)] {
