@@ -18,4 +18,4 @@ mod transaction;
 pub use capability::capability_statement;
 pub use index::{PREFIX_MAX, blind_date, range_pkey};
 pub use keys::{KeyService, SHARED_KEY_NAME, patient_key_name};
-pub use service::{Opened, Records, RecordsConfig, new_id};
+pub use service::{Opened, RawVersion, Records, RecordsConfig, new_id};

@@ -73,6 +73,24 @@ impl Opened {
     }
 }
 
+/// A resource version as its stored JSON bytes.
+#[derive(Debug, Clone)]
+pub struct RawVersion {
+    pub rtype: String,
+    pub id: String,
+    pub version: i64,
+    /// UTC microseconds.
+    pub last_updated: i64,
+    pub json: Vec<u8>,
+}
+
+impl RawVersion {
+    /// The weak ETag of this version (`W/"3"`).
+    pub fn etag(&self) -> String {
+        format!("W/\"{}\"", self.version)
+    }
+}
+
 /// A version stamped, indexed and serialized, ready to be sealed and stored.
 pub(crate) struct Prepared {
     pub rtype: String,
@@ -182,21 +200,24 @@ impl Records {
         tx: &mut dyn ReadTx,
         sv: StoredVersion,
     ) -> Result<Opened, FhirError> {
-        match sv.state {
-            RecordState::Erased => {
-                return Err(FhirError::new(
-                    ErrorKind::Gone,
-                    format!("{}/{} was erased", sv.rtype, sv.id),
-                ));
-            }
-            RecordState::Deleted => {
-                return Err(FhirError::new(
-                    ErrorKind::Gone,
-                    format!("{}/{} was deleted", sv.rtype, sv.id),
-                ));
-            }
-            RecordState::Live => {}
-        }
+        let plain = self.open_bytes(tx, &sv)?;
+        let resource: Value = serde_json::from_slice(&plain).map_err(|_| {
+            FhirError::internal(format!("stored {}/{} does not decode", sv.rtype, sv.id))
+        })?;
+        Ok(Opened {
+            rtype: sv.rtype,
+            id: sv.id,
+            version: sv.version,
+            last_updated: sv.last_updated,
+            resource,
+            rid: sv.rid,
+            sort_key: sv.sort_key,
+        })
+    }
+
+    /// Open a live stored version to its JSON bytes (no parsing).
+    fn open_bytes(&self, tx: &mut dyn ReadTx, sv: &StoredVersion) -> Result<Vec<u8>, FhirError> {
+        check_live(sv)?;
         let Some(key) = self.keys().key_for_read(tx, &sv.key_name)? else {
             return Err(FhirError::new(
                 ErrorKind::Gone,
@@ -214,18 +235,7 @@ impl Records {
                     sv.rtype, sv.id, sv.version
                 ))
             })?;
-        let resource: Value = serde_json::from_slice(&plain).map_err(|_| {
-            FhirError::internal(format!("stored {}/{} does not decode", sv.rtype, sv.id))
-        })?;
-        Ok(Opened {
-            rtype: sv.rtype,
-            id: sv.id,
-            version: sv.version,
-            last_updated: sv.last_updated,
-            resource,
-            rid: sv.rid,
-            sort_key: sv.sort_key,
-        })
+        Ok(plain)
     }
 
     pub(crate) fn check_type(rtype: &str) -> Result<(), FhirError> {
@@ -257,6 +267,29 @@ impl Records {
                 Ok(match sv {
                     None => Err(FhirError::not_found(format!("{rtype}/{id} is not known"))),
                     Some(sv) => this.open_version(tx, sv),
+                })
+            })
+            .await
+            .map_err(store_err)?
+    }
+
+    /// Read the current version as the stored JSON bytes, without parsing:
+    /// the fast path for `GET /Type/id`.
+    pub async fn read_raw(&self, rtype: &str, id: &str) -> Result<RawVersion, FhirError> {
+        Self::check_type(rtype)?;
+        Self::check_id(id)?;
+        let (this, rtype, id) = (self.clone(), rtype.to_string(), id.to_string());
+        self.store()
+            .read_point(move |tx| {
+                Ok(match tx.current(&rtype, &id)? {
+                    None => Err(FhirError::not_found(format!("{rtype}/{id} is not known"))),
+                    Some(sv) => this.open_bytes(tx, &sv).map(|json| RawVersion {
+                        rtype: sv.rtype,
+                        id: sv.id,
+                        version: sv.version,
+                        last_updated: sv.last_updated,
+                        json,
+                    }),
                 })
             })
             .await
@@ -549,6 +582,26 @@ impl Records {
             .await
             .map_err(store_err)
     }
+}
+
+/// Deleted and erased versions answer 410.
+fn check_live(sv: &StoredVersion) -> Result<(), FhirError> {
+    match sv.state {
+        RecordState::Erased => {
+            return Err(FhirError::new(
+                ErrorKind::Gone,
+                format!("{}/{} was erased", sv.rtype, sv.id),
+            ));
+        }
+        RecordState::Deleted => {
+            return Err(FhirError::new(
+                ErrorKind::Gone,
+                format!("{}/{} was deleted", sv.rtype, sv.id),
+            ));
+        }
+        RecordState::Live => {}
+    }
+    Ok(())
 }
 
 /// The version and state of a resource's current version.

@@ -4,7 +4,7 @@ use std::time::Instant;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{MatchedPath, Path, RawQuery, Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -15,8 +15,8 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::AppState;
 use crate::error::ApiError;
 use crate::http::{
-    Return, base_url, fhir_json, if_match, json_body, negotiate, prefer_handling, prefer_return,
-    resource_response,
+    FHIR_JSON, Return, base_url, fhir_json, http_date, if_match, json_body, negotiate,
+    prefer_handling, prefer_return, resource_response,
 };
 
 type ApiResult = Result<Response, ApiError>;
@@ -105,19 +105,23 @@ async fn read(
     RawQuery(q): RawQuery,
 ) -> ApiResult {
     negotiate(&headers, &params(q))?;
-    let o = s.records.read(&rtype, &id).await?;
+    let raw = s.records.read_raw(&rtype, &id).await?;
     if let Some(inm) = headers.get("if-none-match").and_then(|v| v.to_str().ok())
-        && inm.trim() == o.etag()
+        && inm.trim() == raw.etag()
     {
         return Ok(StatusCode::NOT_MODIFIED.into_response());
     }
-    Ok(resource_response(
-        StatusCode::OK,
-        &o,
-        &base_url(&s, &headers),
-        false,
-        Return::Representation,
-    ))
+    // The stored JSON goes out as it is: no parse, no re-serialization.
+    let mut resp = (StatusCode::OK, raw.json).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    if let Ok(v) = HeaderValue::from_str(&format!("W/\"{}\"", raw.version)) {
+        h.insert(header::ETAG, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&http_date(raw.last_updated)) {
+        h.insert(header::LAST_MODIFIED, v);
+    }
+    Ok(resp)
 }
 
 async fn vread(

@@ -30,6 +30,12 @@ pub type WriteJob = Box<dyn FnOnce(&mut dyn WriteTx) -> StoreResult<Box<dyn Any 
 pub trait Store: Send + Sync + 'static {
     /// Run `job` in a read transaction.
     async fn run_read(&self, job: ReadJob) -> StoreResult<Box<dyn Any + Send>>;
+    /// Run a short, bounded `job` (a lookup by key) in a read transaction.
+    /// Backends may run it on the calling thread to save a thread hand-off;
+    /// the default is [`Store::run_read`].
+    async fn run_read_point(&self, job: ReadJob) -> StoreResult<Box<dyn Any + Send>> {
+        self.run_read(job).await
+    }
     /// Run `job` in a write transaction. An `Err` from the job rolls back
     /// everything it did; other jobs are unaffected.
     async fn run_write(&self, job: WriteJob) -> StoreResult<Box<dyn Any + Send>>;
@@ -52,6 +58,20 @@ pub trait StoreExt: Store {
     {
         let any = self
             .run_read(Box::new(move |tx| {
+                f(tx).map(|t| Box::new(t) as Box<dyn Any + Send>)
+            }))
+            .await?;
+        Ok(*any.downcast::<T>().expect("read job returns its own type"))
+    }
+
+    /// Run a typed point read (see [`Store::run_read_point`]).
+    async fn read_point<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn ReadTx) -> StoreResult<T> + Send + 'static,
+    {
+        let any = self
+            .run_read_point(Box::new(move |tx| {
                 f(tx).map(|t| Box::new(t) as Box<dyn Any + Send>)
             }))
             .await?;

@@ -287,28 +287,15 @@ impl Store for SqliteStore {
     async fn run_read(&self, job: ReadJob) -> StoreResult<Box<dyn Any + Send>> {
         let readers = self.readers.clone();
         let config = self.config.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = readers.lock().pop();
-            let mut conn = match conn {
-                Some(c) => c,
-                None => open_connection(&config, true)?,
-            };
-            conn.execute_batch("BEGIN").map_err(backend_err)?;
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let mut tx = SqliteTx { conn: &mut conn };
-                job(&mut tx)
-            }));
-            let ended = conn.execute_batch("COMMIT");
-            if ended.is_ok() {
-                readers.lock().push(conn);
-            }
-            match result {
-                Ok(r) => r,
-                Err(_) => Err(StoreError::Backend("read job panicked".into())),
-            }
-        })
-        .await
-        .map_err(|e| StoreError::Backend(format!("read task failed: {e}")))?
+        tokio::task::spawn_blocking(move || run_read_on(&readers, &config, job))
+            .await
+            .map_err(|e| StoreError::Backend(format!("read task failed: {e}")))?
+    }
+
+    async fn run_read_point(&self, job: ReadJob) -> StoreResult<Box<dyn Any + Send>> {
+        // A point lookup takes microseconds (WAL readers never wait for the
+        // writer), less than a hand-off to the blocking pool: run it here.
+        run_read_on(&self.readers, &self.config, job)
     }
 
     async fn run_write(&self, job: WriteJob) -> StoreResult<Box<dyn Any + Send>> {
@@ -337,6 +324,31 @@ impl Store for SqliteStore {
         let mut shm = p.clone().into_os_string();
         shm.push("-shm");
         vec![p.clone(), wal.into(), shm.into()]
+    }
+}
+
+/// Run a read job on a pooled read connection, in one read transaction.
+fn run_read_on(
+    readers: &Mutex<Vec<Connection>>,
+    config: &SqliteConfig,
+    job: ReadJob,
+) -> StoreResult<Box<dyn Any + Send>> {
+    let pooled = readers.lock().pop();
+    let mut conn = match pooled {
+        Some(c) => c,
+        None => open_connection(config, true)?,
+    };
+    conn.execute_batch("BEGIN").map_err(backend_err)?;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut tx = SqliteTx { conn: &mut conn };
+        job(&mut tx)
+    }));
+    if conn.execute_batch("COMMIT").is_ok() {
+        readers.lock().push(conn);
+    }
+    match result {
+        Ok(r) => r,
+        Err(_) => Err(StoreError::Backend("read job panicked".into())),
     }
 }
 
