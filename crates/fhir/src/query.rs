@@ -405,13 +405,11 @@ pub fn parse_search(
                 let values = if modifier == Some(Modifier::Missing) {
                     vec![parse_missing(base, value)?]
                 } else {
+                    // `_id` is a token parameter: `id` and `|id` (ids have no system).
                     split_alternatives(value)
                         .into_iter()
-                        .map(|v| SearchValue::Token {
-                            system: TokenSystem::Any,
-                            code: Some(unescape(v)),
-                        })
-                        .collect()
+                        .map(|v| parse_token(base, v))
+                        .collect::<Result<Vec<_>>>()?
                 };
                 push_clause(&mut req, ClauseParam::Id, modifier, values);
             }
@@ -917,7 +915,7 @@ impl Clause {
                 let hit = id.is_some_and(|id| {
                     self.values
                         .iter()
-                        .any(|v| matches!(v, SearchValue::Token { code: Some(c), .. } if c == id))
+                        .any(|v| matches!(v, SearchValue::Token { system: TokenSystem::Any | TokenSystem::None, code: Some(c) } if c == id))
                 });
                 if self.modifier == Some(Modifier::Not) {
                     !hit

@@ -188,7 +188,11 @@ impl Records {
                     .values
                     .iter()
                     .filter_map(|v| match v {
-                        SearchValue::Token { code: Some(c), .. } => Some(c.clone()),
+                        // An id has no system: `id` or `|id`; `system|id` matches nothing.
+                        SearchValue::Token {
+                            system: TokenSystem::Any | TokenSystem::None,
+                            code: Some(c),
+                        } => Some(c.clone()),
                         _ => None,
                     })
                     .collect();
@@ -211,9 +215,15 @@ impl Records {
                     };
                     match range_conds(*prefix, &point).0 {
                         Some(mut c) => {
-                            // Compare the point on both ends.
+                            // The store keeps one column, `last_updated` (lu); the
+                            // instant covers [lu, lu + 1µs). Rewrite conditions on
+                            // the range end for integers: lu + 1 > x ⟺ lu ≥ x,
+                            // lu + 1 ≤ x ⟺ lu < x.
                             if let Some(x) = c.hi_le.take() {
-                                c.lo_lt = Some(x);
+                                c.lo_lt = Some(c.lo_lt.map_or(x, |y| y.min(x)));
+                            }
+                            if let Some(x) = c.hi_gt.take() {
+                                c.lo_ge = Some(c.lo_ge.map_or(x, |y| y.max(x)));
                             }
                             conds.push(c)
                         }
