@@ -612,12 +612,14 @@ impl SqliteTx<'_> {
             .iter()
             .any(|f| matches!(f, Filter::AnyToken(_) | Filter::AnyRange { .. }));
         let rtype_col = if indexed { "+c.rtype" } else { "c.rtype" };
+        // The page is chosen on row ids and sort keys alone; bodies are
+        // fetched afterwards for the rows of the page only (otherwise SQLite
+        // carries every candidate's sealed body through the sort).
         let mut sql = if count_only {
             format!("SELECT 1 FROM current c WHERE {rtype_col} = ? AND c.state = 0")
         } else {
             format!(
-                "SELECT {VERSION_COLUMNS}, {sort_expr} AS sk FROM current c \
-                 JOIN versions v ON v.rid = c.rid AND v.version = c.version{join} \
+                "SELECT c.rid AS rid, {sort_expr} AS sk FROM current c{join} \
                  WHERE {rtype_col} = ? AND c.state = 0"
             )
         };
@@ -638,6 +640,10 @@ impl SqliteTx<'_> {
         let dir = if desc { "DESC" } else { "ASC" };
         sql.push_str(&format!(" ORDER BY sk {dir}, c.rid {dir} LIMIT ?"));
         args.push(SqlValue::Integer(q.limit as i64));
+        let sql = format!(
+            "SELECT {VERSION_COLUMNS}, p.sk FROM ({sql}) p JOIN current c ON c.rid = p.rid \
+             JOIN versions v ON v.rid = c.rid AND v.version = c.version ORDER BY p.sk {dir}, p.rid {dir}"
+        );
         (sql, args)
     }
 }
