@@ -74,6 +74,63 @@ fn url_with(path: &str, qs: &str) -> String {
     }
 }
 
+/// A searchset Bundle, serialized with raw resources.
+#[derive(serde::Serialize)]
+struct SearchBundle<'a> {
+    #[serde(rename = "resourceType")]
+    resource_type: &'static str,
+    id: String,
+    meta: Meta,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    total: Option<u64>,
+    link: Vec<Value>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    entry: Vec<EntryOut<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct Meta {
+    #[serde(rename = "lastUpdated")]
+    last_updated: String,
+}
+
+#[derive(serde::Serialize)]
+struct EntryOut<'a> {
+    #[serde(rename = "fullUrl", skip_serializing_if = "Option::is_none")]
+    full_url: Option<String>,
+    resource: Res<'a>,
+    search: Mode,
+}
+
+#[derive(serde::Serialize)]
+struct Mode {
+    mode: &'static str,
+}
+
+/// A resource as stored JSON or as a parsed value.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Res<'a> {
+    Raw(&'a serde_json::value::RawValue),
+    Value(&'a Value),
+}
+
+impl<'a> EntryOut<'a> {
+    fn of(base: &str, o: &'a Opened, mode: &'static str) -> EntryOut<'a> {
+        EntryOut {
+            full_url: Some(format!("{base}/{}/{}", o.rtype, o.id)),
+            resource: o
+                .raw
+                .as_deref()
+                .map(Res::Raw)
+                .unwrap_or(Res::Value(&o.resource)),
+            search: Mode { mode },
+        }
+    }
+}
+
 /// A Bundle entry for a resource.
 pub(crate) fn entry(base: &str, o: &Opened, mode: Option<&str>) -> Value {
     let mut e =
@@ -109,6 +166,19 @@ impl Records {
         handling: Handling,
         base: &str,
     ) -> Result<Value, FhirError> {
+        let bytes = self.search_json(rtype, params, handling, base).await?;
+        serde_json::from_slice(&bytes).map_err(|e| FhirError::internal(e.to_string()))
+    }
+
+    /// [`Records::search`], serialized: the searchset Bundle as JSON bytes,
+    /// with matched resources written as they were stored (never re-parsed).
+    pub async fn search_json(
+        &self,
+        rtype: &str,
+        params: Vec<(String, String)>,
+        handling: Handling,
+        base: &str,
+    ) -> Result<Vec<u8>, FhirError> {
         if !custos_fhir::types::is_resource_type(rtype) {
             return Err(FhirError::not_found(format!(
                 "unknown resource type '{rtype}'"
@@ -127,6 +197,8 @@ impl Records {
             .min(self.config().max_count);
         let cursor = req.cursor.as_deref().map(Cursor::decode).transpose()?;
         let want_total = req.total != TotalMode::None || req.summary_count || count == 0;
+        // Resources go out as stored unless `_include` needs them parsed.
+        let raw = req.include.is_empty();
         let this = self.clone();
         let req2 = req.clone();
         let (page, total, included) = self
@@ -142,6 +214,7 @@ impl Records {
                             cursor.map(|c| c.keyset),
                             cursor.is_some_and(|c| c.backwards),
                             count,
+                            raw,
                         )?)
                     };
                     let total = if want_total {
@@ -161,7 +234,8 @@ impl Records {
             .map_err(store_err)??;
         let path = format!("{base}/{rtype}");
         let mut links = vec![link("self", url_with(&path, &query_string(&params, &[])))];
-        let mut entries = Vec::new();
+        let mut entries: Vec<EntryOut<'_>> = Vec::new();
+        let mut outcome_resource = None;
         if let Some(page) = &page {
             let backwards = cursor.is_some_and(|c| c.backwards);
             let (first, last) = (page.matches.first(), page.matches.last());
@@ -200,31 +274,36 @@ impl Records {
                     url_with(&path, &query_string(&params, &[("_cursor", c.encode())])),
                 ));
             }
-            entries.extend(page.matches.iter().map(|o| entry(base, o, Some("match"))));
+            entries.extend(page.matches.iter().map(|o| EntryOut::of(base, o, "match")));
         }
-        entries.extend(included.iter().map(|o| entry(base, o, Some("include"))));
+        entries.extend(included.iter().map(|o| EntryOut::of(base, o, "include")));
         if !req.ignored.is_empty() {
             let oo = outcome::operation_outcome(
                 "warning",
                 "not-supported",
                 &format!("parameters ignored: {}", req.ignored.join(", ")),
             );
-            entries.push(json!({ "resource": oo, "search": { "mode": "outcome" } }));
+            outcome_resource = Some(oo);
         }
-        let mut bundle = json!({
-            "resourceType": "Bundle",
-            "id": new_id(),
-            "meta": { "lastUpdated": format_instant(self.now()) },
-            "type": "searchset",
-        });
-        if let Some(t) = total {
-            bundle["total"] = json!(t);
+        if let Some(oo) = &outcome_resource {
+            entries.push(EntryOut {
+                full_url: None,
+                resource: Res::Value(oo),
+                search: Mode { mode: "outcome" },
+            });
         }
-        bundle["link"] = Value::Array(links);
-        if !entries.is_empty() {
-            bundle["entry"] = Value::Array(entries);
-        }
-        Ok(bundle)
+        let bundle = SearchBundle {
+            resource_type: "Bundle",
+            id: new_id(),
+            meta: Meta {
+                last_updated: format_instant(self.now()),
+            },
+            kind: "searchset",
+            total,
+            link: links,
+            entry: entries,
+        };
+        serde_json::to_vec(&bundle).map_err(|e| FhirError::internal(e.to_string()))
     }
 
     /// `_include` and `_revinclude` targets of a page (live resources only, de-duplicated).

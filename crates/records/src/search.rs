@@ -368,6 +368,9 @@ impl Records {
     /// Run a planned search for one page, walking from `after` (backwards
     /// for `previous` links). Confirmed clauses are checked on each opened
     /// candidate until the page is full.
+    /// With `raw`, pages that need no confirmation keep each resource as its
+    /// stored JSON (see [`Records::open_raw`]) instead of parsing it.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn execute(
         &self,
         tx: &mut dyn ReadTx,
@@ -375,6 +378,7 @@ impl Records {
         after: Option<Keyset>,
         backwards: bool,
         count: usize,
+        raw: bool,
     ) -> Result<Page, FhirError> {
         let mut q = plan.query.clone();
         q.after = after;
@@ -392,7 +396,11 @@ impl Records {
             }
             let mut matches = Vec::with_capacity(rows.len());
             for row in rows {
-                matches.push(self.open_version(tx, row)?);
+                matches.push(if raw {
+                    self.open_raw(tx, row)?
+                } else {
+                    self.open_version(tx, row)?
+                });
             }
             return Ok(Page { matches, more });
         }
@@ -460,7 +468,7 @@ impl Records {
             return Ok(tx.search_ids(&q).map_err(store_err)?);
         }
         Ok(self
-            .execute(tx, plan, None, false, limit)?
+            .execute(tx, plan, None, false, limit, false)?
             .matches
             .into_iter()
             .map(|o| o.id)

@@ -60,6 +60,9 @@ pub struct Opened {
     pub resource: Value,
     pub(crate) rid: i64,
     pub(crate) sort_key: Option<f64>,
+    /// The stored JSON, when the resource was opened without parsing
+    /// (`resource` is then `Null`); see [`Records::open_raw`].
+    pub(crate) raw: Option<Box<serde_json::value::RawValue>>,
 }
 
 impl Opened {
@@ -114,6 +117,7 @@ impl Prepared {
             resource: self.resource,
             rid: 0,
             sort_key: None,
+            raw: None,
         }
     }
 }
@@ -212,6 +216,33 @@ impl Records {
             resource,
             rid: sv.rid,
             sort_key: sv.sort_key,
+            raw: None,
+        })
+    }
+
+    /// Open a stored version without parsing it: the JSON is kept as it was
+    /// stored, to be written into a response as it is.
+    pub(crate) fn open_raw(
+        &self,
+        tx: &mut dyn ReadTx,
+        sv: StoredVersion,
+    ) -> Result<Opened, FhirError> {
+        let bytes = self.open_bytes(tx, &sv)?;
+        let text = String::from_utf8(bytes).map_err(|_| {
+            FhirError::internal(format!("stored {}/{} is not UTF-8", sv.rtype, sv.id))
+        })?;
+        let raw = serde_json::value::RawValue::from_string(text).map_err(|_| {
+            FhirError::internal(format!("stored {}/{} does not decode", sv.rtype, sv.id))
+        })?;
+        Ok(Opened {
+            rtype: sv.rtype,
+            id: sv.id,
+            version: sv.version,
+            last_updated: sv.last_updated,
+            resource: Value::Null,
+            rid: sv.rid,
+            sort_key: sv.sort_key,
+            raw: Some(raw),
         })
     }
 

@@ -784,7 +784,8 @@ impl Records {
                 } else {
                     self.plan_conditional(t, query)?
                 };
-                let page = self.execute(tx, &plan, None, false, self.config().default_count)?;
+                let page =
+                    self.execute(tx, &plan, None, false, self.config().default_count, false)?;
                 let entries: Vec<Value> = page
                     .matches
                     .iter()

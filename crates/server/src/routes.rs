@@ -253,9 +253,12 @@ async fn search(
     let base = base_url(&s, &headers);
     let bundle = s
         .records
-        .search(&rtype, p, prefer_handling(&headers), &base)
+        .search_json(&rtype, p, prefer_handling(&headers), &base)
         .await?;
-    Ok(fhir_json(StatusCode::OK, &bundle))
+    let mut resp = (StatusCode::OK, bundle).into_response();
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    Ok(resp)
 }
 
 async fn bundle(
