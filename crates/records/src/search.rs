@@ -465,7 +465,7 @@ impl Records {
         if plan.confirm.is_empty() {
             let mut q = plan.query.clone();
             q.limit = limit;
-            return Ok(tx.search_ids(&q).map_err(store_err)?);
+            return tx.search_ids(&q).map_err(store_err);
         }
         Ok(self
             .execute(tx, plan, None, false, limit, false)?
