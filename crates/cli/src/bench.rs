@@ -102,7 +102,7 @@ const SEARCH_P99_TARGET_US: u32 = 5_000;
 /// Patients per transaction Bundle when loading the search data set.
 const SEARCH_BATCH: usize = 1_000;
 /// Concurrent senders.
-const INGEST_SENDERS: usize = 4;
+const INGEST_SENDERS: usize = 8;
 const SEARCH_LOAD_SENDERS: usize = 2;
 const SEARCH_TASKS: usize = 4;
 /// Failed requests quoted in the output (the rest are only counted).

@@ -53,7 +53,10 @@ fn serve_dir(dir: &Path, extra: &[&str]) -> Server {
         .read_line(&mut line)
         .unwrap();
     let base = line.trim().rsplit(' ').next().unwrap().to_string();
-    assert!(base.starts_with("http://"), "unexpected start line: {line}");
+    assert!(
+        base.starts_with("http://") || base.starts_with("https://"),
+        "unexpected start line: {line}"
+    );
     Server {
         child,
         base,
@@ -874,4 +877,72 @@ async fn racing_conditional_creates_create_one_resource() {
     );
     let (_, b, _) = send(&s, "GET", "Patient?identifier=RACE-1", None, &[]).await;
     assert_eq!(b["total"], 1);
+}
+
+/// TLS with rustls: `init --dev-tls` makes a self-signed pair for localhost;
+/// a client that trusts exactly that certificate talks FHIR over HTTPS, and
+/// plain HTTP to the TLS port gets no answer.
+#[tokio::test]
+async fn serves_fhir_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap().to_string();
+    let out = custos(&["init", "--data-dir", &d, "--dev-tls"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cert = dir.path().join("tls/cert.pem");
+    let key = dir.path().join("tls/key.pem");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the private key is owner-only");
+    }
+    let s = serve_dir(
+        dir.path(),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert!(s.base.starts_with("https://"), "{}", s.base);
+    let port = s.base.rsplit(':').next().unwrap().to_string();
+    let pem = std::fs::read(&cert).unwrap();
+    let tls = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .build()
+        .unwrap();
+    let url = format!("https://localhost:{port}");
+    let created: Value = tls
+        .post(format!("{url}/Patient"))
+        .header("content-type", "application/fhir+json")
+        .body(serde_json::to_vec(&patient("Tls", "TLS-1")).unwrap())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap();
+    let resp = tls.get(format!("{url}/Patient/{id}")).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    // A client that does not trust the certificate is refused.
+    let untrusting = reqwest::Client::new()
+        .get(format!("{url}/metadata"))
+        .send()
+        .await;
+    assert!(
+        untrusting.is_err(),
+        "an untrusted certificate must fail the handshake"
+    );
+    // Plain HTTP to the TLS port is not served.
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/metadata"))
+        .send()
+        .await;
+    assert!(plain.map(|r| !r.status().is_success()).unwrap_or(true));
 }

@@ -193,6 +193,43 @@ pub async fn token_and_range_search(store: Arc<dyn Store>) {
             rows.into_iter().map(|r| r.id).collect::<Vec<_>>()
         }
     };
+    // One token, paged forwards and backwards (the index-only fast path).
+    let even = |after: Option<Keyset>, backwards: bool, limit: usize| {
+        let store = store.clone();
+        async move {
+            let q = IndexQuery {
+                filters: vec![Filter::AnyToken(vec![tok("even")])],
+                after,
+                backwards,
+                limit,
+                ..IndexQuery::all("Observation", limit)
+            };
+            store.read(move |tx| tx.search(&q)).await.unwrap()
+        }
+    };
+    let first = even(None, false, 3).await;
+    assert_eq!(
+        first.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        vec!["r00", "r02", "r04"]
+    );
+    let k = Keyset {
+        sort_key: first[2].sort_key.unwrap(),
+        rid: first[2].rid,
+    };
+    let second = even(Some(k), false, 3).await;
+    assert_eq!(
+        second.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        vec!["r06", "r08", "r10"]
+    );
+    let k = Keyset {
+        sort_key: second[0].sort_key.unwrap(),
+        rid: second[0].rid,
+    };
+    let back = even(Some(k), true, 2).await;
+    assert_eq!(
+        back.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        vec!["r02", "r04"]
+    );
     assert_eq!(
         run(vec![Filter::AnyToken(vec![tok("even")])]).await.len(),
         10

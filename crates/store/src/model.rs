@@ -1,6 +1,10 @@
 //! The data model of the store: what is kept, what is asked.
 
 /// A blind index token (an HMAC output computed by `custos-crypto`).
+///
+/// Contract: a token stands for one (resource type, parameter, value) —
+/// callers domain-separate tokens by resource type — so that a token's index
+/// rows alone can answer a search of that type.
 pub type Token = [u8; 16];
 
 /// Errors of a storage backend.

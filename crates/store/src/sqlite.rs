@@ -143,7 +143,7 @@ fn open_connection(config: &SqliteConfig, read_only: bool) -> StoreResult<Connec
     };
     conn.execute_batch(&format!(
         "PRAGMA busy_timeout = 10000; PRAGMA cache_size = -{cache_kib}; PRAGMA temp_store = MEMORY; \
-         PRAGMA mmap_size = 268435456; PRAGMA synchronous = {sync};"
+         PRAGMA mmap_size = 2147418112; PRAGMA synchronous = {sync};"
     ))
     .map_err(backend_err)?;
     if !read_only {
@@ -611,7 +611,56 @@ impl SqliteTx<'_> {
         (sql, args)
     }
 
+    /// The fast path of the most common searches (`identifier=`, `family=`,
+    /// `patient=` …): one blind token, insertion order. Index rows exist only
+    /// for live resources and every token is keyed by its resource type, so
+    /// the token index alone answers, already ordered by row id: the page
+    /// and the count cost O(page), not O(matches).
+    fn single_token_sql(q: &IndexQuery, count_only: bool) -> Option<(String, Vec<SqlValue>)> {
+        let [Filter::AnyToken(tokens)] = q.filters.as_slice() else {
+            return None;
+        };
+        let [token] = tokens.as_slice() else {
+            return None;
+        };
+        if q.order != Order::Rid {
+            return None;
+        }
+        let mut args = vec![SqlValue::Blob(token.to_vec())];
+        if count_only {
+            return Some((
+                "SELECT 1 FROM idx_token t WHERE t.token = ?".to_string(),
+                args,
+            ));
+        }
+        let desc = q.descending != q.backwards;
+        let mut inner =
+            "SELECT t.rid AS rid, CAST(t.rid AS REAL) AS sk FROM idx_token t WHERE t.token = ?"
+                .to_string();
+        if let Some(k) = q.after {
+            inner.push_str(if desc {
+                " AND t.rid < ?"
+            } else {
+                " AND t.rid > ?"
+            });
+            args.push(SqlValue::Integer(k.rid));
+        }
+        let dir = if desc { "DESC" } else { "ASC" };
+        inner.push_str(&format!(" ORDER BY t.rid {dir} LIMIT ?"));
+        args.push(SqlValue::Integer(q.limit as i64));
+        Some((
+            format!(
+                "SELECT {VERSION_COLUMNS}, p.sk FROM ({inner}) p JOIN current c ON c.rid = p.rid \
+                 JOIN versions v ON v.rid = c.rid AND v.version = c.version ORDER BY p.sk {dir}, p.rid {dir}"
+            ),
+            args,
+        ))
+    }
+
     fn search_sql(q: &IndexQuery, count_only: bool) -> (String, Vec<SqlValue>) {
+        if let Some(fast) = Self::single_token_sql(q, count_only) {
+            return fast;
+        }
         let mut args: Vec<SqlValue> = Vec::new();
         let desc = q.descending != q.backwards;
         let (sort_expr, join) = match q.order {
