@@ -23,7 +23,7 @@ use custos_store::{IndexEntries, RangeEntry, Token};
 use serde_json::Value;
 
 /// Longest string prefix indexed, in characters.
-pub const PREFIX_MAX: usize = 8;
+pub const PREFIX_MAX: usize = 12;
 
 /// Resource types whose date parameters identify a person (birth, death)
 /// and are therefore blind-indexed instead of stored as clear ranges.
