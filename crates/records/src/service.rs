@@ -465,10 +465,13 @@ impl Records {
     }
 
     /// Refuse relative references to resources that do not exist (422).
+    /// `known_live` holds `Type/id`s already known to be live in this
+    /// transaction (written by it, or checked before); checked ones are added.
     pub(crate) fn check_references(
         &self,
         tx: &mut dyn ReadTx,
         resource: &Value,
+        known_live: &mut std::collections::HashSet<String>,
     ) -> Result<(), FhirError> {
         if !self.config().check_references {
             return Ok(());
@@ -476,7 +479,7 @@ impl Records {
         let mut refs = Vec::new();
         collect_references(resource, &mut refs);
         for r in refs {
-            if r.starts_with('#') || r.contains("://") {
+            if r.starts_with('#') || r.contains("://") || known_live.contains(r) {
                 continue;
             }
             if r.starts_with("urn:") {
@@ -496,7 +499,9 @@ impl Records {
                 )));
             }
             match head(tx, t, id)? {
-                Some(sv) if sv.state == RecordState::Live => {}
+                Some(sv) if sv.state == RecordState::Live => {
+                    known_live.insert(r.to_string());
+                }
                 _ => {
                     return Err(FhirError::unprocessable(format!(
                         "reference '{t}/{id}' points to no existing resource"

@@ -644,12 +644,20 @@ impl Records {
             });
             written.push(w.pos);
         }
+        // Every reference must resolve. What this transaction wrote is live
+        // (deletes ran first), and a target checked once stays live until the
+        // commit: each is looked up at most once.
+        let mut known_live: std::collections::HashSet<String> = written
+            .iter()
+            .filter_map(|&pos| done[pos].as_ref().and_then(|d| d.opened.as_ref()))
+            .map(|o| format!("{}/{}", o.rtype, o.id))
+            .collect();
         for pos in written {
             if let Some(Done {
                 opened: Some(o), ..
             }) = &done[pos]
             {
-                self.check_references(tx, &o.resource)
+                self.check_references(tx, &o.resource, &mut known_live)
                     .map_err(|e| fail(pos, e))?;
             }
         }

@@ -883,6 +883,9 @@ impl ReadTx for SqliteTx<'_> {
 
 impl WriteTx for SqliteTx<'_> {
     fn put(&mut self, v: &NewVersion, index: &IndexEntries, expect: Expect) -> StoreResult<()> {
+        if expect == Expect::Absent && !v.deleted && self.insert_new(v, index)? {
+            return Ok(());
+        }
         let existing: Option<(i64, i64, i64, Option<Vec<u8>>)> = {
             let mut stmt = self
                 .conn
@@ -1067,6 +1070,42 @@ impl WriteTx for SqliteTx<'_> {
 }
 
 impl SqliteTx<'_> {
+    /// The common case of a create: the id is new. One insert instead of a
+    /// probe and an insert; `false` (nothing written) when the id exists,
+    /// and the general path decides.
+    fn insert_new(&mut self, v: &NewVersion, index: &IndexEntries) -> StoreResult<bool> {
+        let inserted = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO current (rtype, id, version, last_updated, state, compartment, index_blob) \
+                 VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6) ON CONFLICT (rtype, id) DO NOTHING",
+            )
+            .map_err(backend_err)?
+            .execute(params![v.rtype, v.id, v.version, v.last_updated, v.compartment, encode_index(index)])
+            .map_err(backend_err)?;
+        if inserted == 0 {
+            return Ok(false);
+        }
+        let rid = self.conn.last_insert_rowid();
+        self.conn
+            .prepare_cached(
+                "INSERT INTO versions (rid, rtype, version, last_updated, state, key_name, body) \
+                 VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6)",
+            )
+            .map_err(backend_err)?
+            .execute(params![
+                rid,
+                v.rtype,
+                v.version,
+                v.last_updated,
+                v.key_name,
+                v.body
+            ])
+            .map_err(backend_err)?;
+        self.insert_index(rid, index)?;
+        Ok(true)
+    }
+
     fn insert_index(&mut self, rid: i64, index: &IndexEntries) -> StoreResult<()> {
         {
             let mut stmt = self
