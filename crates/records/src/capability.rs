@@ -4,20 +4,6 @@ use custos_fhir::types::RESOURCE_TYPES;
 use custos_fhir::{ParamKind, registry};
 use serde_json::{Value, json};
 
-fn kind_code(k: ParamKind) -> &'static str {
-    match k {
-        ParamKind::Number => "number",
-        ParamKind::Date => "date",
-        ParamKind::String => "string",
-        ParamKind::Token => "token",
-        ParamKind::Reference => "reference",
-        ParamKind::Composite => "composite",
-        ParamKind::Quantity => "quantity",
-        ParamKind::Uri => "uri",
-        ParamKind::Special => "special",
-    }
-}
-
 /// The server's CapabilityStatement. `base` is its base URL; `version` the software version.
 pub fn capability_statement(base: &str, version: &str, now: &str) -> Value {
     let resources: Vec<Value> = RESOURCE_TYPES
@@ -29,7 +15,7 @@ pub fn capability_statement(base: &str, version: &str, now: &str) -> Value {
             ];
             for p in registry().for_type(t) {
                 if p.supported() && p.code != "_id" && p.code != "_lastUpdated" {
-                    params.push(json!({ "name": p.code, "type": kind_code(p.kind), "definition": p.url }));
+                    params.push(json!({ "name": p.code, "type": p.kind.code(), "definition": p.url }));
                 }
             }
             let reference_params: Vec<String> = registry()

@@ -851,33 +851,15 @@ impl ReadTx for SqliteTx<'_> {
     }
 
     fn data_key_counts(&mut self) -> StoreResult<Vec<(String, u64)>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT kek_id, count(*) FROM data_keys GROUP BY kek_id ORDER BY kek_id",
-            )
-            .map_err(backend_err)?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-            })
-            .map_err(backend_err)?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(backend_err)
+        self.grouped_counts(
+            "SELECT kek_id, count(*) FROM data_keys GROUP BY kek_id ORDER BY kek_id",
+        )
     }
 
     fn type_counts(&mut self) -> StoreResult<Vec<(String, u64)>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT rtype, count(*) FROM current WHERE state = 0 GROUP BY rtype ORDER BY rtype",
-            )
-            .map_err(backend_err)?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-            })
-            .map_err(backend_err)?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(backend_err)
+        self.grouped_counts(
+            "SELECT rtype, count(*) FROM current WHERE state = 0 GROUP BY rtype ORDER BY rtype",
+        )
     }
 }
 
@@ -1070,6 +1052,17 @@ impl WriteTx for SqliteTx<'_> {
 }
 
 impl SqliteTx<'_> {
+    /// Rows of `(name, count)` from a `GROUP BY` query.
+    fn grouped_counts(&self, sql: &str) -> StoreResult<Vec<(String, u64)>> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(backend_err)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(backend_err)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(backend_err)
+    }
+
     /// The common case of a create: the id is new. One insert instead of a
     /// probe and an insert; `false` (nothing written) when the id exists,
     /// and the general path decides.
