@@ -18,13 +18,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use custos_crypto::{CopySealer, GcmSealer, Sealer};
-use custos_server::ServerConfig;
 use custos_store::SqliteStore;
 use custos_synth::{Detail, Synth, SynthConfig};
 use serde_json::{Value, json};
 
 use crate::client::FhirClient;
 use crate::config::FileConfig;
+use crate::embedded::EmbeddedServer;
 
 /// Benchmark options.
 #[derive(clap::Args, Debug, Clone)]
@@ -343,8 +343,7 @@ impl Drop for TempDir {
 
 struct BenchServer {
     client: FhirClient,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    server: EmbeddedServer,
     store: Arc<SqliteStore>,
     // Declared last: dropped after the store.
     _dir: TempDir,
@@ -356,36 +355,8 @@ impl BenchServer {
         crate::init_dir(dir.path(), false)?;
         let opened =
             crate::open_data(FileConfig::default(), dir.path().to_path_buf(), sealer).await?;
-        let sc = ServerConfig {
-            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-            ..ServerConfig::default()
-        };
-        let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let records = opened.records.clone();
-        let task = tokio::spawn(async move {
-            custos_server::serve(
-                records,
-                sc,
-                move |a| {
-                    let _ = bound_tx.send(a);
-                },
-                async move {
-                    let _ = stop_rx.await;
-                },
-            )
-            .await
-        });
-        let addr = match bound_rx.await {
-            Ok(a) => a,
-            Err(_) => {
-                return Err(match task.await {
-                    Ok(Err(e)) => e.context("the server did not start"),
-                    _ => anyhow::anyhow!("the server did not start"),
-                });
-            }
-        };
-        let client = FhirClient::new(&format!("http://{addr}"));
+        let server = EmbeddedServer::start(opened.records.clone()).await?;
+        let client = FhirClient::new(&server.url());
         println!(
             ".. {label} server at {}, data dir {}",
             client.base(),
@@ -393,33 +364,22 @@ impl BenchServer {
         );
         Ok(BenchServer {
             client,
-            stop: Some(stop_tx),
-            task,
+            server,
             store: opened.store,
             _dir: dir,
         })
     }
 
     /// Stop the server, close the store, remove the data directory.
-    async fn stop(mut self) -> anyhow::Result<()> {
+    async fn stop(self) -> anyhow::Result<()> {
         // Drop the client's idle keep-alive connections first.
-        self.client = FhirClient::new("http://127.0.0.1:9");
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        let served = tokio::time::timeout(Duration::from_secs(15), &mut self.task).await;
+        drop(self.client);
+        let served = self.server.stop().await;
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.close())
             .await
             .context("closing the store failed")?;
-        match served {
-            Ok(Ok(r)) => r.context("the server failed"),
-            Ok(Err(e)) => Err(anyhow::anyhow!("the server task failed: {e}")),
-            Err(_) => {
-                self.task.abort();
-                bail!("the server did not stop within 15 s")
-            }
-        }
+        served
     }
 }
 

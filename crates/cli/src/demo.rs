@@ -5,7 +5,6 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use custos_crypto::GcmSealer;
-use custos_server::ServerConfig;
 use serde_json::Value;
 
 use crate::client::FhirClient;
@@ -48,27 +47,8 @@ pub async fn run(
     );
     let opened = crate::open_data(FileConfig::default(), dir.clone(), Arc::new(GcmSealer)).await?;
     let store = opened.store.clone();
-    let sc = ServerConfig {
-        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-        ..ServerConfig::default()
-    };
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let records = opened.records.clone();
-    let server = tokio::spawn(async move {
-        custos_server::serve(
-            records,
-            sc,
-            move |a| {
-                let _ = tx.send(a);
-            },
-            async move {
-                let _ = stop_rx.await;
-            },
-        )
-        .await
-    });
-    let addr = rx.await.context("server did not start")?;
+    let server = crate::embedded::EmbeddedServer::start(opened.records.clone()).await?;
+    let addr = server.addr;
     let c = FhirClient::new(&format!("http://{addr}"));
     println!("server     http://{addr}  (FHIR R4, application/fhir+json)");
 
@@ -177,8 +157,7 @@ pub async fn run(
         println!("serving on http://{addr} until Ctrl-C");
         crate::shutdown_signal().await;
     }
-    let _ = stop_tx.send(());
-    let _ = server.await;
+    server.stop().await?;
     store.close();
     println!("done.      data dir kept at {}", dir.display());
     Ok(())

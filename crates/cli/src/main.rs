@@ -3,6 +3,7 @@ mod bench;
 mod client;
 mod config;
 mod demo;
+mod embedded;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -153,10 +154,15 @@ fn main() {
     // SAFETY: sets a process-wide allocator option before any threads start.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 1000) };
     let cli = Cli::parse();
+    // The demo and the benchmark print their own story; keep the log to warnings there.
+    let default_filter = match cli.command {
+        Command::Demo { .. } | Command::Bench(_) => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CUSTOS_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();

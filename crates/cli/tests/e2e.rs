@@ -946,3 +946,24 @@ async fn serves_fhir_over_tls() {
         .await;
     assert!(plain.map(|r| !r.status().is_success()).unwrap_or(true));
 }
+
+/// The README's first command: the demo runs end to end and proves its points.
+#[test]
+fn demo_runs_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("demo");
+    let out = custos(&["demo", "--data-dir", d.to_str().unwrap(), "--patients", "2"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(": 0 found in clear"), "{stdout}");
+    assert!(stdout.contains("read now answers 410"), "{stdout}");
+    let again = custos(&["demo", "--data-dir", d.to_str().unwrap()]);
+    assert!(
+        !again.status.success(),
+        "the demo refuses a data dir that is not fresh"
+    );
+}
