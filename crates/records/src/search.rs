@@ -440,8 +440,17 @@ impl Records {
                     matches.push(opened);
                 }
             }
-            if exhausted || scanned >= self.config().scan_limit {
+            if exhausted {
                 break;
+            }
+            if scanned >= self.config().scan_limit {
+                // Never a silently short page: say why and how to fix it.
+                return Err(FhirError::bad_request(format!(
+                    "this search needs more than {} candidates checked one by one (a parameter the index \
+                     answers only coarsely: :missing, :contains, :text, system| alone, ne/ap, long strings); \
+                     add a more selective parameter",
+                    self.config().scan_limit
+                )));
             }
         }
         if backwards {

@@ -147,3 +147,62 @@ async fn every_indexed_value_finds_its_resource() {
         failures.join("\n")
     );
 }
+
+/// A search the index answers only coarsely never returns a silently short
+/// page: past the scan limit it fails with an explanation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_limit_is_an_error_not_a_short_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let kf = dir.path().join("keys.json");
+    FileKekProvider::create(&kf).unwrap();
+    let store =
+        Arc::new(SqliteStore::open(SqliteConfig::new(dir.path().join("db.sqlite"))).unwrap());
+    let config = RecordsConfig {
+        scan_limit: 40,
+        ..RecordsConfig::default()
+    };
+    let records = Records::open(
+        store as Arc<dyn Store>,
+        Arc::new(FileKekProvider::open(&kf).unwrap()),
+        Arc::new(GcmSealer),
+        config,
+    )
+    .await
+    .unwrap();
+    let synth = custos_synth::Synth::new(custos_synth::SynthConfig {
+        patients: 100,
+        seed: 3,
+        detail: custos_synth::Detail::DemographicsOnly,
+    });
+    records
+        .process_bundle(synth.directory_bundle(), "http://test", false)
+        .await
+        .unwrap();
+    for i in 0..100 {
+        records
+            .process_bundle(synth.patient(i).0, "http://test", false)
+            .await
+            .unwrap();
+    }
+    let search = |q: &str| {
+        let params = q.split('&').map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap();
+            (k.to_string(), v.to_string())
+        });
+        records.search("Patient", params.collect(), Handling::Strict, "http://test")
+    };
+    // A page filled within the limit: fine (every family name has a vowel).
+    let b = search("family:contains=a,e,i,o,u,y&_count=3")
+        .await
+        .unwrap();
+    assert_eq!(b["entry"].as_array().map(|e| e.len()), Some(3));
+    // No match among 100 patients means 100 candidates checked: past the limit of 40.
+    let err = search("family:contains=qqqzzz").await.unwrap_err();
+    assert_eq!(
+        err.kind,
+        custos_fhir::ErrorKind::BadRequest,
+        "{}",
+        err.message
+    );
+    assert!(err.message.contains("candidates"), "{}", err.message);
+}
