@@ -155,18 +155,7 @@ async fn create(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let (o, created) = s.records.create(&rtype, body, cond).await?;
-    let status = if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok(resource_response(
-        status,
-        &o,
-        &base_url(&s, &headers),
-        true,
-        prefer_return(&headers),
-    ))
+    Ok(written(&s, &headers, &o, created))
 }
 
 async fn update(
@@ -182,27 +171,33 @@ async fn update(
         .records
         .update(&rtype, &id, body, if_match(&headers)?)
         .await?;
+    Ok(written(&s, &headers, &o, created))
+}
+
+/// The answer to a create or update: 201 or 200 with Location, ETag and
+/// Last-Modified, and the body the client prefers.
+fn written(
+    s: &AppState,
+    headers: &HeaderMap,
+    o: &custos_records::Opened,
+    created: bool,
+) -> Response {
     let status = if created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok(resource_response(
+    resource_response(
         status,
-        &o,
-        &base_url(&s, &headers),
+        o,
+        &base_url(s, headers),
         true,
-        prefer_return(&headers),
-    ))
+        prefer_return(headers),
+    )
 }
 
-async fn delete(
-    State(s): State<AppState>,
-    headers: HeaderMap,
-    Path((rtype, id)): Path<(String, String)>,
-) -> ApiResult {
+async fn delete(State(s): State<AppState>, Path((rtype, id)): Path<(String, String)>) -> ApiResult {
     s.records.delete(&rtype, &id).await?;
-    let _ = headers;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
