@@ -967,3 +967,149 @@ fn demo_runs_end_to_end() {
         "the demo refuses a data dir that is not fresh"
     );
 }
+
+/// `custos keys rotate` runs while the server keeps serving: reads and
+/// writes before, during and after succeed, and afterwards every data key —
+/// including those the server creates later — is under the new KEK alone.
+#[tokio::test]
+async fn keys_rotate_without_downtime() {
+    let s = start();
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let (st, p, _) = send(
+            &s,
+            "POST",
+            "Patient",
+            Some(patient("Rotate", &format!("ROT-{i}"))),
+            &[],
+        )
+        .await;
+        assert_eq!(st, 201);
+        ids.push(p["id"].as_str().unwrap().to_string());
+    }
+    let d = s.dir.to_str().unwrap().to_string();
+    let rotation =
+        tokio::task::spawn_blocking(move || custos(&["keys", "rotate", "--data-dir", &d]));
+    // Keep reading and writing while the rotation runs.
+    let mut served = 0;
+    while !rotation.is_finished() {
+        let (st, _, _) = send(
+            &s,
+            "GET",
+            &format!("Patient/{}", ids[served % ids.len()]),
+            None,
+            &[],
+        )
+        .await;
+        assert_eq!(st, 200, "reads never stop during rotation");
+        served += 1;
+    }
+    let out = rotation.await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(served > 0, "the server answered while the rotation ran");
+    for id in &ids {
+        let (st, _, _) = send(&s, "GET", &format!("Patient/{id}"), None, &[]).await;
+        assert_eq!(st, 200);
+    }
+    // A new patient after rotation gets a data key wrapped under the new KEK.
+    let (st, _, _) = send(
+        &s,
+        "POST",
+        "Patient",
+        Some(patient("After", "ROT-NEW")),
+        &[],
+    )
+    .await;
+    assert_eq!(st, 201, "the running server picked up the new primary KEK");
+    let keys: Value =
+        serde_json::from_slice(&std::fs::read(s.dir.join("keys.json")).unwrap()).unwrap();
+    let kek_ids: Vec<&str> = keys["keks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(kek_ids.len(), 1, "the retired KEK was removed");
+    let conn = rusqlite::Connection::open(s.dir.join("custos.db")).unwrap();
+    let under_other: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM data_keys WHERE kek_id <> ?1",
+            [kek_ids[0]],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        under_other, 0,
+        "every data key is wrapped under the new KEK"
+    );
+}
+
+/// The request log (info level, JSON) never carries PHI: not from query
+/// strings, bodies, or resource ids in paths.
+#[tokio::test]
+async fn logs_carry_no_phi() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap().to_string();
+    assert!(custos(&["init", "--data-dir", &d]).status.success());
+    let log_path = dir.path().join("server.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--data-dir", &d, "--listen", "127.0.0.1:0"])
+        .env("CUSTOS_LOG", "info")
+        .env("CUSTOS_LOG_FORMAT", "json")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let s = Server {
+        child,
+        base: line.trim().rsplit(' ').next().unwrap().to_string(),
+        dir: dir.path().to_path_buf(),
+        _tmp: None,
+    };
+    let (_, p, _) = send(
+        &s,
+        "POST",
+        "Patient",
+        Some(patient("Zyxwvutsrq", "MRN-SECRET-77")),
+        &[],
+    )
+    .await;
+    let id = p["id"].as_str().unwrap().to_string();
+    send(&s, "GET", &format!("Patient/{id}"), None, &[]).await;
+    send(
+        &s,
+        "GET",
+        "Patient?family=Zyxwvutsrq&identifier=MRN-SECRET-77",
+        None,
+        &[],
+    )
+    .await;
+    send(&s, "GET", "Patient?birthdate=1984-07-15", None, &[]).await;
+    drop(s);
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        text.contains("\"request\""),
+        "the request log is there: {text}"
+    );
+    for secret in [
+        "Zyxwvutsrq",
+        "MRN-SECRET-77",
+        "1984-07-15",
+        "555-867-5309",
+        id.as_str(),
+    ] {
+        assert!(
+            !text.contains(secret),
+            "{secret:?} appears in the log:\n{text}"
+        );
+    }
+}
