@@ -570,6 +570,7 @@ async fn bad_input_gets_operation_outcomes() {
         (404, c.get(format!("{}/Patient/unknown-id", s.base)).send().await.unwrap()),
         (400, c.get(format!("{}/Patient/bad$id", s.base)).send().await.unwrap()),
         (404, c.get(format!("{}/Spaceship/1", s.base)).send().await.unwrap()),
+        (404, c.get(format!("{}/Spaceship/_history", s.base)).send().await.unwrap()),
         (400, c.get(format!("{}/Patient?_count=abc", s.base)).send().await.unwrap()),
         (400, c.get(format!("{}/Patient?_sort=family", s.base)).send().await.unwrap()),
         (400, c.get(format!("{}/Patient?_cursor=@@@", s.base)).send().await.unwrap()),

@@ -66,6 +66,23 @@ pub struct Opened {
 }
 
 impl Opened {
+    fn stored(
+        sv: StoredVersion,
+        resource: Value,
+        raw: Option<Box<serde_json::value::RawValue>>,
+    ) -> Opened {
+        Opened {
+            rtype: sv.rtype,
+            id: sv.id,
+            version: sv.version,
+            last_updated: sv.last_updated,
+            resource,
+            rid: sv.rid,
+            sort_key: sv.sort_key,
+            raw,
+        }
+    }
+
     /// The weak ETag of this version (`W/"3"`).
     pub fn etag(&self) -> String {
         format!("W/\"{}\"", self.version)
@@ -208,16 +225,7 @@ impl Records {
         let resource: Value = serde_json::from_slice(&plain).map_err(|_| {
             FhirError::internal(format!("stored {}/{} does not decode", sv.rtype, sv.id))
         })?;
-        Ok(Opened {
-            rtype: sv.rtype,
-            id: sv.id,
-            version: sv.version,
-            last_updated: sv.last_updated,
-            resource,
-            rid: sv.rid,
-            sort_key: sv.sort_key,
-            raw: None,
-        })
+        Ok(Opened::stored(sv, resource, None))
     }
 
     /// Open a stored version without parsing it: the JSON is kept as it was
@@ -234,16 +242,7 @@ impl Records {
         let raw = serde_json::value::RawValue::from_string(text).map_err(|_| {
             FhirError::internal(format!("stored {}/{} does not decode", sv.rtype, sv.id))
         })?;
-        Ok(Opened {
-            rtype: sv.rtype,
-            id: sv.id,
-            version: sv.version,
-            last_updated: sv.last_updated,
-            resource: Value::Null,
-            rid: sv.rid,
-            sort_key: sv.sort_key,
-            raw: Some(raw),
-        })
+        Ok(Opened::stored(sv, Value::Null, Some(raw)))
     }
 
     /// Open a live stored version to its JSON bytes (no parsing).

@@ -195,6 +195,16 @@ pub fn fhir_json(status: StatusCode, body: &Value) -> Response {
     resp
 }
 
+/// `ETag` (weak, the version id) and `Last-Modified` of a resource version.
+pub fn version_headers(h: &mut HeaderMap, version: i64, last_updated: i64) {
+    if let Ok(v) = HeaderValue::from_str(&format!("W/\"{version}\"")) {
+        h.insert(header::ETAG, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&http_date(last_updated)) {
+        h.insert(header::LAST_MODIFIED, v);
+    }
+}
+
 /// A resource response with ETag, Last-Modified and (for creates) Location.
 pub fn resource_response(
     status: StatusCode,
@@ -215,12 +225,7 @@ pub fn resource_response(
         ),
     };
     let h = resp.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&o.etag()) {
-        h.insert(header::ETAG, v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&http_date(o.last_updated)) {
-        h.insert(header::LAST_MODIFIED, v);
-    }
+    version_headers(h, o.version, o.last_updated);
     if location
         && let Ok(v) = HeaderValue::from_str(&format!(
             "{base}/{}/{}/_history/{}",

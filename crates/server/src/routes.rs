@@ -15,8 +15,8 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::AppState;
 use crate::error::ApiError;
 use crate::http::{
-    FHIR_JSON, Return, base_url, fhir_json, http_date, if_match, json_body, negotiate,
-    prefer_handling, prefer_return, resource_response,
+    FHIR_JSON, Return, base_url, fhir_json, if_match, json_body, negotiate, prefer_handling,
+    prefer_return, resource_response, version_headers,
 };
 
 type ApiResult = Result<Response, ApiError>;
@@ -115,12 +115,7 @@ async fn read(
     let mut resp = (StatusCode::OK, raw.json).into_response();
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
-    if let Ok(v) = HeaderValue::from_str(&format!("W/\"{}\"", raw.version)) {
-        h.insert(header::ETAG, v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&http_date(raw.last_updated)) {
-        h.insert(header::LAST_MODIFIED, v);
-    }
+    version_headers(h, raw.version, raw.last_updated);
     Ok(resp)
 }
 
@@ -296,9 +291,6 @@ async fn history_type(
 ) -> ApiResult {
     let p = params(q);
     negotiate(&headers, &p)?;
-    if !custos_fhir::types::is_resource_type(&rtype) {
-        return Err(FhirError::not_found(format!("unknown resource type '{rtype}'")).into());
-    }
     let b = s
         .records
         .history(Some(&rtype), None, p, &base_url(&s, &headers))

@@ -486,6 +486,27 @@ fn push_range_cond(sql: &mut String, args: &mut Vec<SqlValue>, lo: &str, hi: &st
     }
 }
 
+/// `(cond OR cond …)` over the columns `lo`/`hi`; an empty list matches nothing.
+fn push_any_range(
+    sql: &mut String,
+    args: &mut Vec<SqlValue>,
+    lo: &str,
+    hi: &str,
+    any: &[RangeCond],
+) {
+    sql.push('(');
+    if any.is_empty() {
+        sql.push('0');
+    }
+    for (i, c) in any.iter().enumerate() {
+        if i > 0 {
+            sql.push_str(" OR ");
+        }
+        push_range_cond(sql, args, lo, hi, c);
+    }
+    sql.push(')');
+}
+
 fn push_placeholders(sql: &mut String, n: usize) {
     for i in 0..n {
         if i > 0 {
@@ -522,18 +543,10 @@ fn push_filters(sql: &mut String, args: &mut Vec<SqlValue>, filters: &[Filter]) 
                 args.extend(tokens.iter().map(|t| SqlValue::Blob(t.to_vec())));
             }
             Filter::AnyRange { pkey, any } => {
-                sql.push_str("c.rid IN (SELECT rid FROM idx_range WHERE pkey = ? AND (");
+                sql.push_str("c.rid IN (SELECT rid FROM idx_range WHERE pkey = ? AND ");
                 args.push(SqlValue::Integer(*pkey));
-                if any.is_empty() {
-                    sql.push('0');
-                }
-                for (i, c) in any.iter().enumerate() {
-                    if i > 0 {
-                        sql.push_str(" OR ");
-                    }
-                    push_range_cond(sql, args, "lo", "hi", c);
-                }
-                sql.push_str("))");
+                push_any_range(sql, args, "lo", "hi", any);
+                sql.push(')');
             }
             Filter::Ids(ids) => {
                 if ids.is_empty() {
@@ -546,17 +559,7 @@ fn push_filters(sql: &mut String, args: &mut Vec<SqlValue>, filters: &[Filter]) 
                 args.extend(ids.iter().map(|i| SqlValue::Text(i.clone())));
             }
             Filter::LastUpdated(any) => {
-                sql.push('(');
-                if any.is_empty() {
-                    sql.push('0');
-                }
-                for (i, c) in any.iter().enumerate() {
-                    if i > 0 {
-                        sql.push_str(" OR ");
-                    }
-                    push_range_cond(sql, args, "c.last_updated", "c.last_updated", c);
-                }
-                sql.push(')');
+                push_any_range(sql, args, "c.last_updated", "c.last_updated", any)
             }
             Filter::Compartment(p) => {
                 sql.push_str("c.compartment = ?");
