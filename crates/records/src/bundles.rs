@@ -9,8 +9,10 @@ use custos_store::{
 };
 use serde_json::{Value, json};
 
+use crate::access::{Interaction, Visibility, compartment_of_key};
 use crate::index::Tokens;
 use crate::keys::store_err;
+use crate::keys::{SHARED_KEY_NAME, patient_key_name};
 use crate::search::Plan;
 use crate::service::{Opened, Records, new_id};
 
@@ -184,13 +186,25 @@ impl Records {
                 "unknown resource type '{rtype}'"
             )));
         }
+        self.guard().check_type(Interaction::Search, rtype).await?;
         let req = parse_search(rtype, &params, handling)?;
         // Links carry only the parameters the search actually used (R4: the self link states them).
         let params: Vec<(String, String)> = params
             .into_iter()
             .filter(|(k, _)| !req.ignored.contains(k))
             .collect();
-        let plan = self.plan(&req)?;
+        let mut plan = self.plan(&req)?;
+        // What the caller may not see is filtered in the index query itself,
+        // so pages, links and totals never count it.
+        if let Visibility::Only { patients, shared } = self
+            .guard()
+            .visibility(Interaction::Search, Some(rtype))
+            .await?
+        {
+            plan.query
+                .filters
+                .push(Filter::Visible { patients, shared });
+        }
         let count = req
             .count
             .unwrap_or(self.config().default_count)
@@ -232,6 +246,26 @@ impl Records {
             })
             .await
             .map_err(store_err)??;
+        let mut included = included;
+        if !self.guard().unrestricted() {
+            let mut visible = Vec::with_capacity(included.len());
+            for o in included {
+                let allowed = self
+                    .guard()
+                    .check_resource(
+                        Interaction::Read,
+                        &o.rtype,
+                        &o.id,
+                        compartment_of_key(&o.key_name),
+                    )
+                    .await
+                    .is_ok();
+                if allowed {
+                    visible.push(o);
+                }
+            }
+            included = visible;
+        }
         let path = format!("{base}/{rtype}");
         let mut links = vec![link("self", url_with(&path, &query_string(&params, &[])))];
         let mut entries: Vec<EntryOut<'_>> = Vec::new();
@@ -421,26 +455,58 @@ impl Records {
             }
         }
         let count = count.min(self.config().max_count);
+        let visibility = match &scope {
+            HistoryScope::Instance { rtype, id } => {
+                Records::check_type(rtype)?;
+                self.guard().check_type(Interaction::Read, rtype).await?;
+                // An unknown instance is 404, not an empty history; a
+                // forbidden one is refused as a read would be.
+                let (t, i) = (rtype.clone(), id.clone());
+                let head = self
+                    .store()
+                    .read(move |tx| tx.head(&t, &i))
+                    .await
+                    .map_err(store_err)?;
+                let found = head.map(|h| {
+                    let key = h
+                        .compartment
+                        .as_deref()
+                        .map(patient_key_name)
+                        .unwrap_or_else(|| SHARED_KEY_NAME.to_string());
+                    (key, Ok(()))
+                });
+                self.after_read(rtype, id, found).await?;
+                self.guard()
+                    .visibility(Interaction::Read, Some(rtype))
+                    .await?
+            }
+            HistoryScope::Type(rtype) => {
+                Records::check_type(rtype)?;
+                self.guard().check_type(Interaction::Search, rtype).await?;
+                self.guard()
+                    .visibility(Interaction::Search, Some(rtype))
+                    .await?
+            }
+            HistoryScope::System => self.guard().visibility(Interaction::Search, None).await?,
+        };
+        let key_names = match visibility {
+            Visibility::All => None,
+            Visibility::Only { patients, shared } => {
+                let mut keys: Vec<String> = patients.iter().map(|p| patient_key_name(p)).collect();
+                if shared {
+                    keys.push(SHARED_KEY_NAME.to_string());
+                }
+                Some(keys)
+            }
+        };
         let q = HistoryQuery {
             scope: scope.clone(),
             since,
             before,
             seq_below,
+            key_names,
             limit: count + 1,
         };
-        if let HistoryScope::Instance { rtype, id } = &scope {
-            // An unknown instance is 404, not an empty history.
-            let (t, i) = (rtype.clone(), id.clone());
-            if self
-                .store()
-                .read(move |tx| tx.current(&t, &i))
-                .await
-                .map_err(store_err)?
-                .is_none()
-            {
-                return Err(FhirError::not_found(format!("{rtype}/{id} is not known")));
-            }
-        }
         let (mut rows, total) = self.history_rows(q, true).await?;
         let more = rows.len() > count;
         rows.truncate(count);

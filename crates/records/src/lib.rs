@@ -7,6 +7,7 @@
 //! comes back through here to be opened. This crate knows FHIR, keys and
 //! the store; it knows nothing of HTTP.
 
+mod access;
 mod bundles;
 mod capability;
 mod index;
@@ -15,6 +16,7 @@ mod search;
 mod service;
 mod transaction;
 
+pub use access::{Guard, Interaction, Unrestricted, Visibility, compartment_of_key};
 pub use capability::capability_statement;
 pub use index::{PREFIX_MAX, blind_date, range_pkey};
 pub use keys::{KeyService, SHARED_KEY_NAME, patient_key_name};

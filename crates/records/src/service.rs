@@ -10,6 +10,7 @@ use custos_store::{
 };
 use serde_json::{Value, json};
 
+use crate::access::{Guard, Interaction, Unrestricted, compartment_of_key};
 use crate::index::index_resource;
 use crate::keys::{KeyService, SHARED_KEY_NAME, patient_key_name, store_err};
 
@@ -58,6 +59,8 @@ pub struct Opened {
     /// UTC microseconds.
     pub last_updated: i64,
     pub resource: Value,
+    /// The data key that sealed it (`patient/{id}` or `shared`): tells the compartment.
+    pub key_name: String,
     pub(crate) rid: i64,
     pub(crate) sort_key: Option<f64>,
     /// The stored JSON, when the resource was opened without parsing
@@ -77,6 +80,7 @@ impl Opened {
             version: sv.version,
             last_updated: sv.last_updated,
             resource,
+            key_name: sv.key_name,
             rid: sv.rid,
             sort_key: sv.sort_key,
             raw,
@@ -132,6 +136,7 @@ impl Prepared {
             version: self.version,
             last_updated: self.at,
             resource: self.resource,
+            key_name: self.key_name,
             rid: 0,
             sort_key: None,
             raw: None,
@@ -155,9 +160,13 @@ pub(crate) struct Inner {
     clock: AtomicI64,
 }
 
-/// The record service; cheap to clone.
+/// The record service; cheap to clone. Each handle carries the [`Guard`]
+/// of its caller (see [`Records::guarded`]).
 #[derive(Clone)]
-pub struct Records(pub(crate) Arc<Inner>);
+pub struct Records {
+    inner: Arc<Inner>,
+    guard: Arc<dyn Guard>,
+}
 
 /// Microseconds since the epoch, strictly increasing within this process.
 fn now_micros(clock: &AtomicI64) -> i64 {
@@ -194,25 +203,43 @@ impl Records {
         config: RecordsConfig,
     ) -> Result<Records, FhirError> {
         let keys = KeyService::open(&store, provider, sealer, config.key_cache).await?;
-        Ok(Records(Arc::new(Inner {
-            store,
-            keys,
-            config,
-            clock: AtomicI64::new(0),
-        })))
+        Ok(Records {
+            inner: Arc::new(Inner {
+                store,
+                keys,
+                config,
+                clock: AtomicI64::new(0),
+            }),
+            guard: Arc::new(Unrestricted),
+        })
+    }
+
+    /// The same service acting for a caller: every interaction through the
+    /// returned handle asks `guard` first. A freshly opened service is
+    /// [`Unrestricted`] (for trusted in-process callers only).
+    pub fn guarded(&self, guard: Arc<dyn Guard>) -> Records {
+        Records {
+            inner: self.inner.clone(),
+            guard,
+        }
+    }
+
+    /// The guard of this handle.
+    pub fn guard(&self) -> &dyn Guard {
+        self.guard.as_ref()
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
-        &self.0.store
+        &self.inner.store
     }
     pub fn keys(&self) -> &KeyService {
-        &self.0.keys
+        &self.inner.keys
     }
     pub fn config(&self) -> &RecordsConfig {
-        &self.0.config
+        &self.inner.config
     }
     pub(crate) fn now(&self) -> i64 {
-        now_micros(&self.0.clock)
+        now_micros(&self.inner.clock)
     }
 
     /// Open a stored version: check its state, unwrap its key, open and parse it.
@@ -288,63 +315,96 @@ impl Records {
 
     /// Read the current version.
     pub async fn read(&self, rtype: &str, id: &str) -> Result<Opened, FhirError> {
-        Self::check_type(rtype)?;
-        Self::check_id(id)?;
-        let (this, rtype, id) = (self.clone(), rtype.to_string(), id.to_string());
-        self.store()
+        self.before_read(rtype, id).await?;
+        let (this, t, i) = (self.clone(), rtype.to_string(), id.to_string());
+        let found = self
+            .store()
             .read(move |tx| {
-                let sv = tx.current(&rtype, &id)?;
-                Ok(match sv {
-                    None => Err(FhirError::not_found(format!("{rtype}/{id} is not known"))),
-                    Some(sv) => this.open_version(tx, sv),
-                })
+                Ok(tx
+                    .current(&t, &i)?
+                    .map(|sv| (sv.key_name.clone(), this.open_version(tx, sv))))
             })
             .await
-            .map_err(store_err)?
+            .map_err(store_err)?;
+        self.after_read(rtype, id, found).await
     }
 
     /// Read the current version as the stored JSON bytes, without parsing:
     /// the fast path for `GET /Type/id`.
     pub async fn read_raw(&self, rtype: &str, id: &str) -> Result<RawVersion, FhirError> {
-        Self::check_type(rtype)?;
-        Self::check_id(id)?;
-        let (this, rtype, id) = (self.clone(), rtype.to_string(), id.to_string());
-        self.store()
+        self.before_read(rtype, id).await?;
+        let (this, t, i) = (self.clone(), rtype.to_string(), id.to_string());
+        let found = self
+            .store()
             .read_point(move |tx| {
-                Ok(match tx.current(&rtype, &id)? {
-                    None => Err(FhirError::not_found(format!("{rtype}/{id} is not known"))),
-                    Some(sv) => this.open_bytes(tx, &sv).map(|json| RawVersion {
+                Ok(tx.current(&t, &i)?.map(|sv| {
+                    let opened = this.open_bytes(tx, &sv).map(|json| RawVersion {
                         rtype: sv.rtype,
                         id: sv.id,
                         version: sv.version,
                         last_updated: sv.last_updated,
                         json,
-                    }),
-                })
+                    });
+                    (sv.key_name, opened)
+                }))
             })
             .await
-            .map_err(store_err)?
+            .map_err(store_err)?;
+        self.after_read(rtype, id, found).await
     }
 
     /// Read a specific version.
     pub async fn vread(&self, rtype: &str, id: &str, version: &str) -> Result<Opened, FhirError> {
-        Self::check_type(rtype)?;
-        Self::check_id(id)?;
+        self.before_read(rtype, id).await?;
         let v: i64 = version
             .parse()
             .map_err(|_| FhirError::not_found(format!("no version '{version}'")))?;
-        let (this, rtype, id) = (self.clone(), rtype.to_string(), id.to_string());
-        self.store()
+        let (this, t, i) = (self.clone(), rtype.to_string(), id.to_string());
+        let found = self
+            .store()
             .read(move |tx| {
-                Ok(match tx.version(&rtype, &id, v)? {
-                    None => Err(FhirError::not_found(format!(
-                        "{rtype}/{id} has no version {v}"
-                    ))),
-                    Some(sv) => this.open_version(tx, sv),
-                })
+                Ok(tx
+                    .version(&t, &i, v)?
+                    .map(|sv| (sv.key_name.clone(), this.open_version(tx, sv))))
             })
             .await
-            .map_err(store_err)?
+            .map_err(store_err)?;
+        self.after_read(rtype, id, found)
+            .await
+            .map_err(|e| match e.kind {
+                ErrorKind::NotFound => {
+                    FhirError::not_found(format!("{rtype}/{id} has no version {v}"))
+                }
+                _ => e,
+            })
+    }
+
+    /// Checks before a read touches data: valid type and id, and the
+    /// caller's right to read the type at all.
+    async fn before_read(&self, rtype: &str, id: &str) -> Result<(), FhirError> {
+        Self::check_type(rtype)?;
+        Self::check_id(id)?;
+        self.guard.check_type(Interaction::Read, rtype).await
+    }
+
+    /// The caller's right to the one resource found (by the compartment of
+    /// its data key) decides before anything about it — even that it was
+    /// deleted — is returned.
+    pub(crate) async fn after_read<T>(
+        &self,
+        rtype: &str,
+        id: &str,
+        found: Option<(String, Result<T, FhirError>)>,
+    ) -> Result<T, FhirError> {
+        match found {
+            None => Err(FhirError::not_found(format!("{rtype}/{id} is not known"))),
+            Some((key_name, result)) => {
+                self.guard
+                    .check_resource(Interaction::Read, rtype, id, compartment_of_key(&key_name))
+                    .await?;
+                result
+            }
+        }
     }
 
     /// Stamp, seal, index and write one version inside a write transaction.
@@ -639,18 +699,13 @@ fn check_live(sv: &StoredVersion) -> Result<(), FhirError> {
     Ok(())
 }
 
-/// The version and state of a resource's current version.
-pub(crate) struct Head {
-    pub version: i64,
-    pub state: RecordState,
-}
-
-/// The current version and state of a resource, without reading its body.
-pub(crate) fn head(tx: &mut dyn ReadTx, rtype: &str, id: &str) -> Result<Option<Head>, FhirError> {
-    Ok(tx
-        .head(rtype, id)
-        .map_err(store_err)?
-        .map(|(version, state)| Head { version, state }))
+/// The current version, state and compartment of a resource, without reading its body.
+pub(crate) fn head(
+    tx: &mut dyn ReadTx,
+    rtype: &str,
+    id: &str,
+) -> Result<Option<custos_store::Head>, FhirError> {
+    tx.head(rtype, id).map_err(store_err)
 }
 
 /// Every `reference` string in a resource.

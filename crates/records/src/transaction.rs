@@ -11,6 +11,7 @@ use custos_fhir::{ErrorKind, FhirError, types};
 use custos_store::{Expect, ReadTx, RecordState, StoreError, StoreExt, WriteTx};
 use serde_json::{Value, json};
 
+use crate::access::{Interaction, Visibility, compartment_of_key};
 use crate::bundles::entry;
 use crate::keys::store_err;
 use crate::search::Plan;
@@ -39,6 +40,44 @@ struct Entry {
     resource: Option<Value>,
     /// The raw URL (for GET).
     url: String,
+    /// For GET entries: what the caller was allowed to see, decided before the commit.
+    seen: Option<GetAccess>,
+}
+
+/// The access decision a GET entry carries into the commit.
+#[derive(Debug, Clone)]
+enum GetAccess {
+    /// A read: only a version sealed under this data key may be returned.
+    Key(String),
+    /// A search: the visibility filter of the caller.
+    Search(Visibility),
+}
+
+/// One access question of a prepared transaction, asked before it commits.
+struct AccessCheck {
+    pos: usize,
+    interaction: Interaction,
+    rtype: String,
+    id: String,
+    compartment: Option<String>,
+}
+
+impl Method {
+    fn interaction(self, url: &str) -> Interaction {
+        match self {
+            Method::Post => Interaction::Create,
+            Method::Put => Interaction::Update,
+            Method::Delete => Interaction::Delete,
+            Method::Get => {
+                let path = url.split('?').next().unwrap_or_default();
+                if path.split('/').filter(|s| !s.is_empty()).count() > 1 {
+                    Interaction::Read
+                } else {
+                    Interaction::Search
+                }
+            }
+        }
+    }
 }
 
 fn parse_etag(s: &str) -> Option<i64> {
@@ -133,6 +172,7 @@ fn parse_entry(i: usize, e: &Value, base: &str) -> Result<Entry, FhirError> {
         if_match,
         resource,
         url,
+        seen: None,
     })
 }
 
@@ -172,6 +212,8 @@ struct TxPlan {
     writes: Vec<TxWrite>,
     /// (position, type, id, current version) of live resources to delete.
     deletes: Vec<(usize, String, String, i64)>,
+    /// What the caller's guard must allow before the commit.
+    access: Vec<AccessCheck>,
 }
 
 /// An error of entry `index`; single interactions keep the bare message.
@@ -205,6 +247,7 @@ impl Entry {
             condition,
             if_match,
             resource,
+            seen: None,
         }
     }
 }
@@ -353,14 +396,21 @@ impl Records {
         single: bool,
     ) -> Result<Vec<Done>, FhirError> {
         const ATTEMPTS: usize = 4;
+        for e in &entries {
+            self.guard()
+                .check_type(e.method.interaction(&e.url), &e.rtype)
+                .await
+                .map_err(|err| entry_error(e.index, err, single))?;
+        }
         for _ in 0..ATTEMPTS {
             let (this, attempt) = (self.clone(), entries.clone());
             let at = self.now();
-            let plan = self
+            let mut plan = self
                 .store()
                 .read(move |tx| Ok(this.prepare_entries(tx, attempt, at, single)))
                 .await
                 .map_err(store_err)??;
+            self.check_plan_access(&mut plan, single).await?;
             let (this, base) = (self.clone(), base.to_string());
             let committed = self
                 .store()
@@ -428,6 +478,15 @@ impl Records {
                         ));
                     }
                     (Method::Post, 1) => {
+                        // The existing match is returned: the caller must be able to read it.
+                        let h = head(tx, &e.rtype, &ids[0])?;
+                        plan.access.push(AccessCheck {
+                            pos,
+                            interaction: Interaction::Read,
+                            rtype: e.rtype.clone(),
+                            id: ids[0].clone(),
+                            compartment: h.and_then(|h| h.compartment),
+                        });
                         e.method = Method::Get;
                         e.resource = None;
                         e.url = format!("{}/{}", e.rtype, ids[0]);
@@ -511,6 +570,13 @@ impl Records {
                     let id = e.id.clone().expect("delete target resolved");
                     match head(tx, &e.rtype, &id)? {
                         Some(h) if h.state == RecordState::Live => {
+                            plan.access.push(AccessCheck {
+                                pos,
+                                interaction: Interaction::Delete,
+                                rtype: e.rtype.clone(),
+                                id: id.clone(),
+                                compartment: h.compartment.clone(),
+                            });
                             plan.deletes.push((pos, e.rtype.clone(), id, h.version));
                         }
                         _ => {
@@ -567,6 +633,30 @@ impl Records {
                     let prepared = self
                         .prepare(&e.rtype, &id, version, resource, at)
                         .map_err(|err| fail(e.index, err))?;
+                    // An update must be allowed where the resource was and
+                    // where it goes (a changed subject moves it).
+                    if let Some(h) = &cur
+                        && h.state == RecordState::Live
+                    {
+                        plan.access.push(AccessCheck {
+                            pos,
+                            interaction: Interaction::Update,
+                            rtype: e.rtype.clone(),
+                            id: id.clone(),
+                            compartment: h.compartment.clone(),
+                        });
+                    }
+                    plan.access.push(AccessCheck {
+                        pos,
+                        interaction: if created {
+                            Interaction::Create
+                        } else {
+                            Interaction::Update
+                        },
+                        rtype: e.rtype.clone(),
+                        id: id.clone(),
+                        compartment: prepared.compartment.clone(),
+                    });
                     plan.writes.push(TxWrite {
                         pos,
                         prepared,
@@ -575,6 +665,44 @@ impl Records {
                     });
                 }
                 Method::Get => {}
+            }
+        }
+        // GET entries run after the writes, inside the commit: decide now
+        // which version a read may return (the compartment it will have).
+        let written: HashMap<(String, String), String> = plan
+            .writes
+            .iter()
+            .map(|w| {
+                (
+                    (w.prepared.rtype.clone(), w.prepared.id.clone()),
+                    w.prepared.key_name.clone(),
+                )
+            })
+            .collect();
+        for (pos, e) in entries.iter_mut().enumerate() {
+            if e.method != Method::Get || plan.done[pos].is_some() {
+                continue;
+            }
+            let path = e.url.split('?').next().unwrap_or_default();
+            let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+            if let [t, id, ..] = segs.as_slice() {
+                let key = match written.get(&(t.to_string(), id.to_string())) {
+                    Some(k) => Some(k.clone()),
+                    None => head(tx, t, id)?.map(|h| match h.compartment {
+                        Some(p) => crate::keys::patient_key_name(&p),
+                        None => crate::keys::SHARED_KEY_NAME.to_string(),
+                    }),
+                };
+                if let Some(key) = key {
+                    plan.access.push(AccessCheck {
+                        pos,
+                        interaction: Interaction::Read,
+                        rtype: t.to_string(),
+                        id: id.to_string(),
+                        compartment: compartment_of_key(&key).map(str::to_string),
+                    });
+                    e.seen = Some(GetAccess::Key(key));
+                }
             }
         }
         plan.entries = entries;
@@ -595,6 +723,7 @@ impl Records {
             checks,
             writes,
             deletes,
+            access: _,
         } = plan;
         let fail = |pos: usize, err: FhirError| {
             CommitError::Fhir(entry_error(entries[pos].index, err, single))
@@ -761,6 +890,34 @@ impl Records {
         Ok(())
     }
 
+    /// Ask the guard every question the prepared plan raised; any refusal
+    /// fails the whole transaction before anything is written.
+    async fn check_plan_access(&self, plan: &mut TxPlan, single: bool) -> Result<(), FhirError> {
+        if self.guard().unrestricted() {
+            return Ok(());
+        }
+        for c in &plan.access {
+            self.guard()
+                .check_resource(c.interaction, &c.rtype, &c.id, c.compartment.as_deref())
+                .await
+                .map_err(|err| entry_error(plan.entries[c.pos].index, err, single))?;
+        }
+        for (pos, e) in plan.entries.iter_mut().enumerate() {
+            if e.method == Method::Get
+                && plan.done[pos].is_none()
+                && e.method.interaction(&e.url) == Interaction::Search
+            {
+                let v = self
+                    .guard()
+                    .visibility(Interaction::Search, Some(&e.rtype))
+                    .await
+                    .map_err(|err| entry_error(e.index, err, single))?;
+                e.seen = Some(GetAccess::Search(v));
+            }
+        }
+        Ok(())
+    }
+
     /// A GET entry inside a transaction: a read, vread or search.
     fn get_in(&self, tx: &mut dyn WriteTx, e: &Entry, base: &str) -> Result<Value, FhirError> {
         let (path, query) = e.url.split_once('?').unwrap_or((&e.url, ""));
@@ -771,6 +928,7 @@ impl Records {
                     .current(t, id)
                     .map_err(store_err)?
                     .ok_or_else(|| FhirError::not_found(format!("{t}/{id} is not known")))?;
+                self.check_seen(e, &sv.key_name)?;
                 Ok(self.open_version(tx, sv)?.resource)
             }
             [t, id, "_history", v] => {
@@ -781,10 +939,11 @@ impl Records {
                     .version(t, id, v)
                     .map_err(store_err)?
                     .ok_or_else(|| FhirError::not_found("no such version"))?;
+                self.check_seen(e, &sv.key_name)?;
                 Ok(self.open_version(tx, sv)?.resource)
             }
             [t] => {
-                let plan = if query.is_empty() {
+                let mut plan = if query.is_empty() {
                     crate::search::Plan {
                         query: custos_store::IndexQuery::all(t, 0),
                         confirm: Vec::new(),
@@ -792,6 +951,17 @@ impl Records {
                 } else {
                     self.plan_conditional(t, query)?
                 };
+                match &e.seen {
+                    Some(GetAccess::Search(Visibility::Only { patients, shared })) => {
+                        plan.query.filters.push(custos_store::Filter::Visible {
+                            patients: patients.clone(),
+                            shared: *shared,
+                        })
+                    }
+                    Some(GetAccess::Search(Visibility::All)) => {}
+                    _ if self.guard().unrestricted() => {}
+                    _ => return Err(FhirError::forbidden("access denied")),
+                }
                 let page =
                     self.execute(tx, &plan, None, false, self.config().default_count, false)?;
                 let entries: Vec<Value> = page
@@ -805,6 +975,17 @@ impl Records {
                 "cannot GET '{}' in a Bundle",
                 e.url
             ))),
+        }
+    }
+}
+
+impl Records {
+    /// A GET entry may return only a version under the data key its access check saw.
+    fn check_seen(&self, e: &Entry, key_name: &str) -> Result<(), FhirError> {
+        match &e.seen {
+            Some(GetAccess::Key(k)) if k == key_name => Ok(()),
+            _ if self.guard().unrestricted() => Ok(()),
+            _ => Err(FhirError::forbidden("access denied")),
         }
     }
 }

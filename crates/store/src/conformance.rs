@@ -67,6 +67,92 @@ where
     failed_job_rolls_back(fresh().await).await;
     data_keys_and_erasure(fresh().await).await;
     concurrent_writers_conflict(fresh().await).await;
+    system_records_and_logs(fresh().await).await;
+}
+
+/// System records lock optimistically; logs append in order.
+pub async fn system_records_and_logs(store: Arc<dyn Store>) {
+    let v = store
+        .write(|tx| tx.sys_put("user", "u1", b"one", Some(0)))
+        .await
+        .unwrap();
+    assert_eq!(v, 1);
+    let again = store
+        .write(|tx| tx.sys_put("user", "u1", b"dup", Some(0)))
+        .await;
+    assert!(
+        matches!(again, Err(StoreError::Conflict { .. })),
+        "create twice"
+    );
+    let stale = store
+        .write(|tx| tx.sys_put("user", "u1", b"x", Some(5)))
+        .await;
+    assert!(
+        matches!(stale, Err(StoreError::Conflict { .. })),
+        "stale version"
+    );
+    assert_eq!(
+        store
+            .write(|tx| tx.sys_put("user", "u1", b"two", Some(1)))
+            .await
+            .unwrap(),
+        2
+    );
+    store
+        .write(|tx| tx.sys_put("user", "u0", b"zero", None))
+        .await
+        .unwrap();
+    store
+        .write(|tx| tx.sys_put("client", "c", b"c", None))
+        .await
+        .unwrap();
+    let got = store
+        .read(|tx| tx.sys_get("user", "u1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((got.version, got.value.as_slice()), (2, &b"two"[..]));
+    let all = store.read(|tx| tx.sys_list("user")).await.unwrap();
+    assert_eq!(
+        all.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),
+        vec!["u0", "u1"]
+    );
+    assert!(store.write(|tx| tx.sys_delete("user", "u0")).await.unwrap());
+    assert!(!store.write(|tx| tx.sys_delete("user", "u0")).await.unwrap());
+    assert!(
+        store
+            .read(|tx| tx.sys_get("user", "u0"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Logs.
+    let mut seqs = Vec::new();
+    for i in 0..5 {
+        let log = if i % 2 == 0 { "access" } else { "other" };
+        seqs.push(
+            store
+                .write(move |tx| tx.log_append(log, 100 + i, format!("e{i}").as_bytes()))
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "sequence grows");
+    let access = store.read(|tx| tx.log_read("access", 0, 10)).await.unwrap();
+    assert_eq!(
+        access
+            .iter()
+            .map(|e| e.value.as_slice())
+            .collect::<Vec<_>>(),
+        vec![&b"e0"[..], b"e2", b"e4"]
+    );
+    let after = access[0].seq;
+    let rest = store
+        .read(move |tx| tx.log_read("access", after, 1))
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].at, 102);
 }
 
 /// Versions are kept; `Expect` enforces optimistic locking.
@@ -318,6 +404,67 @@ pub async fn token_and_range_search(store: Arc<dyn Store>) {
         run(vec![Filter::Compartment("r07".into())]).await,
         vec!["r07"]
     );
+    assert_eq!(
+        run(vec![Filter::Visible {
+            patients: vec!["r03".into(), "r08".into(), "zz".into()],
+            shared: false
+        }])
+        .await,
+        vec!["r03", "r08"]
+    );
+    assert_eq!(
+        run(vec![
+            Filter::AnyToken(vec![tok("even")]),
+            Filter::Visible {
+                patients: vec!["r03".into(), "r08".into()],
+                shared: true
+            }
+        ])
+        .await,
+        vec!["r08"]
+    );
+    assert!(
+        run(vec![Filter::Visible {
+            patients: vec![],
+            shared: false
+        }])
+        .await
+        .is_empty()
+    );
+    let odd: Vec<String> = (0..20)
+        .filter(|i| i % 2 == 1)
+        .map(|i| format!("r{i:02}"))
+        .collect();
+    for (filters, want) in [
+        (vec![Filter::AnyToken(vec![tok("odd")])], odd),
+        (
+            vec![
+                Filter::AnyToken(vec![tok("odd")]),
+                Filter::Ids(vec!["r01".into(), "r03".into(), "r04".into()]),
+            ],
+            vec!["r01".to_string(), "r03".to_string()],
+        ),
+    ] {
+        let q = IndexQuery {
+            filters,
+            ..IndexQuery::all("Observation", 100)
+        };
+        let mut got = store
+            .read(move |tx| tx.compartments(&q, 100))
+            .await
+            .unwrap();
+        got.sort();
+        assert_eq!(got, want, "compartments of the matches");
+    }
+    let head = store
+        .read(|tx| tx.head("Observation", "r05"))
+        .await
+        .unwrap()
+        .expect("head");
+    assert_eq!(
+        (head.version, head.compartment.as_deref()),
+        (1, Some("r05"))
+    );
     let q = IndexQuery::all("Observation", 100);
     assert_eq!(
         store.read(move |tx| tx.count(&q, 5)).await.unwrap(),
@@ -458,6 +605,7 @@ pub async fn history_scopes(store: Arc<dyn Store>) {
                 since,
                 before: None,
                 seq_below,
+                key_names: None,
                 limit: 10,
             };
             let q2 = q.clone();
@@ -501,6 +649,25 @@ pub async fn history_scopes(store: Arc<dyn Store>) {
     assert_eq!(h(HistoryScope::System, Some(20), None).await.len(), 2);
     assert_eq!(
         h(HistoryScope::System, None, Some(sys[0].seq)).await.len(),
+        2
+    );
+    // Access control narrows history to versions sealed under given keys.
+    let q = HistoryQuery {
+        scope: HistoryScope::System,
+        since: None,
+        before: None,
+        seq_below: None,
+        key_names: Some(vec!["patient/p".into()]),
+        limit: 10,
+    };
+    let q2 = q.clone();
+    let rows = store.read(move |tx| tx.history(&q)).await.unwrap();
+    assert!(rows.iter().all(|r| r.key_name == "patient/p") && rows.len() == 2);
+    assert_eq!(
+        store
+            .read(move |tx| tx.history_count(&q2, 10))
+            .await
+            .unwrap(),
         2
     );
 }

@@ -153,6 +153,9 @@ pub enum Filter {
     LastUpdated(Vec<RangeCond>),
     /// The resource is in this patient's compartment.
     Compartment(String),
+    /// Access control: the resource is in one of these patients'
+    /// compartments, or (with `shared`) in no patient's compartment.
+    Visible { patients: Vec<String>, shared: bool },
 }
 
 /// How results are ordered (always followed by the row id for a total order).
@@ -221,7 +224,41 @@ pub struct HistoryQuery {
     pub before: Option<i64>,
     /// Only versions with a sequence number below this (paging).
     pub seq_below: Option<i64>,
+    /// Access control: only versions sealed under one of these data keys.
+    pub key_names: Option<Vec<String>>,
     pub limit: usize,
+}
+
+/// The current version of a resource, without its body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub version: i64,
+    pub state: RecordState,
+    /// The patient whose compartment the resource is in, if any.
+    pub compartment: Option<String>,
+}
+
+/// A system record: server state that is not a FHIR resource (users,
+/// clients, tokens, signing keys, settings). Values are opaque bytes —
+/// callers seal whatever is secret before it reaches the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SysRecord {
+    pub kind: String,
+    pub key: String,
+    /// Starts at 1 and grows by one with every write (optimistic locking).
+    pub version: i64,
+    pub value: Vec<u8>,
+}
+
+/// One entry of an append-only system log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    /// Position in the log (monotonic across all logs of the store).
+    pub seq: i64,
+    pub log: String,
+    /// UTC microseconds.
+    pub at: i64,
+    pub value: Vec<u8>,
 }
 
 /// A wrapped data key as stored.
@@ -236,8 +273,8 @@ pub struct KeyRecord {
 pub trait ReadTx {
     /// The current version (live, deleted or erased) of a resource.
     fn current(&mut self, rtype: &str, id: &str) -> StoreResult<Option<StoredVersion>>;
-    /// The current version number and state of a resource, without its body.
-    fn head(&mut self, rtype: &str, id: &str) -> StoreResult<Option<(i64, RecordState)>>;
+    /// The current version number, state and compartment of a resource, without its body.
+    fn head(&mut self, rtype: &str, id: &str) -> StoreResult<Option<Head>>;
     /// A specific version.
     fn version(
         &mut self,
@@ -249,6 +286,9 @@ pub trait ReadTx {
     fn search(&mut self, q: &IndexQuery) -> StoreResult<Vec<StoredVersion>>;
     /// The ids of the matches of `q` (same order and limit as [`ReadTx::search`]), without bodies.
     fn search_ids(&mut self, q: &IndexQuery) -> StoreResult<Vec<String>>;
+    /// The distinct patient compartments of the matches of `q` (ignoring
+    /// order, keyset and limit), at most `cap` of them.
+    fn compartments(&mut self, q: &IndexQuery, cap: usize) -> StoreResult<Vec<String>>;
     /// Count matches of `q` (ignoring order, keyset and limit), counting at most `cap`.
     fn count(&mut self, q: &IndexQuery, cap: u64) -> StoreResult<u64>;
     /// Versions, newest first.
@@ -263,6 +303,12 @@ pub trait ReadTx {
     fn data_key_counts(&mut self) -> StoreResult<Vec<(String, u64)>>;
     /// Counts of live resources per type.
     fn type_counts(&mut self) -> StoreResult<Vec<(String, u64)>>;
+    /// A system record.
+    fn sys_get(&mut self, kind: &str, key: &str) -> StoreResult<Option<SysRecord>>;
+    /// Every system record of a kind, ordered by key.
+    fn sys_list(&mut self, kind: &str) -> StoreResult<Vec<SysRecord>>;
+    /// Entries of a system log with `seq > after`, oldest first, at most `limit`.
+    fn log_read(&mut self, log: &str, after: i64, limit: usize) -> StoreResult<Vec<LogEntry>>;
 }
 
 /// Write operations of a transaction.
@@ -275,4 +321,18 @@ pub trait WriteTx: ReadTx {
     /// the patient's compartment erased and drop their index rows. Returns
     /// the number of resources erased.
     fn erase_compartment(&mut self, patient_id: &str, key_name: &str) -> StoreResult<u64>;
+    /// Write a system record. With `expect`, the current version must be
+    /// exactly that (`0`: the record must not exist) or the write fails
+    /// with [`StoreError::Conflict`]. Returns the new version.
+    fn sys_put(
+        &mut self,
+        kind: &str,
+        key: &str,
+        value: &[u8],
+        expect: Option<i64>,
+    ) -> StoreResult<i64>;
+    /// Delete a system record; true if it existed.
+    fn sys_delete(&mut self, kind: &str, key: &str) -> StoreResult<bool>;
+    /// Append to a system log; returns the entry's sequence number.
+    fn log_append(&mut self, log: &str, at: i64, value: &[u8]) -> StoreResult<i64>;
 }

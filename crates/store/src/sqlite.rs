@@ -116,6 +116,20 @@ CREATE TABLE IF NOT EXISTS data_keys (
     kek_id TEXT NOT NULL,
     blob BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS sys (
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (kind, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sys_log (
+    seq INTEGER PRIMARY KEY,
+    log TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    value BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sys_log_by_log ON sys_log (log, seq);
 INSERT OR IGNORE INTO meta (k, v) VALUES ('schema_version', '1');
 "#;
 
@@ -565,6 +579,21 @@ fn push_filters(sql: &mut String, args: &mut Vec<SqlValue>, filters: &[Filter]) 
                 sql.push_str("c.compartment = ?");
                 args.push(SqlValue::Text(p.clone()));
             }
+            Filter::Visible { patients, shared } => {
+                sql.push('(');
+                if patients.is_empty() {
+                    sql.push('0');
+                } else {
+                    sql.push_str("c.compartment IN (");
+                    push_placeholders(sql, patients.len());
+                    sql.push(')');
+                    args.extend(patients.iter().map(|p| SqlValue::Text(p.clone())));
+                }
+                if *shared {
+                    sql.push_str(" OR c.compartment IS NULL");
+                }
+                sql.push(')');
+            }
         }
     }
 }
@@ -610,6 +639,16 @@ impl SqliteTx<'_> {
         if let Some(seq) = q.seq_below {
             sql.push_str(" AND v.seq < ?");
             args.push(SqlValue::Integer(seq));
+        }
+        if let Some(keys) = &q.key_names {
+            if keys.is_empty() {
+                sql.push_str(" AND 0");
+            } else {
+                sql.push_str(" AND v.key_name IN (");
+                push_placeholders(&mut sql, keys.len());
+                sql.push(')');
+                args.extend(keys.iter().map(|k| SqlValue::Text(k.clone())));
+            }
         }
         (sql, args)
     }
@@ -739,13 +778,19 @@ impl ReadTx for SqliteTx<'_> {
             .map_err(backend_err)
     }
 
-    fn head(&mut self, rtype: &str, id: &str) -> StoreResult<Option<(i64, RecordState)>> {
+    fn head(&mut self, rtype: &str, id: &str) -> StoreResult<Option<Head>> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT version, state FROM current WHERE rtype = ?1 AND id = ?2")
+            .prepare_cached(
+                "SELECT version, state, compartment FROM current WHERE rtype = ?1 AND id = ?2",
+            )
             .map_err(backend_err)?;
         stmt.query_row(params![rtype, id], |r| {
-            Ok((r.get::<_, i64>(0)?, RecordState::from_i64(r.get(1)?)))
+            Ok(Head {
+                version: r.get(0)?,
+                state: RecordState::from_i64(r.get(1)?),
+                compartment: r.get(2)?,
+            })
         })
         .optional()
         .map_err(backend_err)
@@ -789,6 +834,28 @@ impl ReadTx for SqliteTx<'_> {
             ids.reverse();
         }
         Ok(ids)
+    }
+
+    fn compartments(&mut self, q: &IndexQuery, cap: usize) -> StoreResult<Vec<String>> {
+        let (inner, mut args) = Self::search_sql(q, true);
+        // Both shapes of the counting query select `1`; select the compartment instead.
+        let inner = if let Some(rest) = inner.strip_prefix("SELECT 1 FROM idx_token t ") {
+            format!(
+                "SELECT c.compartment AS compartment FROM idx_token t \
+                 JOIN current c ON c.rid = t.rid {rest}"
+            )
+        } else {
+            inner.replacen("SELECT 1 ", "SELECT c.compartment AS compartment ", 1)
+        };
+        let sql = format!(
+            "SELECT DISTINCT compartment FROM ({inner}) WHERE compartment IS NOT NULL LIMIT ?"
+        );
+        args.push(SqlValue::Integer(cap.min(i64::MAX as usize) as i64));
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(backend_err)?;
+        let rows = stmt
+            .query_map(params_from_iter(args), |r| r.get::<_, String>(0))
+            .map_err(backend_err)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(backend_err)
     }
 
     fn count(&mut self, q: &IndexQuery, cap: u64) -> StoreResult<u64> {
@@ -863,6 +930,61 @@ impl ReadTx for SqliteTx<'_> {
         self.grouped_counts(
             "SELECT rtype, count(*) FROM current WHERE state = 0 GROUP BY rtype ORDER BY rtype",
         )
+    }
+
+    fn sys_get(&mut self, kind: &str, key: &str) -> StoreResult<Option<SysRecord>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT version, value FROM sys WHERE kind = ?1 AND key = ?2")
+            .map_err(backend_err)?;
+        stmt.query_row(params![kind, key], |r| {
+            Ok(SysRecord {
+                kind: kind.to_string(),
+                key: key.to_string(),
+                version: r.get(0)?,
+                value: r.get(1)?,
+            })
+        })
+        .optional()
+        .map_err(backend_err)
+    }
+
+    fn sys_list(&mut self, kind: &str) -> StoreResult<Vec<SysRecord>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT key, version, value FROM sys WHERE kind = ?1 ORDER BY key")
+            .map_err(backend_err)?;
+        let rows = stmt
+            .query_map(params![kind], |r| {
+                Ok(SysRecord {
+                    kind: kind.to_string(),
+                    key: r.get(0)?,
+                    version: r.get(1)?,
+                    value: r.get(2)?,
+                })
+            })
+            .map_err(backend_err)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(backend_err)
+    }
+
+    fn log_read(&mut self, log: &str, after: i64, limit: usize) -> StoreResult<Vec<LogEntry>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT seq, at, value FROM sys_log WHERE log = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            )
+            .map_err(backend_err)?;
+        let rows = stmt
+            .query_map(params![log, after, limit as i64], |r| {
+                Ok(LogEntry {
+                    seq: r.get(0)?,
+                    log: log.to_string(),
+                    at: r.get(1)?,
+                    value: r.get(2)?,
+                })
+            })
+            .map_err(backend_err)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(backend_err)
     }
 }
 
@@ -995,6 +1117,61 @@ impl WriteTx for SqliteTx<'_> {
             self.insert_index(rid, index)?;
         }
         Ok(())
+    }
+
+    fn sys_put(
+        &mut self,
+        kind: &str,
+        key: &str,
+        value: &[u8],
+        expect: Option<i64>,
+    ) -> StoreResult<i64> {
+        let current: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT version FROM sys WHERE kind = ?1 AND key = ?2")
+            .map_err(backend_err)?
+            .query_row(params![kind, key], |r| r.get(0))
+            .optional()
+            .map_err(backend_err)?;
+        let found = current.unwrap_or(0);
+        if let Some(want) = expect
+            && want != found
+        {
+            return Err(StoreError::Conflict {
+                rtype: format!("sys:{kind}"),
+                id: key.to_string(),
+                expected: want.to_string(),
+                found: found.to_string(),
+            });
+        }
+        let version = found + 1;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO sys (kind, key, version, value) VALUES (?1, ?2, ?3, ?4)                  ON CONFLICT (kind, key) DO UPDATE SET version = excluded.version, value = excluded.value",
+            )
+            .map_err(backend_err)?
+            .execute(params![kind, key, version, value])
+            .map_err(backend_err)?;
+        Ok(version)
+    }
+
+    fn sys_delete(&mut self, kind: &str, key: &str) -> StoreResult<bool> {
+        let n = self
+            .conn
+            .prepare_cached("DELETE FROM sys WHERE kind = ?1 AND key = ?2")
+            .map_err(backend_err)?
+            .execute(params![kind, key])
+            .map_err(backend_err)?;
+        Ok(n > 0)
+    }
+
+    fn log_append(&mut self, log: &str, at: i64, value: &[u8]) -> StoreResult<i64> {
+        self.conn
+            .prepare_cached("INSERT INTO sys_log (log, at, value) VALUES (?1, ?2, ?3)")
+            .map_err(backend_err)?
+            .execute(params![log, at, value])
+            .map_err(backend_err)?;
+        Ok(self.conn.last_insert_rowid())
     }
 
     fn put_data_key(&mut self, key: &KeyRecord, replace: bool) -> StoreResult<()> {

@@ -1,0 +1,127 @@
+//! Access control, as seen from the record service.
+//!
+//! The record service does not decide who may see what; it asks a
+//! [`Guard`] at every point where data would be touched or returned, and
+//! pushes the answer for searches down into the index query (so that
+//! totals, paging and `_include` never see what the caller may not). The
+//! policy itself lives in `custos-auth`.
+use custos_fhir::FhirError;
+
+/// An interaction, grouped as SMART v2 scope letters group them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Interaction {
+    /// `c`: create.
+    Create,
+    /// `r`: read, vread, instance history.
+    Read,
+    /// `u`: update.
+    Update,
+    /// `d`: delete.
+    Delete,
+    /// `s`: search, type and system history.
+    Search,
+}
+
+impl Interaction {
+    /// The SMART v2 scope letter.
+    pub fn letter(self) -> char {
+        match self {
+            Interaction::Create => 'c',
+            Interaction::Read => 'r',
+            Interaction::Update => 'u',
+            Interaction::Delete => 'd',
+            Interaction::Search => 's',
+        }
+    }
+
+    /// Every interaction, in scope-letter order.
+    pub const ALL: [Interaction; 5] = [
+        Interaction::Create,
+        Interaction::Read,
+        Interaction::Update,
+        Interaction::Delete,
+        Interaction::Search,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Interaction::Create => "create",
+            Interaction::Read => "read",
+            Interaction::Update => "update",
+            Interaction::Delete => "delete",
+            Interaction::Search => "search",
+        }
+    }
+}
+
+/// Which resources a search or history may return.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Visibility {
+    /// Everything of the type.
+    All,
+    /// Only resources in these patients' compartments and, with `shared`,
+    /// resources in no patient's compartment.
+    Only { patients: Vec<String>, shared: bool },
+}
+
+/// The questions the record service asks before touching data. One guard
+/// stands for one caller (and records the decisions it makes).
+#[async_trait::async_trait]
+pub trait Guard: Send + Sync {
+    /// May the caller do `interaction` on resources of `rtype` at all?
+    /// Asked before any data is read, so a refusal reveals nothing.
+    async fn check_type(&self, interaction: Interaction, rtype: &str) -> Result<(), FhirError>;
+
+    /// What a search (or a type history) of `rtype` may return; `None` is
+    /// the whole system (system history).
+    async fn visibility(
+        &self,
+        interaction: Interaction,
+        rtype: Option<&str>,
+    ) -> Result<Visibility, FhirError>;
+
+    /// May the caller do `interaction` on this one resource, which lies in
+    /// `compartment`'s Patient compartment (`None`: in no patient's)?
+    async fn check_resource(
+        &self,
+        interaction: Interaction,
+        rtype: &str,
+        id: &str,
+        compartment: Option<&str>,
+    ) -> Result<(), FhirError>;
+
+    /// True if this guard never refuses (internal callers: the CLI, the demo loader).
+    fn unrestricted(&self) -> bool {
+        false
+    }
+}
+
+/// The guard of trusted in-process callers: allows everything.
+pub struct Unrestricted;
+
+#[async_trait::async_trait]
+impl Guard for Unrestricted {
+    async fn check_type(&self, _: Interaction, _: &str) -> Result<(), FhirError> {
+        Ok(())
+    }
+    async fn visibility(&self, _: Interaction, _: Option<&str>) -> Result<Visibility, FhirError> {
+        Ok(Visibility::All)
+    }
+    async fn check_resource(
+        &self,
+        _: Interaction,
+        _: &str,
+        _: &str,
+        _: Option<&str>,
+    ) -> Result<(), FhirError> {
+        Ok(())
+    }
+    fn unrestricted(&self) -> bool {
+        true
+    }
+}
+
+/// The patient whose compartment a data key belongs to (`patient/{id}` → `id`).
+pub fn compartment_of_key(key_name: &str) -> Option<&str> {
+    key_name.strip_prefix("patient/")
+}
