@@ -62,6 +62,22 @@ pub enum Visibility {
     /// Only resources in these patients' compartments and, with `shared`,
     /// resources in no patient's compartment.
     Only { patients: Vec<String>, shared: bool },
+    /// Everything except what lies in these patients' compartments.
+    Except { patients: Vec<String> },
+}
+
+impl Visibility {
+    /// The index filter that enforces this visibility, if any.
+    pub fn filter(&self) -> Option<custos_store::Filter> {
+        match self {
+            Visibility::All => None,
+            Visibility::Only { patients, shared } => Some(custos_store::Filter::Visible {
+                patients: patients.clone(),
+                shared: *shared,
+            }),
+            Visibility::Except { patients } => Some(custos_store::Filter::Hidden(patients.clone())),
+        }
+    }
 }
 
 /// The questions the record service asks before touching data. One guard

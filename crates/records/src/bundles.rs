@@ -196,14 +196,13 @@ impl Records {
         let mut plan = self.plan(&req)?;
         // What the caller may not see is filtered in the index query itself,
         // so pages, links and totals never count it.
-        if let Visibility::Only { patients, shared } = self
+        if let Some(f) = self
             .guard()
             .visibility(Interaction::Search, Some(rtype))
             .await?
+            .filter()
         {
-            plan.query
-                .filters
-                .push(Filter::Visible { patients, shared });
+            plan.query.filters.push(f);
         }
         let count = req
             .count
@@ -489,14 +488,17 @@ impl Records {
             }
             HistoryScope::System => self.guard().visibility(Interaction::Search, None).await?,
         };
-        let key_names = match visibility {
-            Visibility::All => None,
+        let (key_names, exclude_keys) = match visibility {
+            Visibility::All => (None, Vec::new()),
             Visibility::Only { patients, shared } => {
                 let mut keys: Vec<String> = patients.iter().map(|p| patient_key_name(p)).collect();
                 if shared {
                     keys.push(SHARED_KEY_NAME.to_string());
                 }
-                Some(keys)
+                (Some(keys), Vec::new())
+            }
+            Visibility::Except { patients } => {
+                (None, patients.iter().map(|p| patient_key_name(p)).collect())
             }
         };
         let q = HistoryQuery {
@@ -505,6 +507,7 @@ impl Records {
             before,
             seq_below,
             key_names,
+            exclude_keys,
             limit: count + 1,
         };
         let (mut rows, total) = self.history_rows(q, true).await?;

@@ -12,6 +12,7 @@ mod bundles;
 mod capability;
 mod index;
 mod keys;
+mod relations;
 mod search;
 mod service;
 mod transaction;
@@ -20,4 +21,5 @@ pub use access::{Guard, Interaction, Unrestricted, Visibility, compartment_of_ke
 pub use capability::capability_statement;
 pub use index::{PREFIX_MAX, blind_date, range_pkey};
 pub use keys::{KeyService, SHARED_KEY_NAME, patient_key_name};
+pub use relations::{CARE_TEAM, ENCOUNTER, GENERAL_PRACTITIONER, RELATION_TYPES};
 pub use service::{Opened, RawVersion, Records, RecordsConfig, new_id};

@@ -1,6 +1,6 @@
 //! The record service: FHIR interactions over sealed storage.
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use custos_fhir::date::format_instant;
 use custos_fhir::{ErrorKind, FhirError, compartment, registry, types, validate};
@@ -158,6 +158,7 @@ pub(crate) struct Inner {
     keys: KeyService,
     config: RecordsConfig,
     clock: AtomicI64,
+    relations_gen: AtomicU64,
 }
 
 /// The record service; cheap to clone. Each handle carries the [`Guard`]
@@ -209,6 +210,7 @@ impl Records {
                 keys,
                 config,
                 clock: AtomicI64::new(0),
+                relations_gen: AtomicU64::new(0),
             }),
             guard: Arc::new(Unrestricted),
         })
@@ -237,6 +239,9 @@ impl Records {
     }
     pub fn config(&self) -> &RecordsConfig {
         &self.inner.config
+    }
+    pub(crate) fn relations_gen(&self) -> &AtomicU64 {
+        &self.inner.relations_gen
     }
     pub(crate) fn now(&self) -> i64 {
         now_micros(&self.inner.clock)
@@ -608,6 +613,7 @@ impl Records {
     /// resources erased.
     pub async fn shred_patient(&self, patient_id: &str) -> Result<u64, FhirError> {
         Self::check_id(patient_id)?;
+        self.relations_gen().fetch_add(1, Ordering::AcqRel);
         let key_name = patient_key_name(patient_id);
         let (pid, kn) = (patient_id.to_string(), key_name.clone());
         let exists = self

@@ -420,7 +420,16 @@ impl Records {
                 })
                 .await;
             match committed {
-                Ok(done) => return Ok(done),
+                Ok(done) => {
+                    if entries.iter().any(|e| {
+                        e.method != Method::Get
+                            && crate::relations::RELATION_TYPES.contains(&e.rtype.as_str())
+                    }) {
+                        self.relations_gen()
+                            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                    }
+                    return Ok(done);
+                }
                 Err(e) => match e.into_aborted::<CommitError>() {
                     Ok(CommitError::Retry) => {
                         tracing::debug!(
@@ -952,13 +961,7 @@ impl Records {
                     self.plan_conditional(t, query)?
                 };
                 match &e.seen {
-                    Some(GetAccess::Search(Visibility::Only { patients, shared })) => {
-                        plan.query.filters.push(custos_store::Filter::Visible {
-                            patients: patients.clone(),
-                            shared: *shared,
-                        })
-                    }
-                    Some(GetAccess::Search(Visibility::All)) => {}
+                    Some(GetAccess::Search(v)) => plan.query.filters.extend(v.filter()),
                     _ if self.guard().unrestricted() => {}
                     _ => return Err(FhirError::forbidden("access denied")),
                 }

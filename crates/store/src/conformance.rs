@@ -431,6 +431,14 @@ pub async fn token_and_range_search(store: Arc<dyn Store>) {
         .await
         .is_empty()
     );
+    assert_eq!(
+        run(vec![Filter::Hidden(
+            (1..20).map(|i| format!("r{i:02}")).collect()
+        )])
+        .await,
+        vec!["r00"]
+    );
+    assert_eq!(run(vec![Filter::Hidden(vec![])]).await.len(), 20);
     let odd: Vec<String> = (0..20)
         .filter(|i| i % 2 == 1)
         .map(|i| format!("r{i:02}"))
@@ -606,6 +614,7 @@ pub async fn history_scopes(store: Arc<dyn Store>) {
                 before: None,
                 seq_below,
                 key_names: None,
+                exclude_keys: Vec::new(),
                 limit: 10,
             };
             let q2 = q.clone();
@@ -658,11 +667,23 @@ pub async fn history_scopes(store: Arc<dyn Store>) {
         before: None,
         seq_below: None,
         key_names: Some(vec!["patient/p".into()]),
+        exclude_keys: Vec::new(),
         limit: 10,
     };
     let q2 = q.clone();
     let rows = store.read(move |tx| tx.history(&q)).await.unwrap();
     assert!(rows.iter().all(|r| r.key_name == "patient/p") && rows.len() == 2);
+    let q = HistoryQuery {
+        scope: HistoryScope::System,
+        since: None,
+        before: None,
+        seq_below: None,
+        key_names: None,
+        exclude_keys: vec!["patient/p".into()],
+        limit: 10,
+    };
+    let rows = store.read(move |tx| tx.history(&q)).await.unwrap();
+    assert!(rows.len() == 1 && rows[0].key_name != "patient/p");
     assert_eq!(
         store
             .read(move |tx| tx.history_count(&q2, 10))

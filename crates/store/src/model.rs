@@ -156,6 +156,8 @@ pub enum Filter {
     /// Access control: the resource is in one of these patients'
     /// compartments, or (with `shared`) in no patient's compartment.
     Visible { patients: Vec<String>, shared: bool },
+    /// Access control: the resource is in none of these patients' compartments.
+    Hidden(Vec<String>),
 }
 
 /// How results are ordered (always followed by the row id for a total order).
@@ -226,6 +228,8 @@ pub struct HistoryQuery {
     pub seq_below: Option<i64>,
     /// Access control: only versions sealed under one of these data keys.
     pub key_names: Option<Vec<String>>,
+    /// Access control: no version sealed under one of these data keys.
+    pub exclude_keys: Vec<String>,
     pub limit: usize,
 }
 

@@ -594,6 +594,16 @@ fn push_filters(sql: &mut String, args: &mut Vec<SqlValue>, filters: &[Filter]) 
                 }
                 sql.push(')');
             }
+            Filter::Hidden(patients) => {
+                if patients.is_empty() {
+                    sql.push('1');
+                    continue;
+                }
+                sql.push_str("(c.compartment IS NULL OR c.compartment NOT IN (");
+                push_placeholders(sql, patients.len());
+                sql.push_str("))");
+                args.extend(patients.iter().map(|p| SqlValue::Text(p.clone())));
+            }
         }
     }
 }
@@ -649,6 +659,12 @@ impl SqliteTx<'_> {
                 sql.push(')');
                 args.extend(keys.iter().map(|k| SqlValue::Text(k.clone())));
             }
+        }
+        if !q.exclude_keys.is_empty() {
+            sql.push_str(" AND v.key_name NOT IN (");
+            push_placeholders(&mut sql, q.exclude_keys.len());
+            sql.push(')');
+            args.extend(q.exclude_keys.iter().map(|k| SqlValue::Text(k.clone())));
         }
         (sql, args)
     }
