@@ -198,3 +198,12 @@ mod tests {
         assert!(check_totp(secret, "081804", 1111111109 + 90, 0).is_none());
     }
 }
+
+/// The current code for a base32 secret as an enrollment shows it (for
+/// scripts and tests that play the authenticator app).
+pub fn totp_code_base32(secret_base32: &str, unix_secs: u64) -> Option<String> {
+    let bytes = totp_rs::Secret::Encoded(secret_base32.to_string())
+        .to_bytes()
+        .ok()?;
+    Some(totp_code(&bytes, unix_secs))
+}

@@ -6,7 +6,11 @@
 //! 1. ingest synthetic transaction Bundles (AES-256-GCM sealing);
 //! 2. the same ingest with a copying "sealer", for the cost of sealing;
 //! 3. reads by id over HTTP on both data sets (throughput, latency);
-//! 4. identifier and family searches over a large demographics-only data set.
+//! 4. identifier and family searches over a large demographics-only data set;
+//! 5. the cost of authentication: every run above carries a bearer token
+//!    (SMART Backend Services) through the full policy; one more sealed run
+//!    serves without authentication, and reads by id are compared; the
+//!    in-process cost of authentication plus policy per request is timed.
 //!
 //! The benchmark runs on its own tokio runtime (one worker per logical CPU)
 //! whose threads log at `warn` unless `CUSTOS_LOG` says otherwise, so that
@@ -98,6 +102,10 @@ const SEAL_RATIO_TARGET: f64 = 1.15;
 const READ_TARGET: f64 = 25_000.0;
 const READ_P99_TARGET_US: u32 = 5_000;
 const SEARCH_P99_TARGET_US: u32 = 5_000;
+const AUTH_RATIO_TARGET: f64 = 0.9;
+const AUTH_MEDIAN_TARGET_US: u32 = 20;
+/// Requests timed in the in-process authentication + policy measurement.
+const POLICY_ITERATIONS: usize = 20_000;
 
 /// Patients per transaction Bundle when loading the search data set.
 const SEARCH_BATCH: usize = 1_000;
@@ -261,6 +269,11 @@ impl Lat {
     fn text(&self) -> String {
         format!("{} / {} / {} ms", ms(self.p50), ms(self.p99), ms(self.max))
     }
+
+    /// For latencies kept in nanoseconds.
+    fn text_us(&self) -> String {
+        format!("{} / {} / {}", us(self.p50), us(self.p99), us(self.max))
+    }
 }
 
 /// Counted failures with a few quoted.
@@ -344,27 +357,58 @@ impl Drop for TempDir {
 struct BenchServer {
     client: FhirClient,
     server: EmbeddedServer,
+    /// The access token the client sends (absent on the open baseline).
+    token: Option<String>,
     store: Arc<SqliteStore>,
     // Declared last: dropped after the store.
     _dir: TempDir,
 }
 
 impl BenchServer {
-    async fn start(label: &str, sealer: Arc<dyn Sealer>) -> anyhow::Result<BenchServer> {
+    /// A fresh server; with `authenticated`, a backend client is registered
+    /// and the load generator signs in as it (SMART Backend Services).
+    async fn start(
+        label: &str,
+        sealer: Arc<dyn Sealer>,
+        authenticated: bool,
+    ) -> anyhow::Result<BenchServer> {
         let dir = TempDir::new(label)?;
         crate::init_dir(dir.path(), false)?;
         let opened =
             crate::open_data(FileConfig::default(), dir.path().to_path_buf(), sealer).await?;
-        let server = EmbeddedServer::start(opened.records.clone()).await?;
-        let client = FhirClient::new(&server.url());
+        let auth_config = authenticated.then(|| custos_auth::AuthConfig {
+            // Long enough for the longest phase.
+            access_token_secs: 4 * 3600,
+            ..custos_auth::AuthConfig::default()
+        });
+        let server = EmbeddedServer::start(opened.records.clone(), auth_config).await?;
+        let mut client = FhirClient::new(&server.url());
+        let mut token = None;
+        if let Some(auth) = &server.auth {
+            let (c, t) = crate::backend::sign_in_as_system(
+                auth,
+                &client,
+                "bench-loader",
+                "benchmark load generator",
+            )
+            .await?;
+            client = c;
+            token = Some(t);
+        }
         println!(
-            ".. {label} server at {}, data dir {}",
+            ".. {label} server at {}, data dir {}{}",
             client.base(),
-            dir.path().display()
+            dir.path().display(),
+            if authenticated {
+                ", bearer token (client_credentials)"
+            } else {
+                ", NO authentication (baseline)"
+            }
         );
         Ok(BenchServer {
             client,
             server,
+            token,
             store: opened.store,
             _dir: dir,
         })
@@ -993,13 +1037,15 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
     let mut best: [Option<f64>; 2] = [None, None];
     let mut best_cpu: [Option<f64>; 2] = [None, None];
     let mut reads: [Option<ReadResult>; 2] = [None, None];
-    for (round, k) in [0usize, 1, 1, 0].into_iter().enumerate() {
-        let (label, sealer) = if k == 0 {
-            ("sealed", Arc::new(GcmSealer) as Arc<dyn Sealer>)
-        } else {
-            ("copy", Arc::new(CopySealer) as Arc<dyn Sealer>)
+    let mut open_read: Option<ReadResult> = None;
+    let mut policy_cost: Option<Lat> = None;
+    for (round, k) in [0usize, 1, 1, 0, 2].into_iter().enumerate() {
+        let (label, sealer) = match k {
+            0 => ("sealed", Arc::new(GcmSealer) as Arc<dyn Sealer>),
+            1 => ("copy", Arc::new(CopySealer) as Arc<dyn Sealer>),
+            _ => ("sealed-open", Arc::new(GcmSealer) as Arc<dyn Sealer>),
         };
-        let server = BenchServer::start(label, sealer).await?;
+        let server = BenchServer::start(label, sealer, k != 2).await?;
         let ing = ingest(&server, &data).await?;
         println!(
             ".. ingest {label} (round {}): {} resources in {:.2} s = {} resources/s; process CPU {}",
@@ -1012,6 +1058,29 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
                 c * 1e6 / data.resources as f64
             ))
         );
+        if k == 2 {
+            let paths = Arc::new(read_paths(&ing, plan.seed));
+            let read =
+                read_bench(&server.client, paths, plan.connections, plan.read_seconds).await?;
+            println!(
+                ".. read {label} (no authentication): {} req/s, p50 / p99 / max {}, {} failed",
+                thousands(read.rate),
+                read.lat.text(),
+                read.failures.count,
+            );
+            read.failures.print(&format!("read {label}"));
+            open_read = Some(read);
+            server.stop().await?;
+            continue;
+        }
+        if k == 0 && policy_cost.is_none() {
+            let lat = policy_bench(&server, &ing).await?;
+            println!(
+                ".. authentication + policy in process: p50 / p99 / max {}",
+                lat.text_us()
+            );
+            policy_cost = Some(lat);
+        }
         best[k] = Some(best[k].map_or(ing.secs, |b: f64| b.min(ing.secs)));
         if let Some(c) = ing.cpu {
             best_cpu[k] = Some(best_cpu[k].map_or(c, |b: f64| b.min(c)));
@@ -1138,6 +1207,45 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
             failed.push(format!("{} {label} reads failed", read.failures.count));
         }
     }
+    if let Some(open) = &open_read {
+        let ratio = if open.rate > 0.0 {
+            sealed_read.rate / open.rate
+        } else {
+            0.0
+        };
+        rows.push(row(
+            "auth",
+            format!(
+                "sealed, no authentication: GET /{{Type}}/{{id}}, {} conns",
+                plan.connections
+            ),
+            format!("{} req/s, p99 {}", thousands(open.rate), ms(open.lat.p99)),
+        ));
+        rows.push(
+            row(
+                "auth",
+                "read throughput with tokens / without",
+                format!("{ratio:.3}"),
+            )
+            .want(">= 0.90", ratio >= AUTH_RATIO_TARGET),
+        );
+        if open.failures.count > 0 {
+            failed.push(format!("{} open reads failed", open.failures.count));
+        }
+    }
+    if let Some(lat) = &policy_cost {
+        rows.push(
+            row(
+                "auth",
+                "authentication + policy per request, in process: p50 / p99",
+                format!("{} / {}", us(lat.p50), us(lat.p99)),
+            )
+            .want(
+                format!("median <= {AUTH_MEDIAN_TARGET_US} us"),
+                lat.p50 <= AUTH_MEDIAN_TARGET_US * 1000,
+            ),
+        );
+    }
     let read_ratio = if copy_read.rate > 0.0 {
         sealed_read.rate / copy_read.rate
     } else {
@@ -1177,7 +1285,7 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
         batches.iter().map(Vec::len).sum::<usize>() as f64 / 1e6,
         t.elapsed().as_secs_f64()
     );
-    let server = BenchServer::start("search", Arc::new(GcmSealer)).await?;
+    let server = BenchServer::start("search", Arc::new(GcmSealer), true).await?;
     let n_batches = batches.len();
     let load_secs = search_load(&server.client, data.directory.clone(), batches).await?;
     let load_rate = plan.search_patients as f64 / load_secs;
@@ -1285,4 +1393,51 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
         bail!("benchmark checks failed: {}", failed.join("; "));
     }
     Ok(())
+}
+
+/// The in-process cost of what every authenticated request adds: verify
+/// the bearer token (cached after its first use), read the security epoch,
+/// build the request's guard, and decide a read of one resource.
+async fn policy_bench(server: &BenchServer, ing: &Ingested) -> anyhow::Result<Lat> {
+    use custos_records::{Guard, Interaction};
+    let (Some(auth), Some(token)) = (&server.server.auth, &server.token) else {
+        bail!("the policy measurement needs an authenticated server");
+    };
+    let ids: Vec<&str> = ing
+        .patients
+        .iter()
+        .map(|p| p.rsplit('/').next().unwrap_or(p))
+        .collect();
+    if ids.is_empty() {
+        bail!("no patients to read");
+    }
+    let mut lat = Vec::with_capacity(POLICY_ITERATIONS);
+    for i in 0..POLICY_ITERATIONS + 1_000 {
+        let id = ids[i % ids.len()];
+        let t0 = Instant::now();
+        let (principal, snapshot) = auth
+            .authenticate(token)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let guard = auth.guard(principal, snapshot, None, None);
+        guard
+            .check_type(Interaction::Read, "Patient")
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        guard
+            .check_resource(Interaction::Read, "Patient", id, Some(id))
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        let _ = guard.take_decisions();
+        if i >= 1_000 {
+            lat.push(t0.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+        }
+    }
+    // Here the latencies are in nanoseconds.
+    Ok(Lat::of(lat))
+}
+
+/// Nanoseconds as microseconds.
+fn us(nanos: u32) -> String {
+    format!("{:.1} us", nanos as f64 / 1000.0)
 }

@@ -13,6 +13,8 @@ use serde_json::Value;
 pub struct FhirClient {
     base: String,
     http: Client<HttpConnector, Full<Bytes>>,
+    /// The bearer token sent with every request, if any.
+    token: Option<String>,
 }
 
 impl FhirClient {
@@ -25,6 +27,15 @@ impl FhirClient {
         FhirClient {
             base: base.trim_end_matches('/').to_string(),
             http,
+            token: None,
+        }
+    }
+
+    /// The same client (sharing its connections), sending `token` as a bearer token.
+    pub fn with_token(&self, token: &str) -> FhirClient {
+        FhirClient {
+            token: Some(token.to_string()),
+            ..self.clone()
         }
     }
 
@@ -39,6 +50,17 @@ impl FhirClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> anyhow::Result<(u16, Bytes)> {
+        self.send_with(method, path, body, &[]).await
+    }
+
+    /// [`FhirClient::send`] with extra request headers (a later one replaces an earlier).
+    pub async fn send_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<(u16, Bytes)> {
         let url = if path.starts_with("http") {
             path.to_string()
         } else {
@@ -50,6 +72,17 @@ impl FhirClient {
             .header("accept", "application/fhir+json");
         if body.is_some() {
             req = req.header("content-type", "application/fhir+json");
+        }
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        if let Some(h) = req.headers_mut() {
+            for (k, v) in headers {
+                h.insert(
+                    hyper::header::HeaderName::from_bytes(k.as_bytes())?,
+                    hyper::header::HeaderValue::from_str(v)?,
+                );
+            }
         }
         let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
         let resp = self.http.request(req).await?;
@@ -67,6 +100,33 @@ impl FhirClient {
     ) -> anyhow::Result<(u16, Value)> {
         let body = body.map(serde_json::to_vec).transpose()?;
         let (status, bytes) = self.send(method, path, body).await?;
+        let v = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)?
+        };
+        Ok((status, v))
+    }
+}
+
+impl FhirClient {
+    /// POST a form (the OAuth token endpoint) and parse the JSON answer.
+    pub async fn form(&self, path: &str, pairs: &[(&str, &str)]) -> anyhow::Result<(u16, Value)> {
+        let mut body = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in pairs {
+            body.append_pair(k, v);
+        }
+        let (status, bytes) = self
+            .send_with(
+                "POST",
+                path,
+                Some(body.finish().into_bytes()),
+                &[
+                    ("content-type", "application/x-www-form-urlencoded"),
+                    ("accept", "application/json"),
+                ],
+            )
+            .await?;
         let v = if bytes.is_empty() {
             Value::Null
         } else {

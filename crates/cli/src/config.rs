@@ -6,7 +6,7 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 
 /// The TOML configuration file (every key optional).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub listen: Option<SocketAddr>,
@@ -16,16 +16,18 @@ pub struct FileConfig {
     pub tls: Option<TlsConfig>,
     pub storage: Option<StorageConfig>,
     pub search: Option<SearchConfig>,
+    /// Identity, tokens and the access policy.
+    pub auth: Option<custos_auth::AuthConfig>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
     /// `full` (default) or `normal`.
@@ -33,7 +35,7 @@ pub struct StorageConfig {
     pub cache_mib: Option<u32>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SearchConfig {
     pub default_count: Option<usize>,

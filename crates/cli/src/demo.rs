@@ -47,10 +47,26 @@ pub async fn run(
     );
     let opened = crate::open_data(FileConfig::default(), dir.clone(), Arc::new(GcmSealer)).await?;
     let store = opened.store.clone();
-    let server = crate::embedded::EmbeddedServer::start(opened.records.clone()).await?;
+    let server = crate::embedded::EmbeddedServer::start(
+        opened.records.clone(),
+        Some(custos_auth::AuthConfig::default()),
+    )
+    .await?;
     let addr = server.addr;
-    let c = FhirClient::new(&format!("http://{addr}"));
-    println!("server     http://{addr}  (FHIR R4, application/fhir+json)");
+    let auth = server
+        .auth
+        .clone()
+        .context("the demo server runs with authentication")?;
+    let anonymous = FhirClient::new(&format!("http://{addr}"));
+    println!("server     http://{addr}  (FHIR R4, application/fhir+json, SMART on FHIR)");
+    let (s, _) = anonymous.json("GET", "/Patient", None).await?;
+    println!("no token   GET /Patient -> {s} (every request needs a bearer token)");
+    let (c, _) =
+        crate::backend::sign_in_as_system(&auth, &anonymous, "demo-loader", "demo data loader")
+            .await?;
+    println!(
+        "system     client demo-loader signed in (SMART Backend Services: ES256 client assertion -> system/*.cruds)"
+    );
 
     // 1. Load synthetic patients as transaction Bundles.
     let synth = custos_synth::Synth::new(custos_synth::SynthConfig {
@@ -123,7 +139,10 @@ pub async fn run(
         oo["issue"][0]["diagnostics"].as_str().unwrap_or("")
     );
 
-    // 3. What the database holds: ciphertext and blind indexes only.
+    // 3. Who may see what.
+    access_control(&auth, &anonymous, &c, &pref, &p, patients).await?;
+
+    // 4. What the database holds: ciphertext and blind indexes only.
     server_checkpoint(&store).await;
     let files = custos_store::Store::files(store.as_ref());
     let mut found = 0;
@@ -139,7 +158,7 @@ pub async fn run(
         files[0].display()
     );
 
-    // 4. Crypto-shredding.
+    // 5. Crypto-shredding.
     let pid = pref.trim_start_matches("Patient/");
     let n = opened
         .records
@@ -170,4 +189,167 @@ fn first(v: &Value) -> &str {
 /// Let the writer settle so the files reflect every commit.
 async fn server_checkpoint(_store: &Arc<custos_store::SqliteStore>) {
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+}
+
+/// Sign in as a user with password and the current TOTP code (the demo
+/// plays the authenticator app with the enrollment secret).
+async fn sign_in(
+    anonymous: &FhirClient,
+    username: &str,
+    password: &str,
+    totp_secret: Option<&str>,
+    scope: &str,
+) -> anyhow::Result<FhirClient> {
+    let code = totp_secret
+        .and_then(|s| custos_auth::users::totp_code_base32(s, custos_auth::now_secs() as u64));
+    let t =
+        crate::backend::password_grant(anonymous, username, password, code.as_deref(), scope, &[])
+            .await?;
+    let token = t["access_token"].as_str().context("no access token")?;
+    Ok(anonymous.with_token(token))
+}
+
+/// A physician reads their own patient, is refused another, breaks the
+/// glass with a reason; a patient reads only their own record.
+async fn access_control(
+    auth: &custos_auth::AuthService,
+    anonymous: &FhirClient,
+    loader: &FhirClient,
+    pref: &str,
+    patient: &Value,
+    patients: usize,
+) -> anyhow::Result<()> {
+    use custos_auth::{NewUser, Role};
+    let gp = patient["generalPractitioner"][0]["reference"]
+        .as_str()
+        .and_then(|r| r.strip_prefix("Practitioner/"))
+        .context("the first patient has no general practitioner")?
+        .to_string();
+    let password = format!("demo-{}", custos_auth::random_token(12));
+    let doctor = auth
+        .add_user(NewUser {
+            username: "dr.demo".into(),
+            password: password.clone(),
+            role: Role::Physician,
+            practitioner: Some(gp.clone()),
+            patient: None,
+            organization: None,
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let doc = sign_in(
+        anonymous,
+        "dr.demo",
+        &password,
+        doctor.totp_secret.as_deref(),
+        "user/*.cruds",
+    )
+    .await?;
+    println!("physician  dr.demo (Practitioner/{gp}) signed in with password + TOTP");
+    let (s, _) = doc.json("GET", pref, None).await?;
+    println!("  own      GET /{pref} -> {s} (a patient in their care)");
+    // Another patient with no care relationship to this physician.
+    let (_, all) = loader
+        .json(
+            "GET",
+            &format!("Patient?_count={patients}&_elements=id"),
+            None,
+        )
+        .await?;
+    let mut other = None;
+    for e in all["entry"].as_array().into_iter().flatten() {
+        let Some(id) = e["resource"]["id"].as_str() else {
+            continue;
+        };
+        let (s, _) = doc.json("GET", &format!("Patient/{id}"), None).await?;
+        if s == 403 {
+            other = Some(id.to_string());
+            break;
+        }
+    }
+    let other = other.context("every demo patient is related to this physician")?;
+    let (s, oo) = doc.json("GET", &format!("Patient/{other}"), None).await?;
+    println!(
+        "  other    GET /Patient/{other} -> {s} {}",
+        oo["issue"][0]["diagnostics"].as_str().unwrap_or("")
+    );
+    let (s, _) = doc
+        .send_with(
+            "GET",
+            &format!("Patient/{other}"),
+            None,
+            &[(
+                "x-break-glass-reason",
+                "unconscious patient in the emergency department",
+            )],
+        )
+        .await?;
+    println!(
+        "  glass    GET /Patient/{other} with X-Break-Glass-Reason -> {s} (granted for a limited time, recorded for review)"
+    );
+    let (_, b) = doc.json("GET", "Patient?_count=100", None).await?;
+    println!(
+        "  search   GET /Patient -> total {} (only patients in their care, plus the broken glass)",
+        b["total"]
+    );
+
+    let pid = pref.trim_start_matches("Patient/").to_string();
+    let ppass = format!("demo-{}", custos_auth::random_token(12));
+    let me = auth
+        .add_user(NewUser {
+            username: "patient.demo".into(),
+            password: ppass.clone(),
+            role: Role::Patient,
+            practitioner: None,
+            patient: Some(pid.clone()),
+            organization: None,
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let pat = sign_in(
+        anonymous,
+        "patient.demo",
+        &ppass,
+        me.totp_secret.as_deref(),
+        "patient/*.rs launch/patient",
+    )
+    .await?;
+    println!("patient    patient.demo (Patient/{pid}) signed in");
+    let (s, _) = pat.json("GET", pref, None).await?;
+    println!("  own      GET /{pref} -> {s}");
+    let (s, _) = pat.json("GET", &format!("Patient/{other}"), None).await?;
+    println!(
+        "  other    GET /Patient/{other} -> {s} (another patient's record does not exist for them)"
+    );
+    let (_, b) = pat.json("GET", "Observation?_summary=count", None).await?;
+    let (_, all_obs) = loader
+        .json("GET", "Observation?_summary=count", None)
+        .await?;
+    println!(
+        "  search   GET /Observation?_summary=count -> {} of the server's {} (their own only)",
+        b["total"], all_obs["total"]
+    );
+    auth.access_log().flush().await;
+    let records = auth
+        .access_log()
+        .read(0, 100_000)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut rules: std::collections::BTreeMap<String, usize> = Default::default();
+    for (_, r) in &records {
+        for d in &r.decisions {
+            let key = format!("{} {}", if d.allowed { "allow" } else { "deny" }, d.rule);
+            *rules.entry(key).or_default() += 1;
+        }
+    }
+    println!(
+        "decisions  {} requests recorded; by rule: {}",
+        records.len(),
+        rules
+            .iter()
+            .map(|(k, n)| format!("{k} x{n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
 }

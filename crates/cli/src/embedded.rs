@@ -1,49 +1,64 @@
 //! A Custos server running inside this process on an ephemeral loopback
 //! port: what the demo and the benchmark talk to over real HTTP.
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use custos_auth::{AuthConfig, AuthService};
 use custos_records::Records;
-use custos_server::ServerConfig;
+use custos_server::{Access, AppState, ServerConfig};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub struct EmbeddedServer {
     pub addr: SocketAddr,
+    /// The identity service (absent only for the benchmark's no-authentication baseline).
+    pub auth: Option<Arc<AuthService>>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
 impl EmbeddedServer {
-    /// Serve `records` on 127.0.0.1 (port chosen by the OS).
-    pub async fn start(records: Records) -> anyhow::Result<EmbeddedServer> {
+    /// Serve `records` on 127.0.0.1 (port chosen by the OS) with
+    /// authentication; `None` serves without any (benchmark baseline only).
+    pub async fn start(
+        records: Records,
+        auth: Option<AuthConfig>,
+    ) -> anyhow::Result<EmbeddedServer> {
+        let listener = std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .context("cannot bind a loopback port")?;
+        let addr = listener.local_addr()?;
         let config = ServerConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            listen: addr,
             ..ServerConfig::default()
         };
-        let (bound_tx, bound_rx) = oneshot::channel();
+        let auth = match auth {
+            Some(c) => Some(Arc::new(
+                AuthService::open(&records, c, &format!("http://{addr}"))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            )),
+            None => None,
+        };
+        let state = AppState {
+            records,
+            access: match &auth {
+                Some(a) => Access::Enforced(a.clone()),
+                None => Access::OpenForBenchmark,
+            },
+            config: Arc::new(config),
+        };
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            let on_bound = move |a| {
-                let _ = bound_tx.send(a);
-            };
-            custos_server::serve(records, config, on_bound, async move {
+            custos_server::serve(listener, state, async move {
                 let _ = stop_rx.await;
             })
             .await
         });
-        let addr = match bound_rx.await {
-            Ok(a) => a,
-            Err(_) => {
-                return Err(match task.await {
-                    Ok(Err(e)) => e.context("the server did not start"),
-                    _ => anyhow::anyhow!("the server did not start"),
-                });
-            }
-        };
         Ok(EmbeddedServer {
             addr,
+            auth,
             stop: Some(stop_tx),
             task,
         })
@@ -59,13 +74,17 @@ impl EmbeddedServer {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        match tokio::time::timeout(Duration::from_secs(15), &mut self.task).await {
+        let r = match tokio::time::timeout(Duration::from_secs(15), &mut self.task).await {
             Ok(Ok(r)) => r.context("the server failed"),
             Ok(Err(e)) => Err(anyhow::anyhow!("the server task failed: {e}")),
             Err(_) => {
                 self.task.abort();
                 bail!("the server did not stop within 15 s")
             }
+        };
+        if let Some(a) = &self.auth {
+            a.access_log().flush().await;
         }
+        r
     }
 }

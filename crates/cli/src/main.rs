@@ -1,4 +1,7 @@
-//! The `custos` command line: serve, init, demo, synth, keys, patient, bench.
+//! The `custos` command line: serve, init, demo, synth, keys, patient,
+//! user, client, read-only, login, bench.
+mod admin;
+mod backend;
 mod bench;
 mod client;
 mod config;
@@ -109,6 +112,41 @@ enum Command {
         #[command(subcommand)]
         action: PatientAction,
     },
+    /// User accounts: add, list, lock, unlock, set-role, revoke, read-only.
+    User {
+        #[command(subcommand)]
+        action: admin::UserAction,
+    },
+    /// OAuth clients: SMART Backend Services and SMART apps.
+    Client {
+        #[command(subcommand)]
+        action: admin::ClientAction,
+    },
+    /// Switch the whole server (every node) to read-only (`on`) or back (`off`).
+    ReadOnly {
+        #[command(flatten)]
+        data: DataArgs,
+        /// on or off
+        state: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Sign in to a running server (password from CUSTOS_PASSWORD or a prompt, plus a TOTP code); prints the token.
+    Login {
+        /// The server's base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        #[arg(long)]
+        username: String,
+        /// The current code of the authenticator app.
+        #[arg(long)]
+        totp: Option<String>,
+        #[arg(long, default_value = "user/*.cruds offline_access")]
+        scope: String,
+        /// Launch patient for patient/ scopes.
+        #[arg(long)]
+        patient: Option<String>,
+    },
     /// Measure ingest, reads, searches and the cost of sealing on this machine.
     Bench(bench::BenchArgs),
 }
@@ -125,6 +163,11 @@ enum KeysAction {
     },
     /// Show the KEKs and how many data keys each wraps.
     Status {
+        #[command(flatten)]
+        data: DataArgs,
+    },
+    /// Start signing access tokens with a new key (the old one keeps verifying until its tokens expire).
+    RotateSigning {
         #[command(flatten)]
         data: DataArgs,
     },
@@ -193,6 +236,18 @@ pub struct Opened {
     pub store: Arc<SqliteStore>,
     pub file: FileConfig,
     pub data_dir: PathBuf,
+}
+
+/// The public base URL: configured, or derived from the listen address.
+pub fn issuer(file: &FileConfig, bound: Option<std::net::SocketAddr>) -> String {
+    if let Some(b) = &file.base_url {
+        return b.trim_end_matches('/').to_string();
+    }
+    let addr = bound
+        .or(file.listen)
+        .unwrap_or_else(|| ServerConfig::default().listen);
+    let scheme = if file.tls.is_some() { "https" } else { "http" };
+    format!("{scheme}://{addr}")
 }
 
 fn resolve(data: &DataArgs) -> anyhow::Result<(FileConfig, PathBuf)> {
@@ -361,20 +416,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 _ => None,
             };
             let tls = sc.tls.is_some();
+            let listener = std::net::TcpListener::bind(sc.listen)
+                .with_context(|| format!("cannot listen on {}", sc.listen))?;
+            let addr = listener.local_addr()?;
+            let scheme = if tls { "https" } else { "http" };
+            let issuer = sc
+                .base_url
+                .clone()
+                .map(|b| b.trim_end_matches('/').to_string())
+                .unwrap_or_else(|| format!("{scheme}://{addr}"));
+            let auth_config = file.auth.clone().unwrap_or_default();
             let opened = open_data(file, dir, Arc::new(GcmSealer)).await?;
-            custos_server::serve(
-                opened.records,
-                sc,
-                |addr| {
-                    tracing::info!(%addr, tls, "custos listening");
-                    println!(
-                        "custos listening on {}://{addr}",
-                        if tls { "https" } else { "http" }
-                    );
-                },
-                shutdown_signal(),
-            )
-            .await?;
+            let auth = Arc::new(
+                custos_auth::AuthService::open(&opened.records, auth_config, &issuer)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            );
+            let state = custos_server::AppState {
+                records: opened.records.clone(),
+                access: custos_server::Access::Enforced(auth.clone()),
+                config: Arc::new(sc),
+            };
+            tracing::info!(%addr, tls, "custos listening");
+            println!("custos listening on {scheme}://{addr} (issuer {issuer})");
+            custos_server::serve(listener, state, shutdown_signal()).await?;
+            auth.access_log().flush().await;
             opened.store.close();
         }
         Command::Demo {
@@ -431,6 +497,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "erased Patient/{id}: its data key is destroyed; {n} resources (every version) are now unreadable"
             );
         }
+        Command::Keys {
+            action: KeysAction::RotateSigning { data },
+        } => {
+            let (opened, auth) = admin::open_auth(&data).await?;
+            let kid = auth
+                .rotate_signing_key()
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"));
+            auth.access_log().flush().await;
+            opened.store.close();
+            println!("access tokens are now signed with key {}", kid?);
+        }
+        Command::User { action } => admin::user(action).await?,
+        Command::Client { action } => admin::client(action).await?,
+        Command::ReadOnly {
+            data,
+            state,
+            reason,
+        } => admin::server_read_only(data, state, reason).await?,
+        Command::Login {
+            url,
+            username,
+            totp,
+            scope,
+            patient,
+        } => admin::login(url, username, totp, scope, patient).await?,
         Command::Bench(args) => bench::run(args).await?,
     }
     Ok(())

@@ -4,6 +4,7 @@
 //! on [`custos_records::Records`] and results into FHIR JSON responses;
 //! every error becomes an OperationOutcome with its HTTP status.
 
+pub mod auth;
 mod error;
 mod http;
 mod routes;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 
 use custos_records::Records;
 
+pub use auth::{Access, Caller};
 pub use error::ApiError;
 pub use routes::router;
 
@@ -44,22 +46,19 @@ impl Default for ServerConfig {
 /// Shared state of the handlers.
 #[derive(Clone)]
 pub struct AppState {
+    /// The unrestricted record service; handlers use the caller's guarded handle.
     pub records: Records,
+    pub access: Access,
     pub config: Arc<ServerConfig>,
 }
 
-/// Serve until `shutdown` completes. `on_bound` receives the actual address
-/// (useful when listening on port 0).
+/// Serve on an already bound listener until `shutdown` completes.
 pub async fn serve(
-    records: Records,
-    config: ServerConfig,
-    on_bound: impl FnOnce(SocketAddr),
+    listener: std::net::TcpListener,
+    state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let state = AppState {
-        records,
-        config: Arc::new(config.clone()),
-    };
+    let config = state.config.clone();
     let app = router(state);
     let handle = axum_server::Handle::new();
     let h2 = handle.clone();
@@ -67,10 +66,7 @@ pub async fn serve(
         shutdown.await;
         h2.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
     });
-    let listener = std::net::TcpListener::bind(config.listen)?;
     listener.set_nonblocking(true)?;
-    let addr = listener.local_addr()?;
-    on_bound(addr);
     let make = app.into_make_service_with_connect_info::<SocketAddr>();
     match &config.tls {
         Some((cert, key)) => {

@@ -1,6 +1,7 @@
 //! Routes and handlers of the FHIR REST API.
 use std::time::Instant;
 
+use axum::Extension;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{MatchedPath, Path, RawQuery, Request, State};
@@ -13,6 +14,7 @@ use serde_json::Value;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::AppState;
+use crate::auth::{self, Caller};
 use crate::error::ApiError;
 use crate::http::{
     FHIR_JSON, Return, base_url, fhir_json, if_match, json_body, negotiate, prefer_handling,
@@ -21,10 +23,10 @@ use crate::http::{
 
 type ApiResult = Result<Response, ApiError>;
 
-/// The FHIR REST API router.
+/// The router: the FHIR REST API (behind bearer-token authentication) and
+/// the OAuth 2.0, SMART and administration endpoints.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/metadata", get(metadata))
+    let fhir = Router::new()
         .route("/", post(bundle))
         .route("/_history", get(history_system))
         .route("/{rtype}", get(search_get).post(create))
@@ -33,6 +35,40 @@ pub fn router(state: AppState) -> Router {
         .route("/{rtype}/{id}", get(read).put(update).delete(delete))
         .route("/{rtype}/{id}/_history", get(history_instance))
         .route("/{rtype}/{id}/_history/{vid}", get(vread))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
+    Router::new()
+        .route("/metadata", get(metadata))
+        .route(
+            "/.well-known/smart-configuration",
+            get(auth::smart_configuration),
+        )
+        .route("/.well-known/jwks.json", get(auth::jwks))
+        .route("/auth/token", post(auth::token))
+        .route(
+            "/auth/authorize",
+            get(auth::authorize_get).post(auth::authorize_post),
+        )
+        .route(
+            "/admin/users",
+            get(auth::admin_list_users).post(auth::admin_add_user),
+        )
+        .route(
+            "/admin/users/{username}/{action}",
+            post(auth::admin_user_action),
+        )
+        .route("/admin/read-only", post(auth::admin_read_only))
+        .route(
+            "/admin/clients",
+            get(auth::admin_list_clients).post(auth::admin_register_client),
+        )
+        .route(
+            "/admin/signing-key/rotate",
+            post(auth::admin_rotate_signing_key),
+        )
+        .merge(fhir)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(log_requests))
@@ -90,22 +126,40 @@ async fn metadata(
             .map(|d| d.as_micros() as i64)
             .unwrap_or(0),
     );
-    let cs = custos_records::capability_statement(
-        &base_url(&s, &headers),
-        env!("CARGO_PKG_VERSION"),
-        &now,
-    );
+    let base = base_url(&s, &headers);
+    let mut cs = custos_records::capability_statement(&base, env!("CARGO_PKG_VERSION"), &now);
+    if let Some(auth) = s.access.service() {
+        let issuer = auth.issuer();
+        cs["rest"][0]["security"] = serde_json::json!({
+            "cors": false,
+            "service": [{
+                "coding": [{
+                    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                    "code": "SMART-on-FHIR"
+                }],
+                "text": "OAuth2 using SMART-on-FHIR profile (see /.well-known/smart-configuration)"
+            }],
+            "extension": [{
+                "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                "extension": [
+                    { "url": "token", "valueUri": format!("{issuer}/auth/token") },
+                    { "url": "authorize", "valueUri": format!("{issuer}/auth/authorize") }
+                ]
+            }],
+            "description": "Every request needs a bearer token. Access follows SMART scopes, the caller's role, and the care relationship to the patient; a patient's Consent deny overrides; clinicians may break the glass with X-Break-Glass-Reason."
+        });
+    }
     Ok(fhir_json(StatusCode::OK, &cs))
 }
 
 async fn read(
-    State(s): State<AppState>,
+    Extension(c): Extension<Caller>,
     headers: HeaderMap,
     Path((rtype, id)): Path<(String, String)>,
     RawQuery(q): RawQuery,
 ) -> ApiResult {
     negotiate(&headers, &params(q))?;
-    let raw = s.records.read_raw(&rtype, &id).await?;
+    let raw = c.records.read_raw(&rtype, &id).await?;
     if let Some(inm) = headers.get("if-none-match").and_then(|v| v.to_str().ok())
         && inm.trim() == raw.etag()
     {
@@ -121,12 +175,13 @@ async fn read(
 
 async fn vread(
     State(s): State<AppState>,
+    Extension(c): Extension<Caller>,
     headers: HeaderMap,
     Path((rtype, id, vid)): Path<(String, String, String)>,
     RawQuery(q): RawQuery,
 ) -> ApiResult {
     negotiate(&headers, &params(q))?;
-    let o = s.records.vread(&rtype, &id, &vid).await?;
+    let o = c.records.vread(&rtype, &id, &vid).await?;
     Ok(resource_response(
         StatusCode::OK,
         &o,
@@ -138,6 +193,7 @@ async fn vread(
 
 async fn create(
     State(s): State<AppState>,
+    Extension(c): Extension<Caller>,
     headers: HeaderMap,
     Path(rtype): Path<String>,
     RawQuery(q): RawQuery,
@@ -149,12 +205,13 @@ async fn create(
         .get("if-none-exist")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let (o, created) = s.records.create(&rtype, body, cond).await?;
+    let (o, created) = c.records.create(&rtype, body, cond).await?;
     Ok(written(&s, &headers, &o, created))
 }
 
 async fn update(
     State(s): State<AppState>,
+    Extension(c): Extension<Caller>,
     headers: HeaderMap,
     Path((rtype, id)): Path<(String, String)>,
     RawQuery(q): RawQuery,
@@ -162,7 +219,7 @@ async fn update(
 ) -> ApiResult {
     negotiate(&headers, &params(q))?;
     let body = json_body(&s, &headers, body).await?;
-    let (o, created) = s
+    let (o, created) = c
         .records
         .update(&rtype, &id, body, if_match(&headers)?)
         .await?;
@@ -191,24 +248,29 @@ fn written(
     )
 }
 
-async fn delete(State(s): State<AppState>, Path((rtype, id)): Path<(String, String)>) -> ApiResult {
-    s.records.delete(&rtype, &id).await?;
+async fn delete(
+    Extension(c): Extension<Caller>,
+    Path((rtype, id)): Path<(String, String)>,
+) -> ApiResult {
+    c.records.delete(&rtype, &id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn search_get(
     State(s): State<AppState>,
+    Extension(c): Extension<Caller>,
     headers: HeaderMap,
     Path(rtype): Path<String>,
     RawQuery(q): RawQuery,
 ) -> ApiResult {
     let p = params(q);
     negotiate(&headers, &p)?;
-    search(s, headers, rtype, p).await
+    search(s, c, headers, rtype, p).await
 }
 
 async fn search_post(
     State(s): State<AppState>,
+    Extension(c): Extension<Caller>,
     headers: HeaderMap,
     Path(rtype): Path<String>,
     RawQuery(q): RawQuery,
@@ -231,17 +293,18 @@ async fn search_post(
         .await
         .map_err(|_| FhirError::new(ErrorKind::PayloadTooLarge, "the request body is too large"))?;
     p.extend(form_urlencoded::parse(&bytes).into_owned());
-    search(s, headers, rtype, p).await
+    search(s, c, headers, rtype, p).await
 }
 
 async fn search(
     s: AppState,
+    c: Caller,
     headers: HeaderMap,
     rtype: String,
     p: Vec<(String, String)>,
 ) -> ApiResult {
     let base = base_url(&s, &headers);
-    let bundle = s
+    let bundle = c
         .records
         .search_json(&rtype, p, prefer_handling(&headers), &base)
         .await?;
@@ -253,6 +316,7 @@ async fn search(
 
 async fn bundle(
     State(s): State<AppState>,
+    Extension(c): Extension<Caller>,
     headers: HeaderMap,
     RawQuery(q): RawQuery,
     body: Body,
@@ -262,7 +326,7 @@ async fn bundle(
     let base = base_url(&s, &headers);
     let representation =
         prefer_return(&headers) == Return::Representation && headers.get("prefer").is_some();
-    let resp = s
+    let resp = c
         .records
         .process_bundle(body, &base, representation)
         .await?;
@@ -271,12 +335,13 @@ async fn bundle(
 
 async fn history_system(
     State(s): State<AppState>,
+    Extension(c): Extension<Caller>,
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> ApiResult {
     let p = params(q);
     negotiate(&headers, &p)?;
-    let b = s
+    let b = c
         .records
         .history(None, None, p, &base_url(&s, &headers))
         .await?;
@@ -285,13 +350,14 @@ async fn history_system(
 
 async fn history_type(
     State(s): State<AppState>,
+    Extension(c): Extension<Caller>,
     headers: HeaderMap,
     Path(rtype): Path<String>,
     RawQuery(q): RawQuery,
 ) -> ApiResult {
     let p = params(q);
     negotiate(&headers, &p)?;
-    let b = s
+    let b = c
         .records
         .history(Some(&rtype), None, p, &base_url(&s, &headers))
         .await?;
@@ -300,13 +366,14 @@ async fn history_type(
 
 async fn history_instance(
     State(s): State<AppState>,
+    Extension(c): Extension<Caller>,
     headers: HeaderMap,
     Path((rtype, id)): Path<(String, String)>,
     RawQuery(q): RawQuery,
 ) -> ApiResult {
     let p = params(q);
     negotiate(&headers, &p)?;
-    let b = s
+    let b = c
         .records
         .history(Some(&rtype), Some(&id), p, &base_url(&s, &headers))
         .await?;
