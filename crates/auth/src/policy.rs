@@ -195,6 +195,13 @@ impl DenyRule {
     }
 }
 
+/// A care relationship kind (`care-team`, `encounter`, …), or none.
+type Relation = Option<&'static str>;
+/// Every patient's Consent deny rules.
+type DenyRulesByPatient = Arc<HashMap<String, Vec<DenyRule>>>;
+/// Which rule lets a caller into a compartment (`Ok`), or why not (`Err`).
+type RelationshipAnswer = Result<Result<String, String>, FhirError>;
+
 struct Cached<T> {
     generation: u64,
     until: i64,
@@ -208,10 +215,10 @@ pub struct Policy {
     permissions: Permissions,
     records: Records,
     vault: Vault,
-    relations: Mutex<LruCache<(String, String), Cached<Option<&'static str>>>>,
+    relations: Mutex<LruCache<(String, String), Cached<Relation>>>,
     related_sets: Mutex<LruCache<String, Cached<Arc<Vec<String>>>>>,
     consents: Mutex<LruCache<String, Cached<Arc<Vec<DenyRule>>>>>,
-    all_consents: Mutex<Option<Cached<Arc<HashMap<String, Vec<DenyRule>>>>>>,
+    all_consents: Mutex<Option<Cached<DenyRulesByPatient>>>,
     grants: Mutex<HashMap<(String, String), BreakGlassGrant>>,
 }
 
@@ -652,11 +659,7 @@ impl RequestGuard {
         &'a self,
         ctx: Context,
         patient: &'a str,
-    ) -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = Result<Result<String, String>, FhirError>> + Send + 'a,
-        >,
-    > {
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = RelationshipAnswer> + Send + 'a>> {
         Box::pin(self.relationship_inner(ctx, patient))
     }
 

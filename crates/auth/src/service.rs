@@ -1619,21 +1619,3 @@ fn unverified_claim(token: &str, name: &str) -> Option<String> {
     let v: Value = serde_json::from_slice(&bytes).ok()?;
     v.get(name)?.as_str().map(str::to_string)
 }
-
-#[cfg(test)]
-fn _futures_are_send(a: Arc<AuthService>) {
-    fn send<T: Send>(_: T) {}
-    send(async move {
-        let _ = a.authenticate("x").await;
-        let _ = a
-            .token(
-                Grant::RefreshToken {
-                    refresh_token: String::new(),
-                    scope: None,
-                },
-                &Origin::default(),
-            )
-            .await;
-        let _ = a.lock_user("x", "y").await;
-    });
-}

@@ -165,6 +165,15 @@ pub fn check_totp(secret: &[u8], code: &str, unix_secs: u64, last_step: u64) -> 
     found
 }
 
+/// The current code for a base32 secret as an enrollment shows it (for
+/// scripts and tests that play the authenticator app).
+pub fn totp_code_base32(secret_base32: &str, unix_secs: u64) -> Option<String> {
+    let bytes = totp_rs::Secret::Encoded(secret_base32.to_string())
+        .to_bytes()
+        .ok()?;
+    Some(totp_code(&bytes, unix_secs))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,13 +206,4 @@ mod tests {
         assert!(check_totp(secret, "081804", 1111111109 + 30, 0).is_some());
         assert!(check_totp(secret, "081804", 1111111109 + 90, 0).is_none());
     }
-}
-
-/// The current code for a base32 secret as an enrollment shows it (for
-/// scripts and tests that play the authenticator app).
-pub fn totp_code_base32(secret_base32: &str, unix_secs: u64) -> Option<String> {
-    let bytes = totp_rs::Secret::Encoded(secret_base32.to_string())
-        .to_bytes()
-        .ok()?;
-    Some(totp_code(&bytes, unix_secs))
 }

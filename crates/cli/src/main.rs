@@ -437,8 +437,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 access: custos_server::Access::Enforced(auth.clone()),
                 config: Arc::new(sc),
             };
-            tracing::info!(%addr, tls, "custos listening");
-            println!("custos listening on {scheme}://{addr} (issuer {issuer})");
+            tracing::info!(%addr, tls, issuer, "custos listening");
+            println!("custos listening on {scheme}://{addr}");
             custos_server::serve(listener, state, shutdown_signal()).await?;
             auth.access_log().flush().await;
             opened.store.close();

@@ -22,6 +22,9 @@ pub const CARE_TEAM: &str = "care-team";
 pub const ENCOUNTER: &str = "encounter";
 pub const GENERAL_PRACTITIONER: &str = "general-practitioner";
 
+/// A relationship kind, the resource type that shows it, and the search that finds it.
+type RelationSpec = (&'static str, &'static str, Vec<(String, String)>);
+
 impl Records {
     fn relation_plans(
         &self,
@@ -31,7 +34,7 @@ impl Records {
     ) -> Result<Vec<(&'static str, Plan)>, FhirError> {
         let who = format!("Practitioner/{practitioner}");
         let since = format!("ge{}", format_instant(encounter_since));
-        let mut specs: Vec<(&'static str, &str, Vec<(String, String)>)> = vec![
+        let mut specs: Vec<RelationSpec> = vec![
             (
                 CARE_TEAM,
                 "CareTeam",
