@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use custos_store::{LogEntry, StoreExt};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 
 use crate::AuthError;
 use crate::vault::{Vault, backend};
@@ -60,72 +59,80 @@ pub struct AccessRecord {
     pub decisions: Vec<Decision>,
 }
 
-enum Msg {
-    Record(Box<AccessRecord>),
-    /// Answered once everything queued before it is appended.
-    Flush(tokio::sync::oneshot::Sender<()>),
+/// Records waiting to be appended, and flush requests waiting for them.
+#[derive(Default)]
+struct Pending {
+    records: parking_lot::Mutex<Vec<AccessRecord>>,
+    flushes: parking_lot::Mutex<Vec<tokio::sync::oneshot::Sender<()>>>,
+    wake: tokio::sync::Notify,
 }
 
-/// Appends access records in batches.
+/// Appends access records in batches. A request only pushes its record
+/// into a buffer (no task wake-up per request); a background task appends
+/// the buffer every [`GATHER`], or sooner when it holds [`BATCH`] records.
 #[derive(Clone)]
 pub struct AccessLog {
-    tx: mpsc::Sender<Msg>,
+    pending: Arc<Pending>,
     vault: Vault,
 }
 
-const BATCH: usize = 1024;
+const BATCH: usize = 4096;
+/// How long records gather before they are appended.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
 
 impl AccessLog {
     /// Start the background appender.
     pub fn start(vault: Vault) -> AccessLog {
-        let (tx, mut rx) = mpsc::channel::<Msg>(65_536);
-        let v = vault.clone();
+        let pending = Arc::new(Pending::default());
+        let (p, v) = (Arc::downgrade(&pending), vault.clone());
         tokio::spawn(async move {
-            let mut batch = Vec::with_capacity(BATCH);
-            while rx.recv_many(&mut batch, BATCH).await > 0 {
-                let mut flushes = Vec::new();
-                let sealed: Vec<(i64, Vec<u8>)> = batch
-                    .drain(..)
-                    .filter_map(|m| match m {
-                        Msg::Record(r) => {
-                            let key = format!("{}", r.at);
-                            Some((r.at, v.seal(ACCESS_LOG, &key, &*r)))
-                        }
-                        Msg::Flush(done) => {
-                            flushes.push(done);
-                            None
-                        }
-                    })
-                    .collect();
-                let n = sealed.len();
-                let result = v
-                    .store()
-                    .write(move |tx| {
-                        for (at, value) in &sealed {
-                            tx.log_append(ACCESS_LOG, *at, value)?;
-                        }
-                        Ok(())
-                    })
-                    .await;
-                if let Err(e) = result {
-                    tracing::error!(records = n, error = %e, "access records could not be appended");
+            loop {
+                let Some(p) = p.upgrade() else {
+                    break;
+                };
+                let _ = tokio::time::timeout(GATHER, p.wake.notified()).await;
+                // Flush requests first: every record pushed before a flush
+                // request is then in the buffer taken next.
+                let flushes = std::mem::take(&mut *p.flushes.lock());
+                let records = std::mem::take(&mut *p.records.lock());
+                drop(p);
+                if !records.is_empty() {
+                    // One sealed entry per batch: one AES-GCM seal and one
+                    // row for many records, not one of each per request.
+                    let at = records[0].at;
+                    let n = records.len();
+                    let sealed = v.seal(ACCESS_LOG, &at.to_string(), &records);
+                    let result = v
+                        .store()
+                        .write(move |tx| tx.log_append(ACCESS_LOG, at, &sealed).map(|_| ()))
+                        .await;
+                    if let Err(e) = result {
+                        tracing::error!(records = n, error = %e, "access records could not be appended");
+                    }
                 }
                 for done in flushes {
                     let _ = done.send(());
                 }
             }
         });
-        AccessLog { tx, vault }
+        AccessLog { pending, vault }
     }
 
-    /// Queue a record (waits only if the appender is far behind).
+    /// Queue a record; it is appended within [`GATHER`].
     pub async fn record(&self, r: AccessRecord) {
-        if self.tx.send(Msg::Record(Box::new(r))).await.is_err() {
-            tracing::error!("access log appender stopped; a record was lost");
+        let full = {
+            let mut b = self.pending.records.lock();
+            b.push(r);
+            b.len() >= BATCH
+        };
+        if full {
+            self.pending.wake.notify_one();
         }
     }
 
-    /// Read back records after `after` (by log sequence), opened.
+    /// Read back the records of log entries after `after` (each entry holds
+    /// a batch; every record is returned with its entry's sequence number),
+    /// at most `limit` entries, opened.
     pub async fn read(
         &self,
         after: i64,
@@ -137,26 +144,26 @@ impl AccessLog {
             .read(move |tx| tx.log_read(ACCESS_LOG, after, limit))
             .await
             .map_err(backend)?;
-        entries
-            .into_iter()
-            .map(|e| {
-                let rec = custos_store::SysRecord {
-                    kind: ACCESS_LOG.into(),
-                    key: format!("{}", e.at),
-                    version: 0,
-                    value: e.value,
-                };
-                Ok((e.seq, self.vault.open_record(&rec)?))
-            })
-            .collect()
+        let mut out = Vec::new();
+        for e in entries {
+            let rec = custos_store::SysRecord {
+                kind: ACCESS_LOG.into(),
+                key: e.at.to_string(),
+                version: 0,
+                value: e.value,
+            };
+            let batch: Vec<AccessRecord> = self.vault.open_record(&rec)?;
+            out.extend(batch.into_iter().map(|r| (e.seq, r)));
+        }
+        Ok(out)
     }
 
     /// Wait until every queued record is appended (tests, shutdown).
     pub async fn flush(&self) {
         let (done, wait) = tokio::sync::oneshot::channel();
-        if self.tx.send(Msg::Flush(done)).await.is_ok() {
-            let _ = wait.await;
-        }
+        self.pending.flushes.lock().push(done);
+        self.pending.wake.notify_one();
+        let _ = wait.await;
     }
 }
 

@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use crate::config::AuthConfig;
 use crate::decisions::Decision;
-use crate::roles::{Permissions, Relationship, Role, in_patient_compartment};
+use crate::roles::{Permissions, Relationship, Role};
 use crate::scopes::{Context, Scopes};
 use crate::state::Snapshot;
 use crate::vault::Vault;
@@ -704,11 +704,12 @@ impl Guard for RequestGuard {
         &self,
         interaction: Interaction,
         rtype: Option<&str>,
+        focus: Option<&str>,
     ) -> Result<Visibility, FhirError> {
         let reachable = self.reachable_patients(interaction, rtype).await?;
-        let shared = rtype.is_none_or(|t| !in_patient_compartment(t));
-        let consent_exempt =
-            self.break_glass.is_some() && self.policy.config.break_glass_overrides_consent;
+        let consent_exempt = self.break_glass.is_some()
+            && self.role_policy().break_glass
+            && self.policy.config.break_glass_overrides_consent;
         let out = match reachable {
             None => {
                 // Any patient, except those whose consent denies this caller.
@@ -729,7 +730,16 @@ impl Guard for RequestGuard {
                     Visibility::Except { patients: denied }
                 }
             }
-            Some(patients) => {
+            Some(mut patients) => {
+                // A search that names one patient outside the caller's care,
+                // with a break-the-glass reason, opens that compartment.
+                if let (Some(p), Some(t)) = (focus, rtype)
+                    && !patients.iter().any(|x| x == p)
+                    && self.break_glass.is_some()
+                    && self.decide(interaction, t, p, Some(p), true).await.is_ok()
+                {
+                    patients.push(p.to_string());
+                }
                 let mut keep = Vec::with_capacity(patients.len());
                 for p in patients {
                     if consent_exempt || !self.consent_denies(&p).await? {
@@ -742,7 +752,6 @@ impl Guard for RequestGuard {
                 }
             }
         };
-        let _ = shared;
         self.record(interaction, rtype, None, None, true, "visibility");
         Ok(out)
     }
@@ -753,6 +762,28 @@ impl Guard for RequestGuard {
         rtype: &str,
         id: &str,
         compartment: Option<&str>,
+    ) -> Result<(), FhirError> {
+        self.decide(interaction, rtype, id, compartment, true).await
+    }
+
+    async fn may_include(&self, rtype: &str, id: &str, compartment: Option<&str>) -> bool {
+        self.decide(Interaction::Read, rtype, id, compartment, false)
+            .await
+            .is_ok()
+    }
+}
+
+impl RequestGuard {
+    /// The decision on one resource. `may_grant`: whether a stated
+    /// break-the-glass reason may open a new grant (only for what the
+    /// request names itself, never for `_include` targets).
+    async fn decide(
+        &self,
+        interaction: Interaction,
+        rtype: &str,
+        id: &str,
+        compartment: Option<&str>,
+        may_grant: bool,
     ) -> Result<(), FhirError> {
         let ctx = self.check_type_sync(interaction, rtype)?;
         let Some(patient) = compartment else {
@@ -766,6 +797,20 @@ impl Guard for RequestGuard {
             );
             return Ok(());
         };
+        // Patients and patient-scoped apps must not learn that other
+        // patients' records exist; nothing (not even breaking the glass)
+        // takes a patient-scoped token outside its launch patient.
+        let hidden = || FhirError::not_found(format!("{rtype}/{id} is not known"));
+        if ctx == Context::Patient && self.principal.launch_patient.as_deref() != Some(patient) {
+            return self.deny(
+                interaction,
+                Some(rtype),
+                Some(id),
+                Some(patient),
+                "outside-launch-patient",
+                hidden(),
+            );
+        }
         // A new Patient opens a compartment that holds nothing yet.
         if interaction == Interaction::Create && rtype == "Patient" && patient == id {
             let (t, i) = (rtype.to_string(), id.to_string());
@@ -829,7 +874,7 @@ impl Guard for RequestGuard {
                         );
                         return Ok(());
                     }
-                    if let Some(reason) = &self.break_glass {
+                    if let (Some(reason), true) = (&self.break_glass, may_grant) {
                         self.policy
                             .grant_break_glass(&subject, patient, reason)
                             .await?;
@@ -854,10 +899,8 @@ impl Guard for RequestGuard {
                         ),
                     );
                 }
-                // Patients and patient-scoped apps must not learn that
-                // other patients' records exist.
-                let err = if self.principal.role == Role::Patient || ctx == Context::Patient {
-                    FhirError::not_found(format!("{rtype}/{id} is not known"))
+                let err = if self.principal.role == Role::Patient {
+                    hidden()
                 } else {
                     refuse("access to this patient's records is not allowed")
                 };

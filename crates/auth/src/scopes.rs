@@ -180,6 +180,33 @@ impl Scopes {
         for r in drop {
             self.granted.retain(|g| !same_scope(g, &r));
             self.dropped.push(scope_text(&r));
+            // Narrow what is not covered whole to its overlap with each
+            // registered scope (`system/*.cruds` asked, `system/Patient.rs`
+            // registered: `system/Patient.rs` granted).
+            for l in limit.resources.iter().filter(|l| l.context == r.context) {
+                let rtype = match (&r.rtype, &l.rtype) {
+                    (None, t) => t.clone(),
+                    (Some(t), None) => Some(t.clone()),
+                    (Some(a), Some(b)) if a == b => Some(a.clone()),
+                    _ => continue,
+                };
+                let letters: String = "cruds"
+                    .chars()
+                    .filter(|c| r.letters.contains(*c) && l.letters.contains(*c))
+                    .collect();
+                if letters.is_empty() {
+                    continue;
+                }
+                let narrowed = ResourceScope {
+                    context: r.context,
+                    rtype,
+                    letters,
+                };
+                if !self.resources.contains(&narrowed) {
+                    self.granted.push(scope_text(&narrowed));
+                    self.resources.push(narrowed);
+                }
+            }
         }
         self.openid &= limit.openid;
         self.fhir_user &= limit.fhir_user;
@@ -257,6 +284,22 @@ mod tests {
             Some(Context::Patient)
         );
         assert_eq!(s.allows(Interaction::Read, "Condition"), None);
+    }
+
+    #[test]
+    fn requests_are_narrowed_to_the_registration() {
+        let limit = Scopes::parse("system/Patient.rs system/Observation.cruds");
+        let got = Scopes::parse("system/*.cruds system/Condition.r").within(&limit);
+        assert_eq!(
+            got.granted_string(),
+            "system/Patient.rs system/Observation.cruds"
+        );
+        assert_eq!(got.allows(Interaction::Read, "Condition"), None);
+        assert_eq!(got.allows(Interaction::Delete, "Patient"), None);
+        assert_eq!(
+            got.allows(Interaction::Delete, "Observation"),
+            Some(Context::System)
+        );
     }
 
     #[test]

@@ -215,6 +215,8 @@ pub struct Origin {
 }
 
 struct VerifiedToken {
+    /// The whole token, compared on a cache hit.
+    token: String,
     principal: Arc<Principal>,
     exp: i64,
     iat: i64,
@@ -232,15 +234,15 @@ pub struct AuthService {
     policy: Arc<Policy>,
     log: AccessLog,
     oidc: OidcVerifier,
-    /// Verified tokens by SHA-256: a signature is checked once per token.
-    verified: Mutex<LruCache<[u8; 32], Arc<VerifiedToken>>>,
+    /// Verified tokens, keyed by their signature part (unforgeable and
+    /// unique per token) and compared in full, in constant time, on a hit:
+    /// a signature is checked once per token.
+    verified: Mutex<LruCache<String, Arc<VerifiedToken>>>,
 }
 
-fn digest(token: &str) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
+/// The signature segment of a JWT (what the verified-token cache is keyed by).
+fn signature_part(token: &str) -> &str {
+    token.rsplit('.').next().unwrap_or(token)
 }
 
 impl AuthService {
@@ -496,9 +498,13 @@ impl AuthService {
     /// Lock an account: sign-in and every token of it are refused from the next request.
     pub async fn lock_user(&self, username: &str, reason: &str) -> Result<(), AuthError> {
         let reason = reason.to_string();
+        // Every token issued until now is revoked with the lock, so that
+        // unlocking does not bring them back.
+        let after = now_secs() + 1;
         self.update_user(username, move |u| {
             u.locked = true;
             u.locked_reason = Some(reason.clone());
+            u.tokens_valid_after = u.tokens_valid_after.max(after);
         })
         .await?;
         self.audit_admin("user-lock", Some(username), true).await;
@@ -783,43 +789,55 @@ impl AuthService {
         Ok(u)
     }
 
+    /// Count one failed attempt. The read, the count and the write happen
+    /// in one job on the store's single writer, so parallel guesses each
+    /// count (none is lost to a race).
     async fn count_failure(
         &self,
         user: &User,
-        version: i64,
+        _version: i64,
         origin: &Origin,
         what: &str,
     ) -> Result<(), AuthError> {
-        let mut u = user.clone();
-        u.failed_attempts += 1;
-        let lock = u.failed_attempts >= self.config.lockout_threshold;
-        if lock {
-            u.locked_until = now_secs() + self.config.lockout_minutes * 60;
-            u.failed_attempts = 0;
-        }
-        let id = u.id.clone();
-        let uu = u.clone();
-        let r = self
+        let id = user.id.clone();
+        let (threshold, lock_secs) = (
+            self.config.lockout_threshold,
+            self.config.lockout_minutes * 60,
+        );
+        let (u, locked_now) = self
             .vault
             .write(move |tx, v| {
-                tx.sys_put(USER_KIND, &id, &v.seal(USER_KIND, &id, &uu), Some(version))
-                    .map_err(backend)?;
+                let rec = tx
+                    .sys_get(USER_KIND, &id)
+                    .map_err(backend)?
+                    .ok_or_else(|| AuthError::NotFound("user".into()))?;
+                let mut u: User = v.open_record(&rec)?;
+                u.failed_attempts += 1;
+                let lock = u.failed_attempts >= threshold;
+                if lock {
+                    u.locked_until = now_secs() + lock_secs;
+                    u.failed_attempts = 0;
+                }
+                tx.sys_put(
+                    USER_KIND,
+                    &id,
+                    &v.seal(USER_KIND, &id, &u),
+                    Some(rec.version),
+                )
+                .map_err(backend)?;
                 if lock {
                     bump_epoch(tx)?;
                 }
-                Ok(())
+                Ok((u, lock))
             })
-            .await;
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "failed attempt not counted (concurrent change)");
-        }
-        let rule = if lock {
+            .await?;
+        let rule = if locked_now {
             format!("{what}-failed-locked")
         } else {
             format!("{what}-failed")
         };
         self.audit_login(Some(&u), what, false, &rule, origin).await;
-        if lock {
+        if locked_now {
             tracing::warn!("account locked after repeated failed sign-ins");
         }
         Ok(())
@@ -1035,6 +1053,7 @@ impl AuthService {
             .map_err(|_| AuthError::InvalidClient("unusable client key".into()))?;
         let mut v = Validation::new(header.alg);
         v.leeway = 5;
+        v.validate_nbf = true;
         v.set_issuer(&[&client.id]);
         v.set_audience(&[self.token_endpoint()]);
         v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
@@ -1118,6 +1137,7 @@ impl AuthService {
     async fn refresh(&self, token: &str, scope: Option<&str>) -> Result<TokenResponse, AuthError> {
         let key = sha256_hex(token);
         let k2 = key.clone();
+        let narrower = scope.map(str::to_string);
         let now = now_secs();
         // Mark used in one job; a second use finds it used and burns the family.
         let rec: RefreshRecord = self
@@ -1127,6 +1147,17 @@ impl AuthService {
                     return Err(AuthError::InvalidGrant("unknown refresh token".into()));
                 };
                 let mut rec: RefreshRecord = v.open_record(&r)?;
+                if let Some(narrower) = &narrower
+                    && Scopes::parse(narrower)
+                        .within(&Scopes::parse(&rec.scope))
+                        .resources
+                        .is_empty()
+                {
+                    // Refused before the token is spent: the client keeps its session.
+                    return Err(AuthError::InvalidRequest(
+                        "a refresh may narrow the granted scopes, never widen them".into(),
+                    ));
+                }
                 if rec.used {
                     tx.sys_put(
                         FAMILY_KIND,
@@ -1320,17 +1351,22 @@ impl AuthService {
     ) -> Result<(Arc<Principal>, Arc<Snapshot>), AuthError> {
         let snap = self.snapshot().await?;
         let now = now_secs();
-        let d = digest(token);
-        let cached = self.verified.lock().get(&d).cloned();
+        let key = signature_part(token);
+        let cached = self
+            .verified
+            .lock()
+            .get(key)
+            .filter(|v| bool::from(v.token.as_bytes().ct_eq(token.as_bytes())))
+            .cloned();
         let verified = match cached {
             Some(v) if v.exp > now - 5 => v,
             Some(_) => {
-                self.verified.lock().pop(&d);
+                self.verified.lock().pop(key);
                 return Err(AuthError::InvalidToken("token refused: expired".into()));
             }
             None => {
                 let v = Arc::new(self.verify_fresh(token, &snap).await?);
-                self.verified.lock().put(d, v.clone());
+                self.verified.lock().put(key.to_string(), v.clone());
                 v
             }
         };
@@ -1407,6 +1443,7 @@ impl AuthService {
                 read_only: false,
             };
             return Ok(VerifiedToken {
+                token: token.to_string(),
                 principal: Arc::new(principal),
                 exp: ext.exp,
                 iat: ext.iat,
@@ -1455,6 +1492,7 @@ impl AuthService {
             }
         };
         Ok(VerifiedToken {
+            token: token.to_string(),
             principal: Arc::new(principal),
             exp: claims.exp,
             iat: claims.iat,

@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use custos_store::{StoreExt, WriteTx};
+use custos_store::WriteTx;
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
@@ -88,11 +88,9 @@ impl SecurityState {
         let epoch = self
             .vault
             .store()
-            .read_point(|tx| tx.sys_get(EPOCH_KIND, EPOCH_KEY))
+            .sys_version(EPOCH_KIND, EPOCH_KEY)
             .await
-            .map_err(backend)?
-            .map(|r| r.version)
-            .unwrap_or(0);
+            .map_err(backend)?;
         let cached = self.snapshot.read().clone();
         if cached.epoch == epoch {
             return Ok(cached);

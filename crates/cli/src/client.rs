@@ -13,8 +13,9 @@ use serde_json::Value;
 pub struct FhirClient {
     base: String,
     http: Client<HttpConnector, Full<Bytes>>,
-    /// The bearer token sent with every request, if any.
-    token: Option<String>,
+    /// The `Authorization` header sent with every request, if any
+    /// (validated once, shared by every request).
+    authorization: Option<hyper::header::HeaderValue>,
 }
 
 impl FhirClient {
@@ -27,14 +28,14 @@ impl FhirClient {
         FhirClient {
             base: base.trim_end_matches('/').to_string(),
             http,
-            token: None,
+            authorization: None,
         }
     }
 
     /// The same client (sharing its connections), sending `token` as a bearer token.
     pub fn with_token(&self, token: &str) -> FhirClient {
         FhirClient {
-            token: Some(token.to_string()),
+            authorization: hyper::header::HeaderValue::from_str(&format!("Bearer {token}")).ok(),
             ..self.clone()
         }
     }
@@ -73,8 +74,8 @@ impl FhirClient {
         if body.is_some() {
             req = req.header("content-type", "application/fhir+json");
         }
-        if let Some(t) = &self.token {
-            req = req.header("authorization", format!("Bearer {t}"));
+        if let Some(a) = &self.authorization {
+            req = req.header(hyper::header::AUTHORIZATION, a.clone());
         }
         if let Some(h) = req.headers_mut() {
             for (k, v) in headers {

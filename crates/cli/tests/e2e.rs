@@ -1,85 +1,48 @@
 //! End-to-end: the real `custos` binary over HTTP.
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 
 use serde_json::{Value, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_custos");
+mod support;
+use support::{Server, custos, is_outcome};
 
-/// A running server on a fresh data dir, killed on drop.
-struct Server {
-    child: Child,
-    base: String,
-    dir: PathBuf,
-    _tmp: Option<tempfile::TempDir>,
+/// A server on a fresh data dir, with a `system/*.cruds` token for `send`.
+async fn start() -> Server {
+    signed_in(Server::start()).await
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn custos(args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .args(args)
-        .env("CUSTOS_LOG", "warn")
-        .output()
-        .expect("run custos")
-}
-
-fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Server {
-    let mut s = serve_dir(dir.path(), extra);
-    s._tmp = Some(dir);
-    s
+/// A server on a fresh data dir started with `extra` arguments.
+async fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Server {
+    signed_in(Server::start_in(dir, extra, &[])).await
 }
 
 /// Serve an existing data dir.
-fn serve_dir(dir: &Path, extra: &[&str]) -> Server {
-    let d = dir.to_str().unwrap().to_string();
-    let mut args = vec!["serve", "--data-dir", &d, "--listen", "127.0.0.1:0"];
-    args.extend_from_slice(extra);
-    let mut child = Command::new(BIN)
-        .args(&args)
-        .env("CUSTOS_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn custos serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let base = line.trim().rsplit(' ').next().unwrap().to_string();
-    assert!(
-        base.starts_with("http://") || base.starts_with("https://"),
-        "unexpected start line: {line}"
+async fn serve_dir(dir: &Path, extra: &[&str]) -> Server {
+    signed_in(Server::serve(dir, extra, &[])).await
+}
+
+/// The tests here are about FHIR semantics: they act as a SMART Backend
+/// Services client with `system/*.cruds`, registered through the CLI.
+async fn signed_in(mut s: Server) -> Server {
+    s.sign_in_system().await;
+    s
+}
+
+/// An HTTP client that sends the server's token with every request.
+fn client(s: &Server) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let token = s.token.as_deref().expect("signed in");
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
     );
-    Server {
-        child,
-        base,
-        dir: dir.to_path_buf(),
-        _tmp: None,
-    }
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
 }
 
-fn start() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let out = custos(&["init", "--data-dir", dir.path().to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "init failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    start_in(dir, &[])
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().build().unwrap()
-}
-
+/// A request with the server's token.
 async fn send(
     s: &Server,
     method: &str,
@@ -87,34 +50,10 @@ async fn send(
     body: Option<Value>,
     headers: &[(&str, &str)],
 ) -> (u16, Value, reqwest::header::HeaderMap) {
-    let url = if path.starts_with("http") {
-        path.to_string()
-    } else {
-        format!("{}/{}", s.base, path.trim_start_matches('/'))
-    };
-    let mut req = client().request(method.parse().unwrap(), url);
-    if let Some(b) = body {
-        req = req
-            .header("content-type", "application/fhir+json")
-            .body(serde_json::to_vec(&b).unwrap());
-    }
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let bytes = resp.bytes().await.unwrap();
-    let v = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null)
-    };
-    (status, v, headers)
-}
-
-fn is_outcome(v: &Value) -> bool {
-    v["resourceType"] == "OperationOutcome" && v["issue"][0]["diagnostics"].is_string()
+    let r = s
+        .call(s.token.as_deref(), method, path, body, headers)
+        .await;
+    (r.status, r.body, r.headers)
 }
 
 fn patient(family: &str, mrn: &str) -> Value {
@@ -130,7 +69,7 @@ fn patient(family: &str, mrn: &str) -> Value {
 
 #[tokio::test]
 async fn crud_versions_and_history() {
-    let s = start();
+    let s = start().await;
     let (st, created, h) = send(
         &s,
         "POST",
@@ -213,7 +152,7 @@ fn uuid_like(id: &str) -> bool {
 
 #[tokio::test]
 async fn conditional_create_and_search_semantics() {
-    let s = start();
+    let s = start().await;
     let cond = [(
         "if-none-exist",
         "identifier=http://hospital.example/mrn|MRN-7",
@@ -329,7 +268,7 @@ async fn conditional_create_and_search_semantics() {
 
 #[tokio::test]
 async fn paging_is_stable_under_concurrent_writes() {
-    let s = start();
+    let s = start().await;
     let (_, p, _) = send(&s, "POST", "Patient", Some(patient("Page", "P-1")), &[]).await;
     let pid = p["id"].as_str().unwrap().to_string();
     for i in 0..25 {
@@ -436,7 +375,7 @@ async fn paging_is_stable_under_concurrent_writes() {
 
 #[tokio::test]
 async fn transactions_are_all_or_nothing() {
-    let s = start();
+    let s = start().await;
     let synth = custos_synth::Synth::new(custos_synth::SynthConfig {
         patients: 2,
         seed: 7,
@@ -549,8 +488,8 @@ async fn bad_input_gets_operation_outcomes() {
             .status
             .success()
     );
-    let s = start_in(dir, &["--max-body", "2048"]);
-    let c = client();
+    let s = start_in(dir, &["--max-body", "2048"]).await;
+    let c = client(&s);
     let raw = |method: &str, path: &str, ct: &str, body: Vec<u8>| {
         c.request(method.parse().unwrap(), format!("{}/{path}", s.base))
             .header("content-type", ct.to_string())
@@ -597,7 +536,7 @@ async fn bad_input_gets_operation_outcomes() {
 
 #[tokio::test]
 async fn capability_statement_tells_the_truth() {
-    let s = start();
+    let s = start().await;
     let (st, cs, _) = send(&s, "GET", "metadata", None, &[]).await;
     assert_eq!(st, 200);
     assert_eq!(cs["resourceType"], "CapabilityStatement");
@@ -647,7 +586,7 @@ async fn capability_statement_tells_the_truth() {
 /// row fails its integrity check; erasure and key rotation work.
 #[tokio::test]
 async fn at_rest_encryption_tamper_shred_and_rotate() {
-    let mut s = start();
+    let mut s = start().await;
     let synth = custos_synth::Synth::new(custos_synth::SynthConfig {
         patients: 8,
         seed: 99,
@@ -689,7 +628,7 @@ async fn at_rest_encryption_tamper_shred_and_rotate() {
             }
         }
     }
-    let keep = s._tmp.take();
+    let keep = s.tmp.take();
     drop(s);
 
     // Move patient 1's sealed body into patient 0's row: it must not open.
@@ -708,7 +647,7 @@ async fn at_rest_encryption_tamper_shred_and_rotate() {
     let dir2 = tmp.path().join("d");
     copy_dir(&dir, &dir2);
     drop(keep);
-    let s = serve_dir(&dir2, &[]);
+    let s = serve_dir(&dir2, &[]).await;
     let (st, oo, _) = send(&s, "GET", &format!("Patient/{}", pids[0]), None, &[]).await;
     assert_eq!(st, 500);
     assert!(
@@ -745,7 +684,7 @@ async fn at_rest_encryption_tamper_shred_and_rotate() {
         1,
         "the retired KEK is gone"
     );
-    let s = serve_dir(&dir2, &[]);
+    let s = serve_dir(&dir2, &[]).await;
     let (st, _, _) = send(&s, "GET", &format!("Patient/{}", pids[2]), None, &[]).await;
     assert_eq!(st, 410, "shredded");
     let (st, h, _) = send(
@@ -837,12 +776,13 @@ fn cli_errors_are_one_line_and_non_zero() {
 /// exactly one resource is created and every racer gets it back.
 #[tokio::test]
 async fn racing_conditional_creates_create_one_resource() {
-    let s = start();
+    let s = start().await;
     let mut tasks = Vec::new();
     for _ in 0..12 {
         let base = s.base.clone();
+        let c = client(&s);
         tasks.push(tokio::spawn(async move {
-            let resp = client()
+            let resp = c
                 .post(format!("{base}/Patient"))
                 .header("content-type", "application/fhir+json")
                 .header(
@@ -901,7 +841,7 @@ async fn serves_fhir_over_tls() {
         let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "the private key is owner-only");
     }
-    let s = serve_dir(
+    let s = Server::serve(
         dir.path(),
         &[
             "--tls-cert",
@@ -909,6 +849,7 @@ async fn serves_fhir_over_tls() {
             "--tls-key",
             key.to_str().unwrap(),
         ],
+        &[],
     );
     assert!(s.base.starts_with("https://"), "{}", s.base);
     let port = s.base.rsplit(':').next().unwrap().to_string();
@@ -918,8 +859,18 @@ async fn serves_fhir_over_tls() {
         .build()
         .unwrap();
     let url = format!("https://localhost:{port}");
+    // The token endpoint over TLS too; the assertion's audience is the issuer's.
+    let backend = support::BackendClient::generate(support::SYSTEM_CLIENT);
+    backend.register(&s.dir, support::SYSTEM_SCOPE);
+    let assertion = backend.sign(&backend.claims(&s.base));
+    let answer = backend
+        .exchange(&tls, &url, &assertion, support::SYSTEM_SCOPE)
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    let token = answer.body["access_token"].as_str().unwrap();
     let created: Value = tls
         .post(format!("{url}/Patient"))
+        .bearer_auth(token)
         .header("content-type", "application/fhir+json")
         .body(serde_json::to_vec(&patient("Tls", "TLS-1")).unwrap())
         .send()
@@ -929,7 +880,12 @@ async fn serves_fhir_over_tls() {
         .await
         .unwrap();
     let id = created["id"].as_str().unwrap();
-    let resp = tls.get(format!("{url}/Patient/{id}")).send().await.unwrap();
+    let resp = tls
+        .get(format!("{url}/Patient/{id}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     // A client that does not trust the certificate is refused.
     let untrusting = reqwest::Client::new()
@@ -962,6 +918,28 @@ fn demo_runs_end_to_end() {
     );
     assert!(stdout.contains(": 0 found in clear"), "{stdout}");
     assert!(stdout.contains("read now answers 410"), "{stdout}");
+    // Access control as the demo shows it: no token, a physician without
+    // and with a care relationship, breaking the glass, a patient user.
+    let lines: Vec<&str> = stdout.lines().collect();
+    let answer = |prefix: &str, nth: usize| -> String {
+        let line = lines
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .nth(nth)
+            .unwrap_or_else(|| panic!("no line {nth} starting {prefix:?}:\n{stdout}"));
+        line.split("-> ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{line}"))
+            .chars()
+            .take(3)
+            .collect()
+    };
+    assert_eq!(answer("no token", 0), "401", "{stdout}");
+    assert_eq!(answer("  own ", 0), "200", "the physician's own patient");
+    assert_eq!(answer("  other ", 0), "403", "no care relationship");
+    assert_eq!(answer("  glass ", 0), "200", "break the glass");
+    assert_eq!(answer("  own ", 1), "200", "the patient's own record");
+    assert_eq!(answer("  other ", 1), "404", "another patient's record");
     let again = custos(&["demo", "--data-dir", d.to_str().unwrap()]);
     assert!(
         !again.status.success(),
@@ -974,7 +952,7 @@ fn demo_runs_end_to_end() {
 /// including those the server creates later — is under the new KEK alone.
 #[tokio::test]
 async fn keys_rotate_without_downtime() {
-    let s = start();
+    let s = start().await;
     let mut ids = Vec::new();
     for i in 0..20 {
         let (st, p, _) = send(
@@ -1056,26 +1034,12 @@ async fn logs_carry_no_phi() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap().to_string();
     assert!(custos(&["init", "--data-dir", &d]).status.success());
-    let log_path = dir.path().join("server.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--data-dir", &d, "--listen", "127.0.0.1:0"])
-        .env("CUSTOS_LOG", "info")
-        .env("CUSTOS_LOG_FORMAT", "json")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let s = Server {
-        child,
-        base: line.trim().rsplit(' ').next().unwrap().to_string(),
-        dir: dir.path().to_path_buf(),
-        _tmp: None,
-    };
+    let mut s = signed_in(Server::serve(
+        dir.path(),
+        &[],
+        &[("CUSTOS_LOG", "info"), ("CUSTOS_LOG_FORMAT", "json")],
+    ))
+    .await;
     let (_, p, _) = send(
         &s,
         "POST",
@@ -1095,8 +1059,8 @@ async fn logs_carry_no_phi() {
     )
     .await;
     send(&s, "GET", "Patient?birthdate=1984-07-15", None, &[]).await;
-    drop(s);
-    let text = std::fs::read_to_string(&log_path).unwrap();
+    s.stop();
+    let text = s.log_text();
     assert!(
         text.contains("\"request\""),
         "the request log is there: {text}"

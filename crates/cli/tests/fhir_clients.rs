@@ -1,7 +1,9 @@
 //! Third-party FHIR clients against the real `custos` binary.
 //!
 //! Each test starts `custos serve` on a fresh data directory and runs one
-//! client scenario from `tests/clients/` against it:
+//! client scenario from `tests/clients/` against it, with `CUSTOS_FHIR_URL`
+//! and a bearer token in `CUSTOS_TOKEN` (the test gets it as a SMART Backend
+//! Services client with `system/*.cruds`, registered through the CLI):
 //!
 //! - `CUSTOS_PYTHON=/path/to/python` (with `tests/clients/python/requirements.txt`
 //!   installed): `python -m pytest -q tests/clients/python` (fhirpy).
@@ -11,142 +13,24 @@
 //! Without those variables the tests print why they skip and pass, unless
 //! `CUSTOS_REQUIRE_CLIENTS=1` (set by `.ci/run`), which turns a skip into a failure.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_custos");
-const START_TIMEOUT: Duration = Duration::from_secs(60);
+mod support;
+use support::Server;
+
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Environment variables that would make the server ignore the temp data dir.
-const SERVER_ENV: &[&str] = &[
-    "CUSTOS_KEK",
-    "CUSTOS_CONFIG",
-    "CUSTOS_DATA_DIR",
-    "CUSTOS_LISTEN",
-    "CUSTOS_BASE_URL",
-    "CUSTOS_TLS_CERT",
-    "CUSTOS_TLS_KEY",
-    "CUSTOS_MAX_BODY",
-];
+/// Access tokens outlive the longest scenario run (the default is five minutes).
+const SERVER_CONFIG: &str = "[auth]\naccess_token_secs = 3600\n";
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
         .canonicalize()
         .expect("repository root")
-}
-
-/// A `custos serve` on a fresh data directory; killed when dropped, even if the test panics.
-struct Server {
-    child: Child,
-    url: String,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start() -> Server {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let data = dir.path().join("data");
-        let out = custos_cmd()
-            .arg("init")
-            .arg("--data-dir")
-            .arg(&data)
-            .output()
-            .expect("run custos init");
-        assert!(
-            out.status.success(),
-            "custos init failed: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-
-        let log = dir.path().join("serve.log");
-        let log_file = std::fs::File::create(&log).expect("server log file");
-        let mut child = custos_cmd()
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(&data)
-            .args(["--listen", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn custos serve");
-
-        // The first stdout line is `custos listening on http://ADDR`. Read it on a
-        // thread so a server that never gets there fails the test instead of hanging it.
-        let stdout = child.stdout.take().expect("server stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let first = lines.next();
-            let _ = tx.send(first);
-            // Keep draining so the server never blocks on a full pipe.
-            for _ in lines {}
-        });
-        let mut server = Server {
-            child,
-            url: String::new(),
-            log,
-            _dir: dir,
-        };
-        let line = match rx.recv_timeout(START_TIMEOUT) {
-            Ok(Some(Ok(line))) => line,
-            other => panic!(
-                "custos serve did not announce its address ({other:?}); its log:\n{}",
-                server.log_text()
-            ),
-        };
-        let url = line
-            .trim()
-            .strip_prefix("custos listening on ")
-            .unwrap_or_else(|| {
-                panic!(
-                    "unexpected first line from custos serve: {line:?}; its log:\n{}",
-                    server.log_text()
-                )
-            })
-            .trim_end_matches('/')
-            .to_string();
-        assert!(url.starts_with("http://"), "unexpected server URL {url:?}");
-        server.url = url;
-        server
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Panics with the server log if the server has exited.
-    fn assert_alive(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!(
-                "custos serve exited ({status}); its log:\n{}",
-                self.log_text()
-            );
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn custos_cmd() -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.env("CUSTOS_LOG", "warn");
-    for var in SERVER_ENV {
-        cmd.env_remove(var);
-    }
-    cmd
 }
 
 /// Whether a missing client setup fails the test rather than skipping it.
@@ -201,12 +85,20 @@ fn run(mut cmd: Command, timeout: Duration) -> (ExitStatus, String) {
     (status, output)
 }
 
+/// Start a server, get a `system/*.cruds` token as a SMART Backend Services
+/// client, and run the scenario with `CUSTOS_FHIR_URL` and `CUSTOS_TOKEN`.
 fn run_scenario(name: &str, mut cmd: Command) {
-    let mut server = Server::start();
+    let mut server = Server::start_with_config(SERVER_CONFIG);
+    let token = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(server.sign_in_system());
     cmd.current_dir(repo_root())
-        .env("CUSTOS_FHIR_URL", &server.url);
+        .env("CUSTOS_FHIR_URL", &server.base)
+        .env("CUSTOS_TOKEN", token);
     let (status, output) = run(cmd, CLIENT_TIMEOUT);
-    println!("--- {name} against {} ---\n{output}", server.url);
+    println!("--- {name} against {} ---\n{output}", server.base);
     server.assert_alive();
     assert!(
         status.success(),

@@ -89,11 +89,14 @@ pub trait Guard: Send + Sync {
     async fn check_type(&self, interaction: Interaction, rtype: &str) -> Result<(), FhirError>;
 
     /// What a search (or a type history) of `rtype` may return; `None` is
-    /// the whole system (system history).
+    /// the whole system (system history). `focus` is the one patient the
+    /// request names, if it names one (`Observation?patient=X`): a caller
+    /// allowed to break the glass may be let into that compartment.
     async fn visibility(
         &self,
         interaction: Interaction,
         rtype: Option<&str>,
+        focus: Option<&str>,
     ) -> Result<Visibility, FhirError>;
 
     /// May the caller do `interaction` on this one resource, which lies in
@@ -105,6 +108,14 @@ pub trait Guard: Send + Sync {
         id: &str,
         compartment: Option<&str>,
     ) -> Result<(), FhirError>;
+
+    /// May this resource, which the request did not name (an `_include`
+    /// target), be returned? Never widens access (no new break-the-glass).
+    async fn may_include(&self, rtype: &str, id: &str, compartment: Option<&str>) -> bool {
+        self.check_resource(Interaction::Read, rtype, id, compartment)
+            .await
+            .is_ok()
+    }
 
     /// True if this guard never refuses (internal callers: the CLI, the demo loader).
     fn unrestricted(&self) -> bool {
@@ -120,7 +131,12 @@ impl Guard for Unrestricted {
     async fn check_type(&self, _: Interaction, _: &str) -> Result<(), FhirError> {
         Ok(())
     }
-    async fn visibility(&self, _: Interaction, _: Option<&str>) -> Result<Visibility, FhirError> {
+    async fn visibility(
+        &self,
+        _: Interaction,
+        _: Option<&str>,
+        _: Option<&str>,
+    ) -> Result<Visibility, FhirError> {
         Ok(Visibility::All)
     }
     async fn check_resource(
@@ -135,6 +151,29 @@ impl Guard for Unrestricted {
     fn unrestricted(&self) -> bool {
         true
     }
+}
+
+/// The one patient a search names, if any: `Patient?_id=X`, or a
+/// `patient`/`subject` parameter with a single `Patient/X` (or, for
+/// `patient`, a bare `X`).
+pub fn focus_patient(rtype: &str, params: &[(String, String)]) -> Option<String> {
+    let single = |v: &str| (!v.contains(',')).then(|| v.to_string());
+    for (k, v) in params {
+        let name = k.split(':').next().unwrap_or(k);
+        match (rtype, name) {
+            ("Patient", "_id") => return single(v),
+            (_, "patient") | (_, "subject") => {
+                if let Some(id) = v.strip_prefix("Patient/") {
+                    return single(id);
+                }
+                if name == "patient" && !v.contains('/') {
+                    return single(v);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 /// The patient whose compartment a data key belongs to (`patient/{id}` → `id`).

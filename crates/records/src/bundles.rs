@@ -196,9 +196,10 @@ impl Records {
         let mut plan = self.plan(&req)?;
         // What the caller may not see is filtered in the index query itself,
         // so pages, links and totals never count it.
+        let focus = crate::access::focus_patient(rtype, &params);
         if let Some(f) = self
             .guard()
-            .visibility(Interaction::Search, Some(rtype))
+            .visibility(Interaction::Search, Some(rtype), focus.as_deref())
             .await?
             .filter()
         {
@@ -251,14 +252,8 @@ impl Records {
             for o in included {
                 let allowed = self
                     .guard()
-                    .check_resource(
-                        Interaction::Read,
-                        &o.rtype,
-                        &o.id,
-                        compartment_of_key(&o.key_name),
-                    )
-                    .await
-                    .is_ok();
+                    .may_include(&o.rtype, &o.id, compartment_of_key(&o.key_name))
+                    .await;
                 if allowed {
                     visible.push(o);
                 }
@@ -466,6 +461,7 @@ impl Records {
                     .read(move |tx| tx.head(&t, &i))
                     .await
                     .map_err(store_err)?;
+                let focus = head.as_ref().and_then(|h| h.compartment.clone());
                 let found = head.map(|h| {
                     let key = h
                         .compartment
@@ -476,17 +472,21 @@ impl Records {
                 });
                 self.after_read(rtype, id, found).await?;
                 self.guard()
-                    .visibility(Interaction::Read, Some(rtype))
+                    .visibility(Interaction::Read, Some(rtype), focus.as_deref())
                     .await?
             }
             HistoryScope::Type(rtype) => {
                 Records::check_type(rtype)?;
                 self.guard().check_type(Interaction::Search, rtype).await?;
                 self.guard()
-                    .visibility(Interaction::Search, Some(rtype))
+                    .visibility(Interaction::Search, Some(rtype), None)
                     .await?
             }
-            HistoryScope::System => self.guard().visibility(Interaction::Search, None).await?,
+            HistoryScope::System => {
+                self.guard()
+                    .visibility(Interaction::Search, None, None)
+                    .await?
+            }
         };
         let (key_names, exclude_keys) = match visibility {
             Visibility::All => (None, Vec::new()),

@@ -118,7 +118,12 @@ impl Records {
                         if plan.confirm.is_empty() {
                             out.extend(tx.compartments(&plan.query, cap).map_err(store_err)?);
                         } else {
-                            out.extend(this.matching_ids(tx, plan, cap)?);
+                            // Confirmed on the opened resources: their data
+                            // keys tell their compartments.
+                            let page = this.execute(tx, plan, None, false, cap, false)?;
+                            out.extend(page.matches.iter().filter_map(|o| {
+                                crate::access::compartment_of_key(&o.key_name).map(str::to_string)
+                            }));
                         }
                     }
                     Ok(out.into_iter().take(cap).collect())

@@ -916,9 +916,15 @@ impl Records {
                 && plan.done[pos].is_none()
                 && e.method.interaction(&e.url) == Interaction::Search
             {
+                let query: Vec<(String, String)> = e
+                    .url
+                    .split_once('?')
+                    .map(|(_, q)| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+                    .unwrap_or_default();
+                let focus = crate::access::focus_patient(&e.rtype, &query);
                 let v = self
                     .guard()
-                    .visibility(Interaction::Search, Some(&e.rtype))
+                    .visibility(Interaction::Search, Some(&e.rtype), focus.as_deref())
                     .await
                     .map_err(|err| entry_error(e.index, err, single))?;
                 e.seen = Some(GetAccess::Search(v));

@@ -39,6 +39,20 @@ pub trait Store: Send + Sync + 'static {
     /// Run `job` in a write transaction. An `Err` from the job rolls back
     /// everything it did; other jobs are unaffected.
     async fn run_write(&self, job: WriteJob) -> StoreResult<Box<dyn Any + Send>>;
+    /// The version of one system record (`0` if absent), as cheaply as the
+    /// backend can tell it: asked on every request for the security epoch.
+    /// The default is a point read.
+    async fn sys_version(&self, kind: &str, key: &str) -> StoreResult<i64> {
+        let (k, id) = (kind.to_string(), key.to_string());
+        let r = self
+            .run_read_point(Box::new(move |tx| {
+                Ok(Box::new(
+                    tx.sys_get(&k, &id)?.map(|r| r.version).unwrap_or(0),
+                ))
+            }))
+            .await?;
+        Ok(*r.downcast::<i64>().expect("the job returns an i64"))
+    }
     /// A short name for logs and reports (`sqlite`, `postgres`).
     fn backend(&self) -> &'static str;
     /// Files holding the store's data (for scans and backups); empty for server databases.

@@ -63,6 +63,18 @@ pub struct SqliteStore {
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     checkpointer: Mutex<Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
     readers: Arc<Mutex<Vec<Connection>>>,
+    /// A connection that answers [`Store::sys_version`], with the answers
+    /// it last gave and the database's `data_version` when it gave them.
+    versions: Mutex<Option<VersionProbe>>,
+}
+
+/// See [`SqliteStore::sys_version`]: `PRAGMA data_version` changes when
+/// any other connection (this process's writer, another process) commits;
+/// while it stays the same, no record can have changed.
+struct VersionProbe {
+    conn: Connection,
+    data_version: i64,
+    known: std::collections::HashMap<(String, String), i64>,
 }
 
 const SCHEMA: &str = r#"
@@ -201,6 +213,7 @@ impl SqliteStore {
             writer_thread: Mutex::new(Some(handle)),
             checkpointer: Mutex::new(Some((stop, ck))),
             readers: Arc::new(Mutex::new(Vec::new())),
+            versions: Mutex::new(None),
         })
     }
 
@@ -354,6 +367,44 @@ impl Store for SqliteStore {
             .map_err(|_| StoreError::Backend("writer thread stopped".into()))?
     }
 
+    async fn sys_version(&self, kind: &str, key: &str) -> StoreResult<i64> {
+        let mut slot = self.versions.lock();
+        if slot.is_none() {
+            *slot = Some(VersionProbe {
+                conn: open_connection(&self.config, true)?,
+                data_version: -1,
+                known: std::collections::HashMap::new(),
+            });
+        }
+        let probe = slot.as_mut().expect("just set");
+        let dv: i64 = probe
+            .conn
+            .prepare_cached("PRAGMA data_version")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
+            .map_err(backend_err)?;
+        if dv == probe.data_version
+            && let Some((_, v)) = probe
+                .known
+                .iter()
+                .find(|((k1, k2), _)| k1 == kind && k2 == key)
+        {
+            return Ok(*v);
+        }
+        let k = (kind.to_string(), key.to_string());
+        if dv != probe.data_version {
+            probe.known.clear();
+            probe.data_version = dv;
+        }
+        let v: i64 = probe
+            .conn
+            .prepare_cached("SELECT version FROM sys WHERE kind = ?1 AND key = ?2")
+            .and_then(|mut s| s.query_row(params![kind, key], |r| r.get(0)).optional())
+            .map_err(backend_err)?
+            .unwrap_or(0);
+        probe.known.insert(k, v);
+        Ok(v)
+    }
+
     fn backend(&self) -> &'static str {
         "sqlite"
     }
@@ -379,12 +430,19 @@ fn run_read_on(
         Some(c) => c,
         None => open_connection(config, true)?,
     };
-    conn.execute_batch("BEGIN").map_err(backend_err)?;
+    // Cached statements: parsing BEGIN and COMMIT anew cost more than a point lookup.
+    conn.prepare_cached("BEGIN")
+        .and_then(|mut s| s.execute([]))
+        .map_err(backend_err)?;
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut tx = SqliteTx { conn: &mut conn };
         job(&mut tx)
     }));
-    if conn.execute_batch("COMMIT").is_ok() {
+    let committed = conn
+        .prepare_cached("COMMIT")
+        .and_then(|mut s| s.execute([]))
+        .is_ok();
+    if committed {
         readers.lock().push(conn);
     }
     match result {

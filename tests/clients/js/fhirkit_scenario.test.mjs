@@ -1,7 +1,8 @@
 // A real third-party client (fhir-kit-client, unmodified) against a running Custos server.
 //
-// Run: CUSTOS_FHIR_URL=http://127.0.0.1:8080 node --test tests/clients/js/
-// (crates/cli/tests/fhir_clients.rs starts a server and does this; see .ci/run.)
+// Run: CUSTOS_FHIR_URL=http://127.0.0.1:8080 CUSTOS_TOKEN=<bearer token> node --test tests/clients/js/
+// (crates/cli/tests/fhir_clients.rs starts a server, gets a SMART Backend Services
+// token with system/*.cruds, and does this; see .ci/run.)
 //
 // Each run tags its data with a fresh random token so it can run repeatedly
 // against the same server and still make exact assertions.
@@ -18,8 +19,11 @@ const LOINC = 'http://loinc.org';
 const HEART_RATE = '8867-4';
 const BODY_WEIGHT = '29463-7';
 
-const skip = BASE_URL ? false : 'set CUSTOS_FHIR_URL to a running Custos server';
-const client = BASE_URL ? new Client({ baseUrl: BASE_URL }) : null;
+// Every FHIR request but /metadata needs a bearer token.
+const TOKEN = process.env.CUSTOS_TOKEN || '';
+
+const skip = BASE_URL && TOKEN ? false : 'set CUSTOS_FHIR_URL to a running Custos server and CUSTOS_TOKEN to a token';
+const client = skip ? null : new Client({ baseUrl: BASE_URL, bearerToken: TOKEN });
 
 function newTag() {
   const letters = 'abcdefghijklmnopqrstuvwxyz';
@@ -87,6 +91,14 @@ describe('fhir-kit-client against Custos', { skip }, () => {
       for (const c of ['read', 'create', 'update', 'delete', 'search-type']) assert.ok(codes.includes(c), `${type} ${c}`);
     }
     assert.ok((rest.interaction || []).some((i) => i.code === 'transaction'));
+  });
+
+  test('requests without a valid token are refused', async () => {
+    const anonymous = new Client({ baseUrl: BASE_URL });
+    assert.equal((await anonymous.capabilityStatement()).resourceType, 'CapabilityStatement');
+    assert.equal(await httpStatusOf(anonymous.search({ resourceType: 'Patient', searchParams: {} })), 401);
+    const forged = new Client({ baseUrl: BASE_URL, bearerToken: `${TOKEN}x` });
+    assert.equal(await httpStatusOf(forged.search({ resourceType: 'Patient', searchParams: {} })), 401);
   });
 
   test('create, read, update, vread, search', async () => {

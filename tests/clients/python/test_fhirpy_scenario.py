@@ -1,7 +1,8 @@
 """A real third-party client (fhirpy, unmodified) against a running Custos server.
 
-Run: CUSTOS_FHIR_URL=http://127.0.0.1:8080 python -m pytest -q tests/clients/python
-(crates/cli/tests/fhir_clients.rs starts a server and does this; see .ci/run.)
+Run: CUSTOS_FHIR_URL=http://127.0.0.1:8080 CUSTOS_TOKEN=<bearer token> python -m pytest -q tests/clients/python
+(crates/cli/tests/fhir_clients.rs starts a server, gets a SMART Backend Services
+token with system/*.cruds, and does this; see .ci/run.)
 
 Every run tags its data with a fresh random token so the scenario can run
 repeatedly against the same server and still make exact assertions.
@@ -14,20 +15,25 @@ import uuid
 import pytest
 import requests
 from fhirpy import SyncFHIRClient
-from fhirpy.base.exceptions import BaseFHIRError, OperationOutcome, ResourceNotFound
+from fhirpy.base.exceptions import AuthorizationError, BaseFHIRError, OperationOutcome, ResourceNotFound
 
 BASE_URL = os.environ.get("CUSTOS_FHIR_URL", "").rstrip("/")
+TOKEN = os.environ.get("CUSTOS_TOKEN", "")
+# Every FHIR request but /metadata needs a bearer token.
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ID_SYSTEM = "urn:oid:2.16.840.1.113883.4.642.99.1"
 LOINC = "http://loinc.org"
 HEART_RATE = "8867-4"
 BODY_WEIGHT = "29463-7"
 
-pytestmark = pytest.mark.skipif(not BASE_URL, reason="set CUSTOS_FHIR_URL to a running Custos server")
+pytestmark = pytest.mark.skipif(
+    not (BASE_URL and TOKEN), reason="set CUSTOS_FHIR_URL to a running Custos server and CUSTOS_TOKEN to a token"
+)
 
 
 @pytest.fixture(scope="module")
 def client():
-    return SyncFHIRClient(BASE_URL, requests_config={"timeout": 30})
+    return SyncFHIRClient(BASE_URL, authorization=f"Bearer {TOKEN}", requests_config={"timeout": 30})
 
 
 @pytest.fixture()
@@ -72,6 +78,20 @@ def test_capability_statement(client):
         codes = {i["code"] for i in types[rtype]["interaction"]}
         assert {"read", "create", "update", "delete", "search-type"} <= codes, (rtype, codes)
     assert "transaction" in {i["code"] for i in rest.get("interaction", [])}
+
+
+def test_requests_without_a_token_are_refused():
+    # The CapabilityStatement is public; data is not.
+    assert requests.get(f"{BASE_URL}/metadata", timeout=30).status_code == 200
+    raw = requests.get(f"{BASE_URL}/Patient", timeout=30)
+    assert raw.status_code == 401, (raw.status_code, raw.text)
+    assert raw.headers["WWW-Authenticate"].startswith("Bearer")
+    anonymous = SyncFHIRClient(BASE_URL, requests_config={"timeout": 30})
+    with pytest.raises(AuthorizationError):
+        anonymous.resources("Patient").fetch()
+    forged = SyncFHIRClient(BASE_URL, authorization=f"Bearer {TOKEN}x", requests_config={"timeout": 30})
+    with pytest.raises(AuthorizationError):
+        forged.resources("Patient").fetch()
 
 
 def test_patient_create_read_update_search(client, tag):
@@ -318,7 +338,7 @@ def test_delete_then_read_is_gone(client, tag):
         client.get("Patient", pid)
     # fhirpy maps 404 and 410 to ResourceNotFound; FHIR R4 says a deleted resource reads as 410 Gone
     assert isinstance(err.value, (ResourceNotFound, OperationOutcome))
-    raw = requests.get(f"{BASE_URL}/Patient/{pid}", headers={"Accept": "application/fhir+json"}, timeout=30)
+    raw = requests.get(f"{BASE_URL}/Patient/{pid}", headers={"Accept": "application/fhir+json", **AUTH}, timeout=30)
     assert raw.status_code == 410, (raw.status_code, raw.text)
     # deleted resources drop out of search
     assert client.resources("Patient").search(identifier=f"{ID_SYSTEM}|MRN-{tag}-Del").fetch_all() == []
@@ -327,5 +347,5 @@ def test_delete_then_read_is_gone(client, tag):
     # an id that never existed reads as 404
     with pytest.raises(ResourceNotFound):
         client.get("Patient", f"never-{tag}")
-    raw = requests.get(f"{BASE_URL}/Patient/never-{tag}", timeout=30)
+    raw = requests.get(f"{BASE_URL}/Patient/never-{tag}", headers=AUTH, timeout=30)
     assert raw.status_code == 404, (raw.status_code, raw.text)
