@@ -106,12 +106,23 @@ pub async fn system_records_and_logs(store: Arc<dyn Store>) {
         .write(|tx| tx.sys_put("client", "c", b"c", None))
         .await
         .unwrap();
+    assert_eq!(store.sys_version("user", "u1").await.unwrap(), 2);
+    assert_eq!(store.sys_version("user", "nobody").await.unwrap(), 0);
+    store
+        .write(|tx| tx.sys_put("user", "u1", b"three", None))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.sys_version("user", "u1").await.unwrap(),
+        3,
+        "a change is seen by the very next version probe"
+    );
     let got = store
         .read(|tx| tx.sys_get("user", "u1"))
         .await
         .unwrap()
         .unwrap();
-    assert_eq!((got.version, got.value.as_slice()), (2, &b"two"[..]));
+    assert_eq!((got.version, got.value.as_slice()), (3, &b"three"[..]));
     let all = store.read(|tx| tx.sys_list("user")).await.unwrap();
     assert_eq!(
         all.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),

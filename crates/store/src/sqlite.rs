@@ -64,17 +64,71 @@ pub struct SqliteStore {
     checkpointer: Mutex<Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
     readers: Arc<Mutex<Vec<Connection>>>,
     /// A connection that answers [`Store::sys_version`], with the answers
-    /// it last gave and the database's `data_version` when it gave them.
+    /// it last gave.
     versions: Mutex<Option<VersionProbe>>,
+    signal: Arc<SysSignal>,
 }
 
-/// See [`SqliteStore::sys_version`]: `PRAGMA data_version` changes when
-/// any other connection (this process's writer, another process) commits;
-/// while it stays the same, no record can have changed.
+/// See [`Store::sys_version`]: the answers last read, and the change
+/// signal's value and the time when they were read.
 struct VersionProbe {
     conn: Connection,
-    data_version: i64,
-    known: std::collections::HashMap<(String, String), i64>,
+    signal: u64,
+    read_at: std::time::Instant,
+    known: Vec<((String, String), i64)>,
+}
+
+/// A cross-process change counter for system records: an 8-byte file next
+/// to the database (`custos.db-sys`), memory-mapped by every process that
+/// opens the store. A write that changes system records increments it after
+/// its commit; readers compare one atomic load against the value they saw.
+/// (SQLite's own change detection — `PRAGMA data_version` — needs a read
+/// transaction, that is file locks, on every check.)
+struct SysSignal {
+    map: memmap2::MmapMut,
+}
+
+impl SysSignal {
+    fn open(db: &Path) -> StoreResult<SysSignal> {
+        let mut path = db.as_os_str().to_owned();
+        path.push("-sys");
+        let mut opts = std::fs::OpenOptions::new();
+        opts.read(true).write(true).create(true).truncate(false);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let file = opts
+            .open(&path)
+            .map_err(|e| StoreError::Backend(format!("change signal file: {e}")))?;
+        if file.metadata().map(|m| m.len()).unwrap_or(0) < 8 {
+            file.set_len(8)
+                .map_err(|e| StoreError::Backend(format!("change signal file: {e}")))?;
+        }
+        // SAFETY: the file is ours (created next to the database, mode
+        // 0600) and never truncated below 8 bytes while mapped; it is only
+        // accessed through the atomic below.
+        let map = unsafe { memmap2::MmapMut::map_mut(&file) }
+            .map_err(|e| StoreError::Backend(format!("change signal map: {e}")))?;
+        Ok(SysSignal { map })
+    }
+
+    fn counter(&self) -> &std::sync::atomic::AtomicU64 {
+        // SAFETY: the mapping is page-aligned and at least 8 bytes long, so
+        // its start is a valid, aligned AtomicU64 for the mapping's lifetime
+        // (tied to &self); other processes touch it only atomically too.
+        unsafe { &*(self.map.as_ptr() as *const std::sync::atomic::AtomicU64) }
+    }
+
+    fn load(&self) -> u64 {
+        self.counter().load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn bump(&self) {
+        self.counter()
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 const SCHEMA: &str = r#"
@@ -197,9 +251,11 @@ impl SqliteStore {
         wal.push("-wal");
         let wal = PathBuf::from(wal);
         let limit = config.wal_limit_bytes;
+        let signal = Arc::new(SysSignal::open(&config.path)?);
+        let writer_signal = signal.clone();
         let handle = std::thread::Builder::new()
             .name("custos-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, wal, limit))
+            .spawn(move || writer_loop(conn, rx, wal, limit, writer_signal))
             .map_err(|e| StoreError::Backend(e.to_string()))?;
         let ck_conn = open_connection(&config, false)?;
         let (stop, stopped) = mpsc::channel::<()>();
@@ -214,6 +270,7 @@ impl SqliteStore {
             checkpointer: Mutex::new(Some((stop, ck))),
             readers: Arc::new(Mutex::new(Vec::new())),
             versions: Mutex::new(None),
+            signal,
         })
     }
 
@@ -276,6 +333,7 @@ fn writer_loop(
     rx: mpsc::Receiver<(WriteJob, Reply)>,
     wal: PathBuf,
     wal_limit: u64,
+    signal: Arc<SysSignal>,
 ) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -294,8 +352,10 @@ fn writer_loop(
             }
             continue;
         }
+        let mut sys_changed = false;
         for (job, reply) in batch {
-            let result = run_in_savepoint(&mut conn, job);
+            let (result, changed) = run_in_savepoint(&mut conn, job);
+            sys_changed |= changed;
             results.push((result, reply));
         }
         if let Err(e) = conn.execute_batch("COMMIT") {
@@ -304,6 +364,11 @@ fn writer_loop(
                 let _ = reply.send(Err(StoreError::Backend(e.to_string())));
             }
             continue;
+        }
+        // Signal after the commit and before any answer, so that whoever
+        // learns of the change also finds the signal moved.
+        if sys_changed {
+            signal.bump();
         }
         for (result, reply) in results {
             let _ = reply.send(result);
@@ -317,10 +382,25 @@ fn writer_loop(
     let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
 }
 
-fn run_in_savepoint(conn: &mut Connection, job: WriteJob) -> StoreResult<Box<dyn Any + Send>> {
-    conn.execute_batch("SAVEPOINT job").map_err(backend_err)?;
+/// Run one job in its own savepoint; also tells whether it changed system records.
+fn run_in_savepoint(
+    conn: &mut Connection,
+    job: WriteJob,
+) -> (StoreResult<Box<dyn Any + Send>>, bool) {
+    let exec = |conn: &Connection, sql: &str| {
+        conn.prepare_cached(sql)
+            .and_then(|mut s| s.execute([]))
+            .map_err(backend_err)
+    };
+    if let Err(e) = exec(conn, "SAVEPOINT job") {
+        return (Err(e), false);
+    }
+    let mut sys_changed = false;
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let mut tx = SqliteTx { conn };
+        let mut tx = SqliteTx {
+            conn,
+            sys_changed: &mut sys_changed,
+        };
         job(&mut tx)
     }));
     let result = match outcome {
@@ -330,10 +410,15 @@ fn run_in_savepoint(conn: &mut Connection, job: WriteJob) -> StoreResult<Box<dyn
         )),
     };
     if result.is_err() {
-        conn.execute_batch("ROLLBACK TO job").map_err(backend_err)?;
+        sys_changed = false;
+        if let Err(e) = exec(conn, "ROLLBACK TO job") {
+            return (Err(e), false);
+        }
     }
-    conn.execute_batch("RELEASE job").map_err(backend_err)?;
-    result
+    if let Err(e) = exec(conn, "RELEASE job") {
+        return (Err(e), false);
+    }
+    (result, sys_changed)
 }
 
 #[async_trait::async_trait]
@@ -368,32 +453,31 @@ impl Store for SqliteStore {
     }
 
     async fn sys_version(&self, kind: &str, key: &str) -> StoreResult<i64> {
+        /// Even without a signal, answers are re-read this often (a safety
+        /// net for a writer that died between its commit and the signal).
+        const RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+        let signal = self.signal.load();
         let mut slot = self.versions.lock();
-        if slot.is_none() {
-            *slot = Some(VersionProbe {
-                conn: open_connection(&self.config, true)?,
-                data_version: -1,
-                known: std::collections::HashMap::new(),
-            });
-        }
-        let probe = slot.as_mut().expect("just set");
-        let dv: i64 = probe
-            .conn
-            .prepare_cached("PRAGMA data_version")
-            .and_then(|mut s| s.query_row([], |r| r.get(0)))
-            .map_err(backend_err)?;
-        if dv == probe.data_version
-            && let Some((_, v)) = probe
-                .known
-                .iter()
-                .find(|((k1, k2), _)| k1 == kind && k2 == key)
+        if let Some(p) = slot.as_ref()
+            && p.signal == signal
+            && p.read_at.elapsed() < RECHECK
+            && let Some((_, v)) = p.known.iter().find(|((k1, k2), _)| k1 == kind && k2 == key)
         {
             return Ok(*v);
         }
-        let k = (kind.to_string(), key.to_string());
-        if dv != probe.data_version {
+        if slot.is_none() {
+            *slot = Some(VersionProbe {
+                conn: open_connection(&self.config, true)?,
+                signal,
+                read_at: std::time::Instant::now(),
+                known: Vec::new(),
+            });
+        }
+        let probe = slot.as_mut().expect("just set");
+        if probe.signal != signal || probe.read_at.elapsed() >= RECHECK {
             probe.known.clear();
-            probe.data_version = dv;
+            probe.signal = signal;
+            probe.read_at = std::time::Instant::now();
         }
         let v: i64 = probe
             .conn
@@ -401,7 +485,7 @@ impl Store for SqliteStore {
             .and_then(|mut s| s.query_row(params![kind, key], |r| r.get(0)).optional())
             .map_err(backend_err)?
             .unwrap_or(0);
-        probe.known.insert(k, v);
+        probe.known.push(((kind.to_string(), key.to_string()), v));
         Ok(v)
     }
 
@@ -435,7 +519,11 @@ fn run_read_on(
         .and_then(|mut s| s.execute([]))
         .map_err(backend_err)?;
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let mut tx = SqliteTx { conn: &mut conn };
+        let mut unused = false;
+        let mut tx = SqliteTx {
+            conn: &mut conn,
+            sys_changed: &mut unused,
+        };
         job(&mut tx)
     }));
     let committed = conn
@@ -454,6 +542,8 @@ fn run_read_on(
 /// A transaction on one connection.
 struct SqliteTx<'c> {
     conn: &'c mut Connection,
+    /// Set when a write changes system records (see [`SysSignal`]).
+    sys_changed: &'c mut bool,
 }
 
 const VERSION_COLUMNS: &str = "c.rid, c.rtype, c.id, v.version, v.last_updated, \
@@ -1219,6 +1309,7 @@ impl WriteTx for SqliteTx<'_> {
             });
         }
         let version = found + 1;
+        *self.sys_changed = true;
         self.conn
             .prepare_cached(
                 "INSERT INTO sys (kind, key, version, value) VALUES (?1, ?2, ?3, ?4)                  ON CONFLICT (kind, key) DO UPDATE SET version = excluded.version, value = excluded.value",
@@ -1230,6 +1321,7 @@ impl WriteTx for SqliteTx<'_> {
     }
 
     fn sys_delete(&mut self, kind: &str, key: &str) -> StoreResult<bool> {
+        *self.sys_changed = true;
         let n = self
             .conn
             .prepare_cached("DELETE FROM sys WHERE kind = ?1 AND key = ?2")

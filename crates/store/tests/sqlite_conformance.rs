@@ -57,3 +57,32 @@ async fn wal_stays_bounded_under_sustained_writes() {
     let n = store.read(|tx| tx.type_counts()).await.unwrap();
     assert_eq!(n, vec![("Binary".to_string(), 192 * 64)]);
 }
+
+/// Two stores on one database (two processes, as `custos serve` and
+/// `custos user lock` are): a system-record change made through one is seen
+/// by the other's very next version probe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_record_changes_are_seen_across_processes() {
+    use custos_store::StoreExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    let a = Arc::new(SqliteStore::open(SqliteConfig::new(&path)).unwrap());
+    let b = Arc::new(SqliteStore::open(SqliteConfig::new(&path)).unwrap());
+    assert_eq!(a.sys_version("security", "epoch").await.unwrap(), 0);
+    for want in 1..=3 {
+        b.write(|tx| tx.sys_put("security", "epoch", b"", None))
+            .await
+            .unwrap();
+        assert_eq!(a.sys_version("security", "epoch").await.unwrap(), want);
+    }
+    // A failed job changes nothing and need not be seen.
+    let _ = b
+        .write(|tx| {
+            tx.sys_put("security", "epoch", b"", None)?;
+            Err::<(), _>(custos_store::StoreError::Backend("abandoned".into()))
+        })
+        .await;
+    assert_eq!(a.sys_version("security", "epoch").await.unwrap(), 3);
+    a.close();
+    b.close();
+}
