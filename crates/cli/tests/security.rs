@@ -586,6 +586,9 @@ async fn lock_and_revoke_take_effect_on_the_next_request() {
         .await;
     assert_refused(&again, "sign-in of a locked account");
     custos_ok(&["user", "unlock", "--data-dir", &s.data(), "pat.lock"]);
+    // The lock revoked every token issued up to the second after it
+    // (tokens carry whole seconds): sign in again after that second.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     let fresh = locked.token(&s.base, PATIENT_SCOPE).await;
     assert_eq!(
         s.call(Some(&fresh), "GET", &read, None, &[]).await.status,

@@ -504,6 +504,57 @@ fn url_with_query(base: &str, pairs: &[(&str, &str)]) -> String {
 
 // --------------------------------------------------------- administration
 
+/// Middleware of the admin API: records who asked for what and the outcome
+/// (the service records what changed).
+pub async fn audit_admin_request(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let Access::Enforced(auth) = &s.access else {
+        return next.run(req).await;
+    };
+    let auth = auth.clone();
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let action = format!("{} {route}", req.method());
+    let origin = origin(req.headers(), peer);
+    let principal = match bearer(req.headers()) {
+        Some(t) => auth.authenticate(t).await.ok().map(|(p, _)| p),
+        None => None,
+    };
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    auth.access_log()
+        .record(AccessRecord {
+            at: now_micros(),
+            subject: principal.as_ref().map(|p| p.subject()),
+            username: principal
+                .as_ref()
+                .and_then(|p| p.username().map(str::to_string)),
+            role: principal.as_ref().map(|p| p.role.name().to_string()),
+            client_id: principal.as_ref().map(|p| p.client_id.clone()),
+            source: origin.source,
+            user_agent: origin.user_agent,
+            action,
+            status,
+            decisions: vec![custos_auth::Decision {
+                interaction: "admin".into(),
+                rtype: None,
+                id: None,
+                patient: None,
+                allowed: resp.status().is_success(),
+                rule: route,
+            }],
+            ..AccessRecord::default()
+        })
+        .await;
+    resp
+}
+
 /// An authenticated caller of the admin API holding `right`.
 async fn admin(
     s: &AppState,

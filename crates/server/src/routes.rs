@@ -39,18 +39,7 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::authenticate,
         ));
-    Router::new()
-        .route("/metadata", get(metadata))
-        .route(
-            "/.well-known/smart-configuration",
-            get(auth::smart_configuration),
-        )
-        .route("/.well-known/jwks.json", get(auth::jwks))
-        .route("/auth/token", post(auth::token))
-        .route(
-            "/auth/authorize",
-            get(auth::authorize_get).post(auth::authorize_post),
-        )
+    let admin = Router::new()
         .route(
             "/admin/users",
             get(auth::admin_list_users).post(auth::admin_add_user),
@@ -68,6 +57,23 @@ pub fn router(state: AppState) -> Router {
             "/admin/signing-key/rotate",
             post(auth::admin_rotate_signing_key),
         )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::audit_admin_request,
+        ));
+    Router::new()
+        .route("/metadata", get(metadata))
+        .route(
+            "/.well-known/smart-configuration",
+            get(auth::smart_configuration),
+        )
+        .route("/.well-known/jwks.json", get(auth::jwks))
+        .route("/auth/token", post(auth::token))
+        .route(
+            "/auth/authorize",
+            get(auth::authorize_get).post(auth::authorize_post),
+        )
+        .merge(admin)
         .merge(fhir)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
