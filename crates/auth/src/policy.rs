@@ -268,6 +268,7 @@ impl Policy {
         &self.config
     }
 
+    /// A cached relationship answer, if no relationship write happened since.
     fn fresh<T: Clone>(&self, c: &Cached<T>) -> Option<T> {
         (c.generation == self.records.relations_generation() && c.until > now_secs())
             .then(|| c.value.clone())
@@ -276,6 +277,20 @@ impl Policy {
     fn stamp<T>(&self, value: T) -> Cached<T> {
         Cached {
             generation: self.records.relations_generation(),
+            until: now_secs() + self.config.relationship_cache_secs,
+            value,
+        }
+    }
+
+    /// A cached consent answer, if no Consent was written since.
+    fn fresh_consent<T: Clone>(&self, c: &Cached<T>) -> Option<T> {
+        (c.generation == self.records.consents_generation() && c.until > now_secs())
+            .then(|| c.value.clone())
+    }
+
+    fn stamp_consent<T>(&self, value: T) -> Cached<T> {
+        Cached {
+            generation: self.records.consents_generation(),
             until: now_secs() + self.config.relationship_cache_secs,
             value,
         }
@@ -325,7 +340,7 @@ impl Policy {
 
     async fn deny_rules_of(&self, patient: &str) -> Result<Arc<Vec<DenyRule>>, FhirError> {
         if let Some(c) = self.consents.lock().get(patient)
-            && let Some(v) = self.fresh(c)
+            && let Some(v) = self.fresh_consent(c)
         {
             return Ok(v);
         }
@@ -333,14 +348,14 @@ impl Policy {
         let v = Arc::new(consents.iter().flat_map(deny_rules).collect::<Vec<_>>());
         self.consents
             .lock()
-            .put(patient.to_string(), self.stamp(v.clone()));
+            .put(patient.to_string(), self.stamp_consent(v.clone()));
         Ok(v)
     }
 
     /// Deny rules of every patient who has any (for narrowing searches).
     async fn all_deny_rules(&self) -> Result<Arc<HashMap<String, Vec<DenyRule>>>, FhirError> {
         if let Some(c) = self.all_consents.lock().as_ref()
-            && let Some(v) = self.fresh(c)
+            && let Some(v) = self.fresh_consent(c)
         {
             return Ok(v);
         }
@@ -356,7 +371,7 @@ impl Policy {
             }
         }
         let v = Arc::new(map);
-        *self.all_consents.lock() = Some(self.stamp(v.clone()));
+        *self.all_consents.lock() = Some(self.stamp_consent(v.clone()));
         Ok(v)
     }
 
@@ -423,6 +438,10 @@ pub struct RequestGuard {
     /// A break-the-glass reason stated on this request (header) or its token.
     break_glass: Option<String>,
     decisions: Mutex<Vec<Decision>>,
+    /// Facts already established for this request (a transaction asks
+    /// about the same patient for each of its entries).
+    consent_memo: Mutex<HashMap<String, bool>>,
+    relationship_memo: Mutex<HashMap<(Context, String), Result<String, String>>>,
 }
 
 /// A refusal that reveals nothing about the data.
@@ -454,6 +473,8 @@ impl RequestGuard {
             purpose,
             break_glass,
             decisions: Mutex::new(Vec::new()),
+            consent_memo: Mutex::new(HashMap::new()),
+            relationship_memo: Mutex::new(HashMap::new()),
         }
     }
 
@@ -531,10 +552,15 @@ impl RequestGuard {
         if self.principal.patient.as_deref() == Some(patient) {
             return Ok(false);
         }
+        if let Some(v) = self.consent_memo.lock().get(patient) {
+            return Ok(*v);
+        }
         let rules = self.policy.deny_rules_of(patient).await?;
         let now = now_secs() * 1_000_000;
         let actors = self.actor_refs();
-        Ok(rules.iter().any(|r| r.denies(&actors, &self.purpose, now)))
+        let denied = rules.iter().any(|r| r.denies(&actors, &self.purpose, now));
+        self.consent_memo.lock().insert(patient.to_string(), denied);
+        Ok(denied)
     }
 
     /// The scope context that allows this, if any.
@@ -663,11 +689,17 @@ impl RequestGuard {
         Box::pin(self.relationship_inner(ctx, patient))
     }
 
-    async fn relationship_inner(
-        &self,
-        ctx: Context,
-        patient: &str,
-    ) -> Result<Result<String, String>, FhirError> {
+    async fn relationship_inner(&self, ctx: Context, patient: &str) -> RelationshipAnswer {
+        let key = (ctx, patient.to_string());
+        if let Some(v) = self.relationship_memo.lock().get(&key) {
+            return Ok(v.clone());
+        }
+        let answer = self.relationship_uncached(ctx, patient).await?;
+        self.relationship_memo.lock().insert(key, answer.clone());
+        Ok(answer)
+    }
+
+    async fn relationship_uncached(&self, ctx: Context, patient: &str) -> RelationshipAnswer {
         if ctx == Context::Patient && self.principal.launch_patient.as_deref() != Some(patient) {
             return Ok(Err("outside the launch patient".into()));
         }

@@ -2,7 +2,7 @@
 use custos_records::Interaction;
 
 /// Whose data a resource scope speaks of.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Context {
     /// The launch patient's compartment only.
     Patient,

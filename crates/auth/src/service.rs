@@ -38,6 +38,7 @@ use crate::{AuthError, now_secs, random_token, sha256_hex};
 pub const CLIENT_KIND: &str = "client";
 pub const REFRESH_KIND: &str = "refresh-token";
 pub const CODE_KIND: &str = "authorization-code";
+pub const TICKET_KIND: &str = "login-ticket";
 pub const ASSERTION_KIND: &str = "client-assertion";
 /// The public client of the `custos` command line.
 pub const CLI_CLIENT: &str = "custos-cli";
@@ -198,6 +199,23 @@ pub struct AuthorizeRequest {
     /// The launch patient chosen on the login page (clinicians).
     #[serde(default)]
     pub patient: Option<String>,
+}
+
+/// What the first step of the login page leads to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoginStep {
+    /// Signed in: the authorization code for the redirect.
+    Code(String),
+    /// The password was right; the TOTP step follows with this ticket.
+    SecondFactor(String),
+}
+
+/// A sign-in between its password and TOTP steps.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Ticket {
+    user_id: String,
+    request: AuthorizeRequest,
+    expires: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -704,6 +722,22 @@ impl AuthService {
         totp: Option<&str>,
         origin: &Origin,
     ) -> Result<User, AuthError> {
+        let (version, user) = self.password_step(username, password, origin).await?;
+        self.second_factor_step(version, user, totp, origin).await
+    }
+
+    /// Whether the user's role requires a second factor (or they enrolled one).
+    fn needs_second_factor(&self, user: &User) -> bool {
+        self.policy.permissions().of(user.role).mfa || user.totp_secret.is_some()
+    }
+
+    /// The first step of sign-in: the account exists, is not locked, and the password is right.
+    async fn password_step(
+        &self,
+        username: &str,
+        password: &str,
+        origin: &Origin,
+    ) -> Result<(i64, User), AuthError> {
         let found = self.user_by_name(username).await?;
         let now = now_secs();
         let (version, user) = match found {
@@ -736,9 +770,21 @@ impl AuthService {
                 "invalid username or password".into(),
             ));
         }
-        let mfa_required = self.policy.permissions().of(user.role).mfa;
+        Ok((version, user))
+    }
+
+    /// The second step of sign-in: the TOTP code (where the role requires
+    /// one), then the account's sign-in state is saved.
+    async fn second_factor_step(
+        &self,
+        version: i64,
+        user: User,
+        totp: Option<&str>,
+        origin: &Origin,
+    ) -> Result<User, AuthError> {
+        let now = now_secs();
         let mut step = user.totp_last_step;
-        if mfa_required || user.totp_secret.is_some() {
+        if self.needs_second_factor(&user) {
             let Some(secret) = &user.totp_secret else {
                 self.audit_login(Some(&user), "totp", false, "mfa-not-enrolled", origin)
                     .await;
@@ -1253,7 +1299,9 @@ impl AuthService {
         Ok(client)
     }
 
-    /// Step one of the login page: the password. Returns a ticket for the TOTP step.
+    /// Step one of the login page: the password (and the TOTP code, if the
+    /// form carried it). Answers with an authorization code when sign-in is
+    /// complete, or with a ticket for the TOTP step.
     pub async fn login_password(
         &self,
         req: &AuthorizeRequest,
@@ -1261,14 +1309,78 @@ impl AuthService {
         password: &str,
         totp: Option<&str>,
         origin: &Origin,
-    ) -> Result<String, AuthError> {
+    ) -> Result<LoginStep, AuthError> {
         self.check_authorize(req).await?;
+        let (version, user) = self.password_step(username, password, origin).await?;
+        let has_code = totp.is_some_and(|c| !c.trim().is_empty());
+        if self.needs_second_factor(&user) && !has_code {
+            let ticket = random_token(32);
+            let rec = Ticket {
+                user_id: user.id.clone(),
+                request: req.clone(),
+                expires: now_secs() + 300,
+            };
+            self.vault
+                .put(TICKET_KIND, &sha256_hex(&ticket), &rec, Some(0))
+                .await?;
+            return Ok(LoginStep::SecondFactor(ticket));
+        }
+        let user = self.second_factor_step(version, user, totp, origin).await?;
+        Ok(LoginStep::Code(self.new_code(&user, req).await?))
+    }
+
+    /// Step two of the login page: the TOTP code for a ticket from step one.
+    /// Wrong codes count towards the account's lockout; the ticket is good
+    /// for five minutes and is spent by success.
+    pub async fn login_second_factor(
+        &self,
+        ticket: &str,
+        totp: &str,
+        origin: &Origin,
+    ) -> Result<(AuthorizeRequest, String), AuthError> {
+        let key = sha256_hex(ticket);
+        let (_, t) = self
+            .vault
+            .get::<Ticket>(TICKET_KIND, &key)
+            .await?
+            .ok_or_else(|| AuthError::InvalidGrant("the sign-in expired; start again".into()))?;
+        if t.expires <= now_secs() {
+            return Err(AuthError::InvalidGrant(
+                "the sign-in expired; start again".into(),
+            ));
+        }
+        self.check_authorize(&t.request).await?;
+        let (version, user) = self
+            .vault
+            .get::<User>(USER_KIND, &t.user_id)
+            .await?
+            .ok_or_else(|| AuthError::InvalidGrant("the account no longer exists".into()))?;
+        if user.is_locked(now_secs()) {
+            self.audit_login(Some(&user), "totp", false, "locked", origin)
+                .await;
+            return Err(AuthError::Locked);
+        }
         let user = self
-            .check_credentials(username, password, totp, origin)
+            .second_factor_step(version, user, Some(totp), origin)
             .await?;
+        let k = key.clone();
+        let spent = self
+            .vault
+            .write(move |tx, _| tx.sys_delete(TICKET_KIND, &k).map_err(backend))
+            .await?;
+        if !spent {
+            return Err(AuthError::InvalidGrant(
+                "the sign-in was already completed".into(),
+            ));
+        }
+        let code = self.new_code(&user, &t.request).await?;
+        Ok((t.request, code))
+    }
+
+    async fn new_code(&self, user: &User, req: &AuthorizeRequest) -> Result<String, AuthError> {
         let code = random_token(32);
         let rec = CodeRecord {
-            user_id: user.id,
+            user_id: user.id.clone(),
             request: req.clone(),
             expires: now_secs() + 60,
         };

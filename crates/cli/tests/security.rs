@@ -2237,3 +2237,112 @@ async fn administration_needs_an_administrative_role() {
         .await;
     assert_unauthorized(&r, "a token of a user locked over the API");
 }
+
+/// The login page asks for the TOTP code in a second step: the password
+/// alone yields only a ticket for that step; a wrong code shows the step
+/// again (and counts as a failure); the right one redirects with the code;
+/// a ticket is spent by success.
+#[tokio::test]
+async fn login_page_takes_the_totp_code_in_a_second_step() {
+    let s = start().await;
+    custos_ok(&[
+        "client",
+        "add",
+        "--data-dir",
+        &s.data(),
+        "--id",
+        APP,
+        "--redirect-uri",
+        REDIRECT,
+        "--scope",
+        APP_SCOPE,
+    ]);
+    let a = create(&s, patient("TwoStep", None)).await;
+    let pat = s.add_user("pat.twostep", "patient", &[("--patient", &a)]);
+    let (verifier, challenge) = pkce_pair();
+    let state = format!("st-{}", random(8));
+    let html = http()
+        .get(authorize_url(
+            &s,
+            "patient/*.rs launch/patient",
+            &state,
+            &challenge,
+            REDIRECT,
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !html.contains("name=\"totp\""),
+        "step one asks no code: {html}"
+    );
+    let mut form = hidden_fields(&html);
+    form.push(("username".into(), pat.username.clone()));
+    // A wrong password: step one again, no ticket.
+    let mut wrong = form.clone();
+    wrong.push(("password".into(), "not the password at all".into()));
+    let pairs: Vec<(&str, &str)> = wrong
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let r = post_form(&http(), &s.url("auth/authorize"), &pairs).await;
+    assert_eq!(r.status, 200);
+    assert!(!r.text.contains("name=\"ticket\""), "{}", r.text);
+    // The right password: the TOTP step with a ticket.
+    form.push(("password".into(), pat.password.clone()));
+    let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let r = post_form(&http(), &s.url("auth/authorize"), &pairs).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(r.text.contains("name=\"totp\""), "{}", r.text);
+    let ticket = hidden_fields(&r.text)
+        .into_iter()
+        .find(|(k, _)| k == "ticket")
+        .map(|(_, v)| v)
+        .expect("a ticket");
+    // A wrong code: the same step, with an error.
+    let r = post_form(
+        &http(),
+        &s.url("auth/authorize"),
+        &[("ticket", &ticket), ("totp", "000000")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(r.text.contains("role=\"alert\"") && r.text.contains("name=\"ticket\""));
+    // The right code: redirected with the code and the state.
+    let code = pat.fresh_code();
+    let r = post_form(
+        &http(),
+        &s.url("auth/authorize"),
+        &[("ticket", &ticket), ("totp", &code)],
+    )
+    .await;
+    assert!(
+        r.status == 302 || r.status == 303,
+        "{} {}",
+        r.status,
+        r.text
+    );
+    let location = reqwest::Url::parse(r.header("location").unwrap()).unwrap();
+    let q: std::collections::HashMap<String, String> =
+        location.query_pairs().into_owned().collect();
+    assert_eq!(q.get("state"), Some(&state));
+    let t = token_of(&exchange_code(&s, &q["code"], &verifier).await);
+    assert_eq!(
+        s.call(Some(&t), "GET", &format!("Patient/{a}"), None, &[])
+            .await
+            .status,
+        200
+    );
+    // The ticket is spent.
+    let again = post_form(
+        &http(),
+        &s.url("auth/authorize"),
+        &[("ticket", &ticket), ("totp", &pat.fresh_code())],
+    )
+    .await;
+    assert_eq!(again.status, 400, "{}", again.text);
+    assert!(again.header("location").is_none());
+}

@@ -21,5 +21,5 @@ pub use access::{Guard, Interaction, Unrestricted, Visibility, compartment_of_ke
 pub use capability::capability_statement;
 pub use index::{PREFIX_MAX, blind_date, range_pkey};
 pub use keys::{KeyService, SHARED_KEY_NAME, patient_key_name};
-pub use relations::{CARE_TEAM, ENCOUNTER, GENERAL_PRACTITIONER, RELATION_TYPES};
+pub use relations::{CARE_TEAM, CONSENT_TYPE, ENCOUNTER, GENERAL_PRACTITIONER, RELATION_TYPES};
 pub use service::{Opened, RawVersion, Records, RecordsConfig, new_id};

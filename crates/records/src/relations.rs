@@ -14,8 +14,10 @@ use crate::keys::store_err;
 use crate::search::Plan;
 use crate::service::Records;
 
-/// Resource types whose writes can change a relationship or a consent.
-pub const RELATION_TYPES: [&str; 4] = ["CareTeam", "Encounter", "Patient", "Consent"];
+/// Resource types whose writes can change a care relationship.
+pub const RELATION_TYPES: [&str; 3] = ["CareTeam", "Encounter", "Patient"];
+/// The resource type whose writes can change what a patient consents to.
+pub const CONSENT_TYPE: &str = "Consent";
 
 /// The kinds of care relationship, as the policy names them.
 pub const CARE_TEAM: &str = "care-team";
@@ -166,9 +168,14 @@ impl Records {
             .map_err(store_err)?
     }
 
-    /// Grows whenever a resource that can change a relationship or a
-    /// consent (see [`RELATION_TYPES`]) is written through this process.
+    /// Grows whenever a resource that can change a care relationship (see
+    /// [`RELATION_TYPES`]) is written through this process.
     pub fn relations_generation(&self) -> u64 {
         self.relations_gen().load(Ordering::Acquire)
+    }
+
+    /// Grows whenever a Consent is written through this process.
+    pub fn consents_generation(&self) -> u64 {
+        self.consents_gen().load(Ordering::Acquire)
     }
 }

@@ -159,6 +159,7 @@ pub(crate) struct Inner {
     config: RecordsConfig,
     clock: AtomicI64,
     relations_gen: AtomicU64,
+    consents_gen: AtomicU64,
 }
 
 /// The record service; cheap to clone. Each handle carries the [`Guard`]
@@ -211,6 +212,7 @@ impl Records {
                 config,
                 clock: AtomicI64::new(0),
                 relations_gen: AtomicU64::new(0),
+                consents_gen: AtomicU64::new(0),
             }),
             guard: Arc::new(Unrestricted),
         })
@@ -242,6 +244,9 @@ impl Records {
     }
     pub(crate) fn relations_gen(&self) -> &AtomicU64 {
         &self.inner.relations_gen
+    }
+    pub(crate) fn consents_gen(&self) -> &AtomicU64 {
+        &self.inner.consents_gen
     }
     pub(crate) fn now(&self) -> i64 {
         now_micros(&self.inner.clock)
@@ -614,6 +619,7 @@ impl Records {
     pub async fn shred_patient(&self, patient_id: &str) -> Result<u64, FhirError> {
         Self::check_id(patient_id)?;
         self.relations_gen().fetch_add(1, Ordering::AcqRel);
+        self.consents_gen().fetch_add(1, Ordering::AcqRel);
         let key_name = patient_key_name(patient_id);
         let (pid, kn) = (patient_id.to_string(), key_name.clone());
         let exists = self

@@ -421,11 +421,18 @@ impl Records {
                 .await;
             match committed {
                 Ok(done) => {
-                    if entries.iter().any(|e| {
-                        e.method != Method::Get
-                            && crate::relations::RELATION_TYPES.contains(&e.rtype.as_str())
-                    }) {
+                    let writes = entries.iter().filter(|e| e.method != Method::Get);
+                    let (mut relations, mut consents) = (false, false);
+                    for e in writes {
+                        relations |= crate::relations::RELATION_TYPES.contains(&e.rtype.as_str());
+                        consents |= e.rtype == crate::relations::CONSENT_TYPE;
+                    }
+                    if relations {
                         self.relations_gen()
+                            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                    }
+                    if consents {
+                        self.consents_gen()
                             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                     }
                     return Ok(done);

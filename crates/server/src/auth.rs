@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use custos_auth::roles::AdminRight;
-use custos_auth::service::{AuthorizeRequest, Client, Origin};
+use custos_auth::service::{AuthorizeRequest, Client, LoginStep, Origin};
 use custos_auth::{
     AccessRecord, AuthError, AuthService, Grant, NewUser, Principal, RequestGuard, Role,
 };
@@ -390,12 +390,35 @@ fn login_page(req: &AuthorizeRequest, client_name: &str, error: Option<&str>) ->
 <form method="post" action="/auth/authorize" autocomplete="off">{hidden}
 <label for="username">Username</label><input id="username" name="username" required autofocus>
 <label for="password">Password</label><input id="password" name="password" type="password" required>
-<label for="totp">Authenticator code (TOTP)</label><input id="totp" name="totp" inputmode="numeric" pattern="[0-9]{{6}}" maxlength="6">
 <label for="patient">Patient id (optional, for patient-context apps)</label><input id="patient" name="patient">
-<button type="submit">Sign in</button></form></body></html>"#,
+<button type="submit">Continue</button></form></body></html>"#,
         client = escape(client_name),
         scope = escape(&req.scope),
     );
+    page(html)
+}
+
+/// The TOTP step of the login page.
+fn totp_page(ticket: &str, client_name: &str, error: Option<&str>) -> Response {
+    let error = error
+        .map(|e| format!("<p role=\"alert\" class=\"error\">{}</p>", escape(e)))
+        .unwrap_or_default();
+    let html = format!(
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Custos sign-in</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>body{{font-family:system-ui,sans-serif;max-width:26rem;margin:4rem auto;padding:0 1rem}}label{{display:block;margin:.8rem 0 .2rem}}input{{width:100%;padding:.5rem;box-sizing:border-box}}button{{margin-top:1.2rem;padding:.6rem 1.2rem}}.error{{color:#a00}}</style></head>
+<body><h1>Sign in to Custos</h1><p>Second step for <strong>{client}</strong>: the code your authenticator app shows now.</p>{error}
+<form method="post" action="/auth/authorize" autocomplete="off"><input type="hidden" name="ticket" value="{ticket}">
+<label for="totp">Authenticator code (TOTP)</label><input id="totp" name="totp" inputmode="numeric" pattern="[0-9]{{6}}" maxlength="6" required autofocus>
+<button type="submit">Sign in</button></form></body></html>"#,
+        client = escape(client_name),
+        ticket = escape(ticket),
+    );
+    page(html)
+}
+
+/// An HTML page that is never cached, framed or given scripts.
+fn page(html: String) -> Response {
     let mut resp = Html(html).into_response();
     let h = resp.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -449,6 +472,22 @@ pub async fn authorize_post(
         ));
     };
     let get = |k: &str| f.get(k).cloned().filter(|v| !v.is_empty());
+    let from = origin(&headers, Some(peer));
+    if let Some(ticket) = get("ticket") {
+        let totp = get("totp").unwrap_or_default();
+        return match auth.login_second_factor(&ticket, &totp, &from).await {
+            Ok((req, code)) => redirect_with_code(&req, &code),
+            Err(AuthError::Internal(_)) => {
+                bad_authorize(&AuthError::Internal("internal error".into()))
+            }
+            // A wrong code: the same step again (each failure counts
+            // towards the account's lockout).
+            Err(e @ AuthError::InvalidGrant(_)) if e.to_string().contains("TOTP") => {
+                totp_page(&ticket, "the application", Some(&e.to_string()))
+            }
+            Err(e) => bad_authorize(&e),
+        };
+    }
     let q = AuthorizeQuery {
         response_type: get("response_type"),
         client_id: get("client_id"),
@@ -472,25 +511,23 @@ pub async fn authorize_post(
     let password = get("password").unwrap_or_default();
     let totp = get("totp");
     match auth
-        .login_password(
-            &req,
-            &username,
-            &password,
-            totp.as_deref(),
-            &origin(&headers, Some(peer)),
-        )
+        .login_password(&req, &username, &password, totp.as_deref(), &from)
         .await
     {
-        Ok(code) => {
-            let mut url = url_with_query(&req.redirect_uri, &[("code", &code)]);
-            if let Some(state) = &req.state {
-                url = url_with_query(&url, &[("state", state)]);
-            }
-            Redirect::to(&url).into_response()
-        }
+        Ok(LoginStep::Code(code)) => redirect_with_code(&req, &code),
+        Ok(LoginStep::SecondFactor(ticket)) => totp_page(&ticket, &client.name, None),
         Err(AuthError::Internal(_)) => bad_authorize(&AuthError::Internal("internal error".into())),
         Err(e) => login_page(&req, &client.name, Some(&e.to_string())),
     }
+}
+
+/// `303 See Other` to the app's redirect URI with the code and its state.
+fn redirect_with_code(req: &AuthorizeRequest, code: &str) -> Response {
+    let mut url = url_with_query(&req.redirect_uri, &[("code", code)]);
+    if let Some(state) = &req.state {
+        url = url_with_query(&url, &[("state", state)]);
+    }
+    Redirect::to(&url).into_response()
 }
 
 fn url_with_query(base: &str, pairs: &[(&str, &str)]) -> String {
