@@ -2,6 +2,7 @@
 //! or refused it, and any break-the-glass reason. Records are sealed (a
 //! reason or a query may hold PHI) and appended to the `access` system log
 //! in batches, off the request path; the audit trail picks them up there.
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use custos_store::{LogEntry, StoreExt};
@@ -17,7 +18,7 @@ pub const ACCESS_LOG: &str = "access";
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Decision {
     /// `read`, `search`, `create`, … or `login`, `token`, `admin`.
-    pub interaction: String,
+    pub interaction: Cow<'static, str>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rtype: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -28,7 +29,7 @@ pub struct Decision {
     pub allowed: bool,
     /// The rule that decided (`scope`, `role`, `care-team`, `encounter`,
     /// `general-practitioner`, `own-record`, `consent-deny`, `break-glass`, …).
-    pub rule: String,
+    pub rule: Cow<'static, str>,
 }
 
 /// Everything recorded about one request or one authentication event.
@@ -59,24 +60,73 @@ pub struct AccessRecord {
     pub decisions: Vec<Decision>,
 }
 
+/// An access record as the request path writes it: borrowed fields,
+/// serialized straight into the pending batch (the same JSON as
+/// [`AccessRecord`], which is how it is read back).
+#[derive(Debug, Serialize)]
+pub struct AccessEntry<'a> {
+    pub at: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<&'a str>,
+    pub action: &'a str,
+    pub status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub break_glass_reason: Option<&'a str>,
+    pub decisions: &'a [Decision],
+}
+
+impl AccessRecord {
+    /// This record as an entry to append.
+    pub fn entry(&self) -> AccessEntry<'_> {
+        AccessEntry {
+            at: self.at,
+            subject: self.subject.as_deref(),
+            username: self.username.as_deref(),
+            role: self.role.as_deref(),
+            client_id: self.client_id.as_deref(),
+            source: self.source.as_deref(),
+            user_agent: self.user_agent.as_deref(),
+            action: &self.action,
+            status: self.status,
+            purpose: self.purpose.as_deref(),
+            break_glass_reason: self.break_glass_reason.as_deref(),
+            decisions: &self.decisions,
+        }
+    }
+}
+
 /// Records waiting to be appended, and flush requests waiting for them.
 #[derive(Default)]
 struct Pending {
-    records: parking_lot::Mutex<Vec<AccessRecord>>,
+    /// Serialized records, one JSON object per line, and how many.
+    records: parking_lot::Mutex<(Vec<u8>, usize)>,
     flushes: parking_lot::Mutex<Vec<tokio::sync::oneshot::Sender<()>>>,
     wake: tokio::sync::Notify,
 }
 
-/// Appends access records in batches. A request only pushes its record
-/// into a buffer (no task wake-up per request); a background task appends
-/// the buffer every [`GATHER`], or sooner when it holds [`BATCH`] records.
+/// Appends access records in batches. A request serializes its record
+/// into a shared buffer (no task wake-up, no owned copy per request); a
+/// background task seals and appends the buffer every [`GATHER`], or sooner
+/// when it holds [`BATCH_BYTES`].
 #[derive(Clone)]
 pub struct AccessLog {
     pending: Arc<Pending>,
     vault: Vault,
 }
 
-const BATCH: usize = 4096;
+const BATCH_BYTES: usize = 4 << 20;
 /// How long records gather before they are appended (fewer, larger
 /// commits: the writer and the WAL see one append per period, not per request).
 const GATHER: std::time::Duration = std::time::Duration::from_millis(100);
@@ -92,33 +142,32 @@ impl AccessLog {
                     break;
                 };
                 let _ = tokio::time::timeout(GATHER, p.wake.notified()).await;
-                // Flush requests first: every record pushed before a flush
+                // Flush requests first: every record appended before a flush
                 // request is then in the buffer taken next.
                 let flushes = std::mem::take(&mut *p.flushes.lock());
-                let records = std::mem::take(&mut *p.records.lock());
+                let (lines, n) = std::mem::take(&mut *p.records.lock());
                 drop(p);
-                if !records.is_empty() {
-                    // One sealed entry per batch: one AES-GCM seal and one
-                    // row for many records, not one of each per request.
-                    let at = records[0].at;
-                    let n = records.len();
-                    // Serializing and sealing thousands of records takes a
-                    // millisecond or two: off the request workers.
+                if n > 0 {
+                    let at = crate::now_secs() * 1_000_000;
+                    // Sealing megabytes takes a moment: off the request workers.
                     let sv = v.clone();
-                    let Ok(sealed) = tokio::task::spawn_blocking(move || {
-                        sv.seal(ACCESS_LOG, &at.to_string(), &records)
+                    let sealed = tokio::task::spawn_blocking(move || {
+                        sv.seal_bytes(ACCESS_LOG, &at.to_string(), &lines)
                     })
-                    .await
-                    else {
-                        tracing::error!(records = n, "access records could not be sealed");
-                        continue;
-                    };
-                    let result = v
-                        .store()
-                        .write(move |tx| tx.log_append(ACCESS_LOG, at, &sealed).map(|_| ()))
-                        .await;
-                    if let Err(e) = result {
-                        tracing::error!(records = n, error = %e, "access records could not be appended");
+                    .await;
+                    match sealed {
+                        Ok(sealed) => {
+                            let result = v
+                                .store()
+                                .write(move |tx| tx.log_append(ACCESS_LOG, at, &sealed).map(|_| ()))
+                                .await;
+                            if let Err(e) = result {
+                                tracing::error!(records = n, error = %e, "access records could not be appended");
+                            }
+                        }
+                        Err(_) => {
+                            tracing::error!(records = n, "access records could not be sealed")
+                        }
                     }
                 }
                 for done in flushes {
@@ -131,10 +180,23 @@ impl AccessLog {
 
     /// Queue a record; it is appended within [`GATHER`].
     pub async fn record(&self, r: AccessRecord) {
+        self.append(&r.entry());
+    }
+
+    /// Queue a record given by reference (the request path).
+    pub fn append(&self, e: &AccessEntry<'_>) {
         let full = {
-            let mut b = self.pending.records.lock();
-            b.push(r);
-            b.len() >= BATCH
+            let mut g = self.pending.records.lock();
+            let (buf, n) = &mut *g;
+            let mark = buf.len();
+            if serde_json::to_writer(&mut *buf, e).is_err() {
+                buf.truncate(mark);
+                tracing::error!("an access record could not be serialized");
+                return;
+            }
+            buf.push(b'\n');
+            *n += 1;
+            buf.len() >= BATCH_BYTES
         };
         if full {
             self.pending.wake.notify_one();
@@ -163,8 +225,12 @@ impl AccessLog {
                 version: 0,
                 value: e.value,
             };
-            let batch: Vec<AccessRecord> = self.vault.open_record(&rec)?;
-            out.extend(batch.into_iter().map(|r| (e.seq, r)));
+            let lines = self.vault.open_bytes(&rec)?;
+            for line in lines.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                let r: AccessRecord = serde_json::from_slice(line)
+                    .map_err(|_| AuthError::Internal("an access record does not decode".into()))?;
+                out.push((e.seq, r));
+            }
         }
         Ok(out)
     }

@@ -21,7 +21,7 @@ pub mod users;
 pub mod vault;
 
 pub use config::{AuthConfig, OidcProvider};
-pub use decisions::{AccessLog, AccessRecord, Decision};
+pub use decisions::{AccessEntry, AccessLog, AccessRecord, Decision};
 pub use policy::{Policy, Principal, PrincipalKind, RequestGuard};
 pub use roles::{Permissions, Relationship, Role, RolePolicy};
 pub use scopes::Scopes;

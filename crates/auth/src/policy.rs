@@ -505,12 +505,12 @@ impl RequestGuard {
         rule: &str,
     ) {
         self.decisions.lock().push(Decision {
-            interaction: interaction.name().to_string(),
+            interaction: interaction.name().into(),
             rtype: rtype.map(str::to_string),
             id: id.map(str::to_string),
             patient: patient.map(str::to_string),
             allowed,
-            rule: rule.to_string(),
+            rule: rule.to_string().into(),
         });
     }
 

@@ -1668,7 +1668,7 @@ impl AuthService {
                     id: None,
                     patient: None,
                     allowed: ok,
-                    rule: rule.into(),
+                    rule: rule.to_string().into(),
                 }],
                 ..AccessRecord::default()
             })
@@ -1692,12 +1692,12 @@ impl AuthService {
                 action: what.to_string(),
                 status: if ok { 200 } else { 400 },
                 decisions: vec![Decision {
-                    interaction: what.into(),
+                    interaction: what.to_string().into(),
                     rtype: None,
                     id: None,
                     patient: None,
                     allowed: ok,
-                    rule: rule.chars().take(200).collect(),
+                    rule: rule.chars().take(200).collect::<String>().into(),
                 }],
                 ..AccessRecord::default()
             })
@@ -1716,7 +1716,7 @@ impl AuthService {
                     id: target.map(str::to_string),
                     patient: None,
                     allowed: ok,
-                    rule: what.into(),
+                    rule: what.to_string().into(),
                 }],
                 ..AccessRecord::default()
             })

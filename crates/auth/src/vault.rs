@@ -71,15 +71,25 @@ impl Vault {
         GcmSealer.seal(&self.key, &aad(kind, key), &json)
     }
 
-    pub fn open_record<T: DeserializeOwned>(&self, rec: &SysRecord) -> Result<T, AuthError> {
-        let plain = GcmSealer
+    /// Seal raw bytes (already serialized).
+    pub fn seal_bytes(&self, kind: &str, key: &str, bytes: &[u8]) -> Vec<u8> {
+        GcmSealer.seal(&self.key, &aad(kind, key), bytes)
+    }
+
+    /// Open a record to its raw bytes.
+    pub fn open_bytes(&self, rec: &SysRecord) -> Result<Vec<u8>, AuthError> {
+        GcmSealer
             .open(&self.key, &aad(&rec.kind, &rec.key), &rec.value)
             .map_err(|_| {
                 AuthError::Internal(format!(
                     "system record {}/… failed its integrity check",
                     rec.kind
                 ))
-            })?;
+            })
+    }
+
+    pub fn open_record<T: DeserializeOwned>(&self, rec: &SysRecord) -> Result<T, AuthError> {
+        let plain = self.open_bytes(rec)?;
         serde_json::from_slice(&plain)
             .map_err(|_| AuthError::Internal(format!("system record {} does not decode", rec.kind)))
     }

@@ -31,7 +31,7 @@ fn rule_for(decisions: &[Decision], rtype: &str, id: &str) -> Option<(bool, Stri
         .iter()
         .rev()
         .find(|d| d.rtype.as_deref() == Some(rtype) && d.id.as_deref() == Some(id))
-        .map(|d| (d.allowed, d.rule.clone()))
+        .map(|d| (d.allowed, d.rule.to_string()))
 }
 
 fn assert_allowed(

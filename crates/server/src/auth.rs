@@ -13,7 +13,8 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use custos_auth::roles::AdminRight;
 use custos_auth::service::{AuthorizeRequest, Client, LoginStep, Origin};
 use custos_auth::{
-    AccessRecord, AuthError, AuthService, Grant, NewUser, Principal, RequestGuard, Role,
+    AccessEntry, AccessRecord, AuthError, AuthService, Grant, NewUser, Principal, RequestGuard,
+    Role,
 };
 use custos_fhir::{ErrorKind, FhirError};
 use custos_records::Records;
@@ -152,21 +153,22 @@ pub async fn authenticate(State(s): State<AppState>, mut req: Request, next: Nex
         guard: Some(guard.clone()),
     });
     let resp = next.run(req).await;
-    let record = AccessRecord {
+    let subject = principal.subject();
+    let decisions = guard.take_decisions();
+    auth.access_log().append(&AccessEntry {
         at: now_micros(),
-        subject: Some(principal.subject()),
-        username: principal.username().map(str::to_string),
-        role: Some(principal.role.name().to_string()),
-        client_id: Some(principal.client_id.clone()),
-        source: origin.source,
-        user_agent: origin.user_agent,
-        action,
+        subject: Some(&subject),
+        username: principal.username(),
+        role: Some(principal.role.name()),
+        client_id: Some(&principal.client_id),
+        source: origin.source.as_deref(),
+        user_agent: origin.user_agent.as_deref(),
+        action: &action,
         status: resp.status().as_u16(),
-        purpose: Some(guard.purpose().to_string()),
-        break_glass_reason: guard.break_glass_reason().map(str::to_string),
-        decisions: guard.take_decisions(),
-    };
-    auth.access_log().record(record).await;
+        purpose: Some(guard.purpose()),
+        break_glass_reason: guard.break_glass_reason(),
+        decisions: &decisions,
+    });
     tracing::debug!(
         micros = started.elapsed().as_micros() as u64,
         "authorized request"
@@ -195,7 +197,7 @@ async fn record_refusal(auth: &AuthService, action: &str, origin: &Origin, rule:
                 id: None,
                 patient: None,
                 allowed: false,
-                rule: rule.into(),
+                rule: rule.to_string().into(),
             }],
             ..AccessRecord::default()
         })
@@ -584,7 +586,7 @@ pub async fn audit_admin_request(State(s): State<AppState>, req: Request, next: 
                 id: None,
                 patient: None,
                 allowed: resp.status().is_success(),
-                rule: route,
+                rule: route.into(),
             }],
             ..AccessRecord::default()
         })
