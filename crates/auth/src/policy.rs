@@ -197,8 +197,18 @@ impl DenyRule {
 
 /// A care relationship kind (`care-team`, `encounter`, …), or none.
 type Relation = Option<&'static str>;
-/// Every patient's Consent deny rules.
-type DenyRulesByPatient = Arc<HashMap<String, Vec<DenyRule>>>;
+/// Every patient's Consent deny rules (see [`Policy::all_deny_rules`]).
+type DenyRulesByPatient = Arc<AllDenyRules>;
+
+/// The deny rules of all active Consents, by patient.
+struct AllDenyRules {
+    /// False when there were more active Consents than could be read at once.
+    complete: bool,
+    by_patient: HashMap<String, Arc<Vec<DenyRule>>>,
+}
+
+/// Most active Consents read into the global view.
+const GLOBAL_CONSENT_CAP: usize = 100_000;
 /// Which rule lets a caller into a compartment (`Ok`), or why not (`Err`).
 type RelationshipAnswer = Result<Result<String, String>, FhirError>;
 
@@ -339,6 +349,13 @@ impl Policy {
     }
 
     async fn deny_rules_of(&self, patient: &str) -> Result<Arc<Vec<DenyRule>>, FhirError> {
+        // Usually every active Consent fits in the global view: one query
+        // per change of Consents, not one per patient (a bulk load of new
+        // patients would otherwise ask once for each).
+        let all = self.all_deny_rules().await?;
+        if all.complete {
+            return Ok(all.by_patient.get(patient).cloned().unwrap_or_default());
+        }
         if let Some(c) = self.consents.lock().get(patient)
             && let Some(v) = self.fresh_consent(c)
         {
@@ -352,16 +369,20 @@ impl Policy {
         Ok(v)
     }
 
-    /// Deny rules of every patient who has any (for narrowing searches).
-    async fn all_deny_rules(&self) -> Result<Arc<HashMap<String, Vec<DenyRule>>>, FhirError> {
+    /// Deny rules of every patient who has any: the whole view when there
+    /// are at most [`GLOBAL_CONSENT_CAP`] active Consents.
+    async fn all_deny_rules(&self) -> Result<DenyRulesByPatient, FhirError> {
         if let Some(c) = self.all_consents.lock().as_ref()
             && let Some(v) = self.fresh_consent(c)
         {
             return Ok(v);
         }
-        let consents = self.records.active_consents(None, 100_000).await?;
+        let consents = self
+            .records
+            .active_consents(None, GLOBAL_CONSENT_CAP + 1)
+            .await?;
         let mut map: HashMap<String, Vec<DenyRule>> = HashMap::new();
-        for c in &consents {
+        for c in consents.iter().take(GLOBAL_CONSENT_CAP) {
             let rules = deny_rules(c);
             if rules.is_empty() {
                 continue;
@@ -370,7 +391,10 @@ impl Policy {
                 map.entry(p).or_default().extend(rules);
             }
         }
-        let v = Arc::new(map);
+        let v = Arc::new(AllDenyRules {
+            complete: consents.len() <= GLOBAL_CONSENT_CAP,
+            by_patient: map.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
+        });
         *self.all_consents.lock() = Some(self.stamp_consent(v.clone()));
         Ok(v)
     }
@@ -746,9 +770,18 @@ impl Guard for RequestGuard {
             None => {
                 // Any patient, except those whose consent denies this caller.
                 let all = self.policy.all_deny_rules().await?;
+                if !all.complete {
+                    // Fail closed: a search cannot be narrowed by consents it cannot see.
+                    self.record(interaction, rtype, None, None, false, "consent-unknown");
+                    return Err(FhirError::new(
+                        custos_fhir::ErrorKind::Unavailable,
+                        "too many active Consents to enforce on a search across patients; search one patient's records",
+                    ));
+                }
                 let now = now_secs() * 1_000_000;
                 let actors = self.actor_refs();
                 let denied: Vec<String> = all
+                    .by_patient
                     .iter()
                     .filter(|(_, rules)| {
                         !consent_exempt
@@ -843,29 +876,6 @@ impl RequestGuard {
                 hidden(),
             );
         }
-        // A new Patient opens a compartment that holds nothing yet.
-        if interaction == Interaction::Create && rtype == "Patient" && patient == id {
-            let (t, i) = (rtype.to_string(), id.to_string());
-            let exists = self
-                .policy
-                .records
-                .store()
-                .read(move |tx| tx.head(&t, &i))
-                .await
-                .map_err(|e| FhirError::internal(e.to_string()))?
-                .is_some();
-            if !exists {
-                self.record(
-                    interaction,
-                    Some(rtype),
-                    Some(id),
-                    Some(patient),
-                    true,
-                    "new-patient",
-                );
-                return Ok(());
-            }
-        }
         let consent_denied = self.consent_denies(patient).await?;
         let relationship = self.relationship(ctx, patient).await?;
         let may_break_glass = self.role_policy().break_glass;
@@ -893,6 +903,23 @@ impl RequestGuard {
                 Ok(())
             }
             Err(why) => {
+                // A new Patient opens a compartment that holds nothing yet
+                // (asked only when no relationship answered: it costs a read).
+                if interaction == Interaction::Create && rtype == "Patient" && patient == id {
+                    let (t, i) = (rtype.to_string(), id.to_string());
+                    let exists = self
+                        .policy
+                        .records
+                        .store()
+                        .read(move |tx| tx.head(&t, &i))
+                        .await
+                        .map_err(|e| FhirError::internal(e.to_string()))?
+                        .is_some();
+                    if !exists {
+                        self.record(interaction, Some(rtype), Some(id), Some(patient), true, "new-patient");
+                        return Ok(());
+                    }
+                }
                 let subject = self.principal.subject();
                 if may_break_glass {
                     if self.policy.active_grant(&subject, patient).is_some() {
