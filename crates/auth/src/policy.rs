@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use crate::config::AuthConfig;
 use crate::decisions::Decision;
-use crate::roles::{Permissions, Relationship, Role};
+use crate::roles::{Permissions, Relationship, Role, is_directory_type};
 use crate::scopes::{Context, Scopes};
 use crate::state::Snapshot;
 use crate::vault::Vault;
@@ -284,9 +284,11 @@ impl Policy {
             .then(|| c.value.clone())
     }
 
-    fn stamp<T>(&self, value: T) -> Cached<T> {
+    /// Cache `value`, read after relationship generation `generation`
+    /// (taken before the read: a change during it makes the entry stale).
+    fn stamp<T>(&self, generation: u64, value: T) -> Cached<T> {
         Cached {
-            generation: self.records.relations_generation(),
+            generation,
             until: now_secs() + self.config.relationship_cache_secs,
             value,
         }
@@ -298,9 +300,10 @@ impl Policy {
             .then(|| c.value.clone())
     }
 
-    fn stamp_consent<T>(&self, value: T) -> Cached<T> {
+    /// Cache `value`, read after consent generation `generation`.
+    fn stamp_consent<T>(&self, generation: u64, value: T) -> Cached<T> {
         Cached {
-            generation: self.records.consents_generation(),
+            generation,
             until: now_secs() + self.config.relationship_cache_secs,
             value,
         }
@@ -322,11 +325,12 @@ impl Policy {
         {
             return Ok(v);
         }
+        let generation = self.records.relations_generation();
         let v = self
             .records
             .care_relation(practitioner, patient, self.encounter_since())
             .await?;
-        self.relations.lock().put(key, self.stamp(v));
+        self.relations.lock().put(key, self.stamp(generation, v));
         Ok(v)
     }
 
@@ -337,6 +341,7 @@ impl Policy {
         {
             return Ok(v);
         }
+        let generation = self.records.relations_generation();
         let v = Arc::new(
             self.records
                 .related_patients(practitioner, self.encounter_since(), RELATED_CAP)
@@ -344,7 +349,7 @@ impl Policy {
         );
         self.related_sets
             .lock()
-            .put(practitioner.to_string(), self.stamp(v.clone()));
+            .put(practitioner.to_string(), self.stamp(generation, v.clone()));
         Ok(v)
     }
 
@@ -361,11 +366,13 @@ impl Policy {
         {
             return Ok(v);
         }
+        let generation = self.records.consents_generation();
         let consents = self.records.active_consents(Some(patient), 1_000).await?;
         let v = Arc::new(consents.iter().flat_map(deny_rules).collect::<Vec<_>>());
-        self.consents
-            .lock()
-            .put(patient.to_string(), self.stamp_consent(v.clone()));
+        self.consents.lock().put(
+            patient.to_string(),
+            self.stamp_consent(generation, v.clone()),
+        );
         Ok(v)
     }
 
@@ -377,6 +384,7 @@ impl Policy {
         {
             return Ok(v);
         }
+        let generation = self.records.consents_generation();
         let consents = self
             .records
             .active_consents(None, GLOBAL_CONSENT_CAP + 1)
@@ -395,7 +403,7 @@ impl Policy {
             complete: consents.len() <= GLOBAL_CONSENT_CAP,
             by_patient: map.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
         });
-        *self.all_consents.lock() = Some(self.stamp_consent(v.clone()));
+        *self.all_consents.lock() = Some(self.stamp_consent(generation, v.clone()));
         Ok(v)
     }
 
@@ -665,12 +673,11 @@ impl RequestGuard {
                         "system-wide history needs access to every resource type",
                     ));
                 }
-                self.principal
-                    .scopes
-                    .resources
+                // The narrowest context any type is allowed in decides.
+                custos_fhir::types::RESOURCE_TYPES
                     .iter()
-                    .map(|s| s.context)
-                    .max()
+                    .filter_map(|t| self.scope_context(interaction, t))
+                    .min()
                     .unwrap_or(Context::Patient)
             }
         };
@@ -811,9 +818,11 @@ impl Guard for RequestGuard {
                         keep.push(p);
                     }
                 }
+                // Outside any compartment only directory resources are
+                // visible to such a caller (see `decide`).
                 Visibility::Only {
                     patients: keep,
-                    shared: true,
+                    shared: rtype.is_some_and(is_directory_type),
                 }
             }
         };
@@ -852,15 +861,31 @@ impl RequestGuard {
     ) -> Result<(), FhirError> {
         let ctx = self.check_type_sync(interaction, rtype)?;
         let Some(patient) = compartment else {
-            self.record(
-                interaction,
-                Some(rtype),
-                Some(id),
-                None,
-                true,
-                "shared-resource",
-            );
-            return Ok(());
+            // In no patient's compartment: a directory or definition
+            // resource is open to every role the type table lets in; any
+            // other (it may hold patient data nobody's compartment claims)
+            // only to roles that reach every patient.
+            if is_directory_type(rtype) {
+                self.record(interaction, Some(rtype), Some(id), None, true, "directory");
+                return Ok(());
+            }
+            if ctx != Context::Patient && self.role_policy().relationship == Relationship::Any {
+                self.record(
+                    interaction,
+                    Some(rtype),
+                    Some(id),
+                    None,
+                    true,
+                    "role-any-patient",
+                );
+                return Ok(());
+            }
+            let err = if self.principal.role == Role::Patient || ctx == Context::Patient {
+                FhirError::not_found(format!("{rtype}/{id} is not known"))
+            } else {
+                refuse("this resource belongs to no patient in your care")
+            };
+            return self.deny(interaction, Some(rtype), Some(id), None, "unassigned", err);
         };
         // Patients and patient-scoped apps must not learn that other
         // patients' records exist; nothing (not even breaking the glass)
@@ -876,22 +901,26 @@ impl RequestGuard {
                 hidden(),
             );
         }
-        let consent_denied = self.consent_denies(patient).await?;
+        // The relationship first: a caller who may not reach the patient
+        // learns nothing of their Consents.
         let relationship = self.relationship(ctx, patient).await?;
         let may_break_glass = self.role_policy().break_glass;
         let overrides_consent = self.policy.config.break_glass_overrides_consent;
-        if consent_denied && !(self.break_glass.is_some() && may_break_glass && overrides_consent) {
-            return self.deny(
-                interaction,
-                Some(rtype),
-                Some(id),
-                Some(patient),
-                "consent-deny",
-                refuse("the patient's consent does not allow this access"),
-            );
-        }
+        let consent_refusal = || refuse("the patient's consent does not allow this access");
         match relationship {
             Ok(rule) => {
+                if self.consent_denies(patient).await?
+                    && !(self.break_glass.is_some() && may_break_glass && overrides_consent)
+                {
+                    return self.deny(
+                        interaction,
+                        Some(rtype),
+                        Some(id),
+                        Some(patient),
+                        "consent-deny",
+                        consent_refusal(),
+                    );
+                }
                 self.record(
                     interaction,
                     Some(rtype),
@@ -916,8 +945,48 @@ impl RequestGuard {
                         .map_err(|e| FhirError::internal(e.to_string()))?
                         .is_some();
                     if !exists {
-                        self.record(interaction, Some(rtype), Some(id), Some(patient), true, "new-patient");
+                        self.record(
+                            interaction,
+                            Some(rtype),
+                            Some(id),
+                            Some(patient),
+                            true,
+                            "new-patient",
+                        );
                         return Ok(());
+                    }
+                }
+                if may_break_glass
+                    && (self.break_glass.is_some()
+                        || self
+                            .policy
+                            .active_grant(&self.principal.subject(), patient)
+                            .is_some())
+                {
+                    if !overrides_consent && self.consent_denies(patient).await? {
+                        return self.deny(
+                            interaction,
+                            Some(rtype),
+                            Some(id),
+                            Some(patient),
+                            "consent-deny",
+                            consent_refusal(),
+                        );
+                    }
+                    // Emergency access must not turn itself into a lasting
+                    // care relationship.
+                    let writes = !matches!(interaction, Interaction::Read | Interaction::Search);
+                    if writes && custos_records::RELATION_TYPES.contains(&rtype) {
+                        return self.deny(
+                            interaction,
+                            Some(rtype),
+                            Some(id),
+                            Some(patient),
+                            "break-glass-no-relationship-writes",
+                            refuse(format!(
+                                "breaking the glass does not allow writing a {rtype}: it would create a lasting care relationship"
+                            )),
+                        );
                     }
                 }
                 let subject = self.principal.subject();

@@ -132,6 +132,51 @@ fn yes() -> bool {
     true
 }
 
+/// Resource types that hold no patient's data: the directory (who and
+/// where), definitions and terminology. Only these are "shared": a
+/// resource of any other type that lies in no patient's compartment (a
+/// Task, a Binary, a document Bundle, or an Observation whose subject is
+/// not a Patient reference) may hold patient data, and only roles that
+/// reach every patient may touch it.
+pub const DIRECTORY_TYPES: &[&str] = &[
+    "ActivityDefinition",
+    "CapabilityStatement",
+    "CodeSystem",
+    "CompartmentDefinition",
+    "ConceptMap",
+    "Endpoint",
+    "HealthcareService",
+    "ImplementationGuide",
+    "InsurancePlan",
+    "Library",
+    "Location",
+    "Measure",
+    "Medication",
+    "MedicationKnowledge",
+    "NamingSystem",
+    "ObservationDefinition",
+    "OperationDefinition",
+    "Organization",
+    "OrganizationAffiliation",
+    "PlanDefinition",
+    "Practitioner",
+    "PractitionerRole",
+    "Questionnaire",
+    "SearchParameter",
+    "SpecimenDefinition",
+    "StructureDefinition",
+    "StructureMap",
+    "Substance",
+    "SubstanceSpecification",
+    "TerminologyCapabilities",
+    "ValueSet",
+];
+
+/// Whether a resource type is a directory or definition type (see [`DIRECTORY_TYPES`]).
+pub fn is_directory_type(rtype: &str) -> bool {
+    DIRECTORY_TYPES.contains(&rtype)
+}
+
 /// Whether a resource type lies in the Patient compartment (Patient included).
 pub fn in_patient_compartment(rtype: &str) -> bool {
     rtype == "Patient" || compartment::patient_params(rtype).is_some_and(|p| !p.is_empty())

@@ -64,8 +64,8 @@ pub struct Client {
     pub created: i64,
 }
 
-/// A new user to create.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A new user to create. (`Debug` leaves out the password.)
+#[derive(Clone, Serialize, Deserialize)]
 pub struct NewUser {
     pub username: String,
     pub password: String,
@@ -76,6 +76,15 @@ pub struct NewUser {
     pub patient: Option<String>,
     #[serde(default)]
     pub organization: Option<String>,
+}
+
+impl std::fmt::Debug for NewUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewUser")
+            .field("username", &self.username)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What an administrator may see of a user (never secrets).
@@ -126,8 +135,9 @@ pub struct CreatedUser {
     pub totp_secret: Option<String>,
 }
 
-/// A grant presented at the token endpoint.
-#[derive(Debug, Clone)]
+/// A grant presented at the token endpoint. (`Debug` shows the kind only:
+/// every grant carries a secret.)
+#[derive(Clone)]
 pub enum Grant {
     /// Resource-owner password with the TOTP code (the command line).
     Password {
@@ -156,6 +166,18 @@ pub enum Grant {
         refresh_token: String,
         scope: Option<String>,
     },
+}
+
+impl std::fmt::Debug for Grant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self {
+            Grant::Password { .. } => "password",
+            Grant::ClientCredentials { .. } => "client_credentials",
+            Grant::AuthorizationCode { .. } => "authorization_code",
+            Grant::RefreshToken { .. } => "refresh_token",
+        };
+        write!(f, "Grant({kind}, <redacted>)")
+    }
 }
 
 /// The token endpoint's answer.
@@ -388,6 +410,11 @@ impl AuthService {
             ));
         }
         check_password_strength(&new.password).map_err(AuthError::InvalidRequest)?;
+        if new.role == Role::Service {
+            return Err(AuthError::InvalidRequest(
+                "systems are clients, not users: register a client with its public keys".into(),
+            ));
+        }
         if new.role.is_clinical() && new.practitioner.is_none() {
             return Err(AuthError::InvalidRequest(format!(
                 "a {} must be linked to a Practitioner (--practitioner)",
@@ -542,6 +569,11 @@ impl AuthService {
     }
 
     pub async fn set_role(&self, username: &str, role: Role) -> Result<(), AuthError> {
+        if role == Role::Service {
+            return Err(AuthError::InvalidRequest(
+                "systems are clients, not users".into(),
+            ));
+        }
         let current = self.user(username).await?;
         if role.is_clinical() && current.practitioner.is_none() {
             return Err(AuthError::InvalidRequest(format!(
@@ -871,9 +903,8 @@ impl AuthService {
                     Some(rec.version),
                 )
                 .map_err(backend)?;
-                if lock {
-                    bump_epoch(tx)?;
-                }
+                // No epoch bump: a lockout stops sign-in, which reads the
+                // account itself; tokens already issued are not affected.
                 Ok((u, lock))
             })
             .await?;
@@ -1251,6 +1282,12 @@ impl AuthService {
                 "the account's tokens were revoked".into(),
             ));
         }
+        let client = self.client(&rec.client_id).await?;
+        if client.as_ref().is_none_or(|c| c.disabled) {
+            return Err(AuthError::InvalidGrant(
+                "the client is no longer registered or enabled".into(),
+            ));
+        }
         let mut scopes = Scopes::parse(&rec.scope);
         if let Some(narrower) = scope {
             // A refresh may narrow the grant, never widen it.
@@ -1437,6 +1474,13 @@ impl AuthService {
             .get(&rec.user_id)
             .cloned()
             .ok_or_else(|| AuthError::InvalidGrant("the account no longer exists".into()))?;
+        // Issued 60 s before it expires; refused if the account was locked
+        // or its tokens revoked since.
+        if user.locked || rec.expires - 60 < user.tokens_valid_after {
+            return Err(AuthError::InvalidGrant(
+                "the account's sign-ins were revoked".into(),
+            ));
+        }
         let client = self.client(client_id).await?;
         let scopes =
             Scopes::parse(&rec.request.scope).restrict_contexts(&[Context::User, Context::Patient]);

@@ -61,6 +61,8 @@ pub struct Snapshot {
 pub struct SecurityState {
     vault: Vault,
     snapshot: RwLock<Arc<Snapshot>>,
+    /// One reload at a time: requests that find the epoch moved wait for it.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 /// Bump the epoch inside a write job, so that every node reloads.
@@ -78,6 +80,7 @@ impl SecurityState {
                 epoch: -1,
                 ..Snapshot::default()
             })),
+            reloading: tokio::sync::Mutex::new(()),
         };
         s.current().await?;
         Ok(s)
@@ -93,6 +96,11 @@ impl SecurityState {
             .map_err(backend)?;
         let cached = self.snapshot.read().clone();
         if cached.epoch == epoch {
+            return Ok(cached);
+        }
+        let _one = self.reloading.lock().await;
+        let cached = self.snapshot.read().clone();
+        if cached.epoch >= epoch {
             return Ok(cached);
         }
         self.reload(epoch).await

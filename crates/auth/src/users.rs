@@ -13,8 +13,8 @@ use crate::roles::Role;
 pub const USER_KIND: &str = "user";
 pub const USERNAME_KIND: &str = "username";
 
-/// A user account as stored (sealed).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// A user account as stored (sealed). `Debug` leaves out the secrets.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 pub struct User {
     pub id: String,
     pub username: String,
@@ -56,6 +56,17 @@ pub struct User {
     pub created: i64,
     #[serde(default)]
     pub last_login: Option<i64>,
+}
+
+impl std::fmt::Debug for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("User")
+            .field("id", &self.id)
+            .field("username", &self.username)
+            .field("role", &self.role)
+            .field("locked", &self.locked)
+            .finish_non_exhaustive()
+    }
 }
 
 impl User {

@@ -148,6 +148,7 @@ impl Vault {
     }
 
     /// Run a write job over system records (for read-modify-write cycles).
+    /// An `Err` from `f` rolls back everything it wrote.
     pub async fn write<T, F>(&self, f: F) -> Result<T, AuthError>
     where
         T: Send + 'static,
@@ -155,9 +156,12 @@ impl Vault {
     {
         let this = self.clone();
         self.store
-            .write(move |tx| Ok(f(tx, &this)))
+            .write(move |tx| f(tx, &this).map_err(StoreError::abort))
             .await
-            .map_err(backend)?
+            .map_err(|e| match e.into_aborted::<AuthError>() {
+                Ok(own) => own,
+                Err(other) => backend(other),
+            })
     }
 }
 

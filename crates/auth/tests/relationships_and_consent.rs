@@ -959,18 +959,20 @@ async fn writes_cannot_cross_patients() {
     assert_eq!(b.key_name, format!("patient/{pb}"));
     assert_eq!(b.version, 1);
 
-    // A conditional create whose condition matches B's observation does not return it.
-    let r = g
+    // A conditional create whose condition matches B's observation does not
+    // see it (conditional criteria search only what the caller may see): it
+    // creates A's observation and neither returns nor reveals B's.
+    let (created, was_created) = g
         .create(
             "Observation",
             observation_body(&pa),
             Some("identifier=urn:test|b-only".into()),
         )
-        .await;
-    assert!(
-        is_kind(&r, ErrorKind::Forbidden),
-        "conditional create: {r:?}"
-    );
+        .await
+        .expect("conditional create");
+    assert!(was_created, "a new resource, not B's");
+    assert_ne!(created.id, obs_b);
+    assert_eq!(created.key_name, format!("patient/{pa}"));
 
     // A transaction with an allowed write and a refused one writes nothing.
     let before = search(
@@ -1012,17 +1014,15 @@ async fn writes_cannot_cross_patients() {
         "the allowed half was not written"
     );
 
-    // Conditional delete matching B's observation.
+    // Conditional delete matching B's observation: the criteria see only
+    // what the caller may see, so nothing matches and nothing is deleted.
     let txn = json!({
         "resourceType": "Bundle",
         "type": "transaction",
         "entry": [{ "request": { "method": "DELETE", "url": "Observation?identifier=urn:test|b-only" } }],
     });
     let r = g.process_bundle(txn, BASE, true).await;
-    assert!(
-        matches!(&r, Err(e) if e.kind == ErrorKind::Forbidden),
-        "{r:?}"
-    );
+    assert!(r.is_ok(), "{r:?}");
     assert!(
         records.read("Observation", &obs_b).await.is_ok(),
         "B's observation survives"

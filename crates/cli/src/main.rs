@@ -420,6 +420,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot listen on {}", sc.listen))?;
             let addr = listener.local_addr()?;
             let scheme = if tls { "https" } else { "http" };
+            if sc.base_url.is_none() && addr.ip().is_unspecified() {
+                bail!(
+                    "listening on {addr} needs --base-url (CUSTOS_BASE_URL): tokens name the server's public address"
+                );
+            }
             let issuer = sc
                 .base_url
                 .clone()

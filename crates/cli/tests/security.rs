@@ -1453,11 +1453,14 @@ async fn a_clinician_writes_only_for_patients_in_their_care() {
           "request": { "method": "POST", "url": "Observation" } },
     ]});
     let r = s.call(me, "POST", "", Some(txn), &[]).await;
+    // The criteria search only what the caller may see: B's record is not
+    // found (412, "matches no resource"), as if it did not exist.
     assert_eq!(
-        r.status, 403,
+        r.status, 412,
         "a conditional reference into B's record: {}",
         r.text
     );
+    assert!(r.text.contains("matches no resource"), "{}", r.text);
     assert_eq!(count(b.clone()).await, b0);
 
     // Direct writes on B, or moving a resource into A's record from B's.

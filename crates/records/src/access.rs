@@ -159,7 +159,11 @@ impl Guard for Unrestricted {
 pub fn focus_patient(rtype: &str, params: &[(String, String)]) -> Option<String> {
     let single = |v: &str| (!v.contains(',')).then(|| v.to_string());
     for (k, v) in params {
-        let name = k.split(':').next().unwrap_or(k);
+        // A modified parameter (`patient:missing`, `subject:not`) names no one.
+        if k.contains(':') {
+            continue;
+        }
+        let name = k.as_str();
         match (rtype, name) {
             ("Patient", "_id") => return single(v),
             (_, "patient") | (_, "subject") => {

@@ -402,12 +402,14 @@ impl Records {
                 .await
                 .map_err(|err| entry_error(e.index, err, single))?;
         }
+        // Conditional criteria are searches: they see only what the caller may see.
+        let seen = std::sync::Arc::new(self.conditional_visibility(&entries, single).await?);
         for _ in 0..ATTEMPTS {
-            let (this, attempt) = (self.clone(), entries.clone());
+            let (this, attempt, seen) = (self.clone(), entries.clone(), seen.clone());
             let at = self.now();
             let mut plan = self
                 .store()
-                .read(move |tx| Ok(this.prepare_entries(tx, attempt, at, single)))
+                .read(move |tx| Ok(this.prepare_entries(tx, attempt, at, single, &seen)))
                 .await
                 .map_err(store_err)??;
             self.check_plan_access(&mut plan, single).await?;
@@ -461,7 +463,17 @@ impl Records {
         mut entries: Vec<Entry>,
         at: i64,
         single: bool,
+        seen: &HashMap<String, Visibility>,
     ) -> Result<TxPlan, FhirError> {
+        let guarded_plan = |rtype: &str, q: &str| {
+            let mut plan = self.plan_conditional(rtype, q)?;
+            match seen.get(rtype) {
+                Some(v) => plan.query.filters.extend(v.filter()),
+                None if self.guard().unrestricted() => {}
+                None => return Err(FhirError::forbidden("access denied")),
+            }
+            Ok(plan)
+        };
         let n = entries.len();
         let mut plan = TxPlan {
             done: (0..n).map(|_| None).collect(),
@@ -478,9 +490,7 @@ impl Records {
             };
             if needs_resolution {
                 let cond = e.condition.clone().unwrap_or_default();
-                let query = self
-                    .plan_conditional(&e.rtype, &cond)
-                    .map_err(|err| fail(e.index, err))?;
+                let query = guarded_plan(&e.rtype, &cond).map_err(|err| fail(e.index, err))?;
                 let ids = self.matching_ids(tx, &query, 2)?;
                 plan.checks.push((query, ids.clone()));
                 match (e.method, ids.len()) {
@@ -547,8 +557,7 @@ impl Records {
                 if !types::is_resource_type(rtype) {
                     return None;
                 }
-                let resolved = self
-                    .plan_conditional(rtype, q)
+                let resolved = guarded_plan(rtype, q)
                     .and_then(|query| self.matching_ids(tx, &query, 2).map(|ids| (query, ids)));
                 match resolved {
                     Ok((query, ids)) if ids.len() == 1 => {
@@ -561,7 +570,14 @@ impl Records {
                         failure.get_or_insert_with(|| {
                             FhirError::new(
                                 ErrorKind::PreconditionFailed,
-                                format!("conditional reference '{rtype}?…' matches {} resources, not one", ids.len()),
+                                format!(
+                                    "conditional reference '{rtype}?…' {}",
+                                    if ids.is_empty() {
+                                        "matches no resource"
+                                    } else {
+                                        "matches more than one resource"
+                                    }
+                                ),
                             )
                         });
                         None
@@ -884,6 +900,7 @@ impl Records {
     pub async fn delete(&self, rtype: &str, id: &str) -> Result<(), FhirError> {
         Records::check_type(rtype)?;
         Records::check_id(id)?;
+        self.guard().check_type(Interaction::Delete, rtype).await?;
         let (t, i) = (rtype.to_string(), id.to_string());
         if self
             .store()
@@ -904,6 +921,48 @@ impl Records {
         );
         self.run_entries(vec![e], "", true).await?;
         Ok(())
+    }
+
+    /// The caller's visibility for every type searched by a conditional
+    /// operation or a conditional reference of `entries`.
+    async fn conditional_visibility(
+        &self,
+        entries: &[Entry],
+        single: bool,
+    ) -> Result<HashMap<String, Visibility>, FhirError> {
+        let mut out = HashMap::new();
+        if self.guard().unrestricted() {
+            return Ok(out);
+        }
+        let mut wanted: Vec<(usize, String)> = Vec::new();
+        for e in entries {
+            if e.condition.is_some() {
+                wanted.push((e.index, e.rtype.clone()));
+            }
+            if let Some(r) = &e.resource {
+                let mut refs = Vec::new();
+                crate::service::collect_references(r, &mut refs);
+                for r in refs {
+                    if let Some((t, _)) = r.split_once('?')
+                        && types::is_resource_type(t)
+                    {
+                        wanted.push((e.index, t.to_string()));
+                    }
+                }
+            }
+        }
+        for (index, rtype) in wanted {
+            if out.contains_key(&rtype) {
+                continue;
+            }
+            let v = self
+                .guard()
+                .visibility(Interaction::Search, Some(&rtype), None)
+                .await
+                .map_err(|err| entry_error(index, err, single))?;
+            out.insert(rtype, v);
+        }
+        Ok(out)
     }
 
     /// Ask the guard every question the prepared plan raised; any refusal

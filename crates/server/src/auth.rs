@@ -604,6 +604,13 @@ async fn admin(
     let token =
         bearer(headers).ok_or_else(|| ApiError(FhirError::unauthorized("no bearer token")))?;
     let (principal, _) = auth.authenticate(token).await?;
+    // Administration only with a token of the Custos command-line client:
+    // never with one a third-party app obtained for its own purposes.
+    if principal.client_id != custos_auth::service::CLI_CLIENT {
+        return Err(ApiError(FhirError::forbidden(
+            "administration needs a token of the custos command line (custos login)",
+        )));
+    }
     if !auth.has_right(&principal, right) {
         return Err(ApiError(FhirError::forbidden(format!(
             "the role {} may not do this",
@@ -617,9 +624,10 @@ pub async fn admin_list_users(
     State(s): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let (auth, _) = admin(&s, &headers, AdminRight::ManageUsers)
-        .await
-        .or(admin(&s, &headers, AdminRight::Respond).await)?;
+    let (auth, _) = match admin(&s, &headers, AdminRight::ManageUsers).await {
+        Ok(a) => a,
+        Err(_) => admin(&s, &headers, AdminRight::Respond).await?,
+    };
     Ok(Json(json!(auth.list_users().await?)))
 }
 
