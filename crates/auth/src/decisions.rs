@@ -243,6 +243,3 @@ impl AccessLog {
         let _ = wait.await;
     }
 }
-
-/// Shared handle.
-pub type SharedAccessLog = Arc<AccessLog>;

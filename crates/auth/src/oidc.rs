@@ -199,11 +199,16 @@ impl OidcVerifier {
 
 /// The issuer of a JWT, read without verification (only to route it to a verifier).
 pub fn unverified_issuer(token: &str) -> Option<String> {
+    unverified_claim(token, "iss")
+}
+
+/// A string claim of a JWT, read without verification (only to route it).
+pub fn unverified_claim(token: &str, name: &str) -> Option<String> {
     use base64::Engine;
     let payload = token.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
         .ok()?;
     let v: Value = serde_json::from_slice(&bytes).ok()?;
-    v.get("iss")?.as_str().map(str::to_string)
+    v.get(name)?.as_str().map(str::to_string)
 }

@@ -19,7 +19,7 @@ use subtle::ConstantTimeEq;
 
 use crate::config::AuthConfig;
 use crate::decisions::{AccessLog, AccessRecord, Decision};
-use crate::oidc::{OidcVerifier, unverified_issuer};
+use crate::oidc::{OidcVerifier, unverified_claim, unverified_issuer};
 use crate::policy::{Policy, Principal, PrincipalKind, RequestGuard};
 use crate::roles::{AdminRight, Permissions, Role};
 use crate::scopes::{Context, Scopes};
@@ -261,7 +261,6 @@ struct VerifiedToken {
     exp: i64,
     iat: i64,
     sid: Option<String>,
-    jti: String,
 }
 
 /// Identity, tokens and the access policy of one Custos deployment.
@@ -796,8 +795,7 @@ impl AuthService {
                 .unwrap_or(false)
         };
         if !pw_ok {
-            self.count_failure(&user, version, origin, "password")
-                .await?;
+            self.count_failure(&user, origin, "password").await?;
             return Err(AuthError::InvalidGrant(
                 "invalid username or password".into(),
             ));
@@ -830,7 +828,7 @@ impl AuthService {
             match check_totp(secret, code, now as u64, user.totp_last_step) {
                 Some(s) => step = s,
                 None => {
-                    self.count_failure(&user, version, origin, "totp").await?;
+                    self.count_failure(&user, origin, "totp").await?;
                     return Err(AuthError::InvalidGrant("invalid TOTP code".into()));
                 }
             }
@@ -873,7 +871,6 @@ impl AuthService {
     async fn count_failure(
         &self,
         user: &User,
-        _version: i64,
         origin: &Origin,
         what: &str,
     ) -> Result<(), AuthError> {
@@ -1532,7 +1529,6 @@ impl AuthService {
         {
             return Err(AuthError::InvalidToken("the session was revoked".into()));
         }
-        let _ = &verified.jti;
         match &verified.principal.kind {
             PrincipalKind::User { id, .. } => {
                 let user = snap.users.get(id).ok_or_else(|| {
@@ -1604,7 +1600,6 @@ impl AuthService {
                 exp: ext.exp,
                 iat: ext.iat,
                 sid: None,
-                jti: String::new(),
             });
         }
         let claims = self.signer.verify(token, &self.issuer, &self.issuer)?;
@@ -1653,7 +1648,6 @@ impl AuthService {
             exp: claims.exp,
             iat: claims.iat,
             sid: claims.sid,
-            jti: claims.jti,
         })
     }
 
@@ -1805,11 +1799,4 @@ fn within_client(scopes: Scopes, client: Option<&Client>) -> Result<Scopes, Auth
     }
     let limit = Scopes::parse(&client.scope);
     Ok(scopes.within(&limit))
-}
-
-fn unverified_claim(token: &str, name: &str) -> Option<String> {
-    let payload = token.split('.').nth(1)?;
-    let bytes = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
-    let v: Value = serde_json::from_slice(&bytes).ok()?;
-    v.get(name)?.as_str().map(str::to_string)
 }

@@ -250,11 +250,6 @@ impl TokenSigner {
         let keys: Vec<Value> = self.keys.read().iter().map(|k| k.jwk.clone()).collect();
         json!({ "keys": keys })
     }
-
-    /// The id of the key signing now.
-    pub fn current_kid(&self) -> Option<String> {
-        self.signing_key().map(|k| k.kid.clone())
-    }
 }
 
 /// A short, safe description of why a JWT was refused.
