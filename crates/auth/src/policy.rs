@@ -218,6 +218,14 @@ struct Cached<T> {
     value: T,
 }
 
+impl<T: Clone> Cached<T> {
+    /// The value, if nothing was written since (`generation` is the current
+    /// one) and it has not outlived its time.
+    fn fresh(&self, generation: u64) -> Option<T> {
+        (self.generation == generation && self.until > now_secs()).then(|| self.value.clone())
+    }
+}
+
 /// The policy, shared by all requests: configuration, permission table,
 /// and caches of relationships and consents.
 pub struct Policy {
@@ -278,30 +286,10 @@ impl Policy {
         &self.config
     }
 
-    /// A cached relationship answer, if no relationship write happened since.
-    fn fresh<T: Clone>(&self, c: &Cached<T>) -> Option<T> {
-        (c.generation == self.records.relations_generation() && c.until > now_secs())
-            .then(|| c.value.clone())
-    }
-
-    /// Cache `value`, read after relationship generation `generation`
-    /// (taken before the read: a change during it makes the entry stale).
+    /// Cache `value`, read after generation `generation` (of relationships
+    /// or of consents, taken before the read: a change during it makes the
+    /// entry stale).
     fn stamp<T>(&self, generation: u64, value: T) -> Cached<T> {
-        Cached {
-            generation,
-            until: now_secs() + self.config.relationship_cache_secs,
-            value,
-        }
-    }
-
-    /// A cached consent answer, if no Consent was written since.
-    fn fresh_consent<T: Clone>(&self, c: &Cached<T>) -> Option<T> {
-        (c.generation == self.records.consents_generation() && c.until > now_secs())
-            .then(|| c.value.clone())
-    }
-
-    /// Cache `value`, read after consent generation `generation`.
-    fn stamp_consent<T>(&self, generation: u64, value: T) -> Cached<T> {
         Cached {
             generation,
             until: now_secs() + self.config.relationship_cache_secs,
@@ -321,7 +309,7 @@ impl Policy {
     ) -> Result<Option<&'static str>, FhirError> {
         let key = (practitioner.to_string(), patient.to_string());
         if let Some(c) = self.relations.lock().get(&key)
-            && let Some(v) = self.fresh(c)
+            && let Some(v) = c.fresh(self.records.relations_generation())
         {
             return Ok(v);
         }
@@ -337,7 +325,7 @@ impl Policy {
     /// Every patient a practitioner cares for (cached).
     async fn related_patients(&self, practitioner: &str) -> Result<Arc<Vec<String>>, FhirError> {
         if let Some(c) = self.related_sets.lock().get(practitioner)
-            && let Some(v) = self.fresh(c)
+            && let Some(v) = c.fresh(self.records.relations_generation())
         {
             return Ok(v);
         }
@@ -362,17 +350,16 @@ impl Policy {
             return Ok(all.by_patient.get(patient).cloned().unwrap_or_default());
         }
         if let Some(c) = self.consents.lock().get(patient)
-            && let Some(v) = self.fresh_consent(c)
+            && let Some(v) = c.fresh(self.records.consents_generation())
         {
             return Ok(v);
         }
         let generation = self.records.consents_generation();
         let consents = self.records.active_consents(Some(patient), 1_000).await?;
         let v = Arc::new(consents.iter().flat_map(deny_rules).collect::<Vec<_>>());
-        self.consents.lock().put(
-            patient.to_string(),
-            self.stamp_consent(generation, v.clone()),
-        );
+        self.consents
+            .lock()
+            .put(patient.to_string(), self.stamp(generation, v.clone()));
         Ok(v)
     }
 
@@ -380,7 +367,7 @@ impl Policy {
     /// are at most [`GLOBAL_CONSENT_CAP`] active Consents.
     async fn all_deny_rules(&self) -> Result<DenyRulesByPatient, FhirError> {
         if let Some(c) = self.all_consents.lock().as_ref()
-            && let Some(v) = self.fresh_consent(c)
+            && let Some(v) = c.fresh(self.records.consents_generation())
         {
             return Ok(v);
         }
@@ -403,7 +390,7 @@ impl Policy {
             complete: consents.len() <= GLOBAL_CONSENT_CAP,
             by_patient: map.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
         });
-        *self.all_consents.lock() = Some(self.stamp_consent(generation, v.clone()));
+        *self.all_consents.lock() = Some(self.stamp(generation, v.clone()));
         Ok(v)
     }
 
