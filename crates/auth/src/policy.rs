@@ -115,30 +115,23 @@ fn period_of(v: &Value) -> Option<(Option<i64>, Option<i64>)> {
     Some((bound("start").map(|r| r.start), bound("end").map(|r| r.end)))
 }
 
+/// The strings at `pointer` in each element of the array `key` of `v`.
+fn strings_in(v: &Value, key: &str, pointer: &str) -> Vec<String> {
+    v.get(key)
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.pointer(pointer).and_then(Value::as_str))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn provision_rule(p: &Value) -> DenyRule {
-    let actors = p
-        .get("actor")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.pointer("/reference/reference").and_then(Value::as_str))
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default();
-    let purposes = p
-        .get("purpose")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|c| c.get("code").and_then(Value::as_str))
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default();
     DenyRule {
-        actors,
-        purposes,
+        actors: strings_in(p, "actor", "/reference/reference"),
+        purposes: strings_in(p, "purpose", "/code"),
         exceptions: Vec::new(),
         period: period_of(p),
     }

@@ -84,13 +84,9 @@ fn live(stored: &StoredKey) -> Result<LiveKey, AuthError> {
     let pair =
         EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &der, &SystemRandom::new())
             .map_err(|_| AuthError::Internal("signing key is not a P-256 key".into()))?;
-    // Uncompressed point: 0x04 ‖ x (32) ‖ y (32).
-    let public = pair.public_key().as_ref();
-    let (x, y) = (
-        URL_SAFE_NO_PAD.encode(&public[1..33]),
-        URL_SAFE_NO_PAD.encode(&public[33..65]),
-    );
-    let decoding = DecodingKey::from_ec_components(&x, &y)
+    let jwk = p256_public_jwk(pair.public_key().as_ref(), &stored.kid);
+    let coordinate = |c: &str| jwk[c].as_str().unwrap_or_default().to_string();
+    let decoding = DecodingKey::from_ec_components(&coordinate("x"), &coordinate("y"))
         .map_err(|_| AuthError::Internal("signing key public part".into()))?;
     Ok(LiveKey {
         kid: stored.kid.clone(),
@@ -98,10 +94,20 @@ fn live(stored: &StoredKey) -> Result<LiveKey, AuthError> {
         retired: stored.retired,
         encoding: EncodingKey::from_ec_der(&der),
         decoding,
-        jwk: json!({
-            "kty": "EC", "crv": "P-256", "x": x, "y": y,
-            "kid": stored.kid, "use": "sig", "alg": "ES256",
-        }),
+        jwk,
+    })
+}
+
+/// The public JWK (ES256, for signatures) of a P-256 key from its
+/// uncompressed point `0x04 ‖ x (32) ‖ y (32)`.
+pub fn p256_public_jwk(uncompressed_point: &[u8], kid: &str) -> Value {
+    let (x, y) = match uncompressed_point {
+        [0x04, rest @ ..] if rest.len() == 64 => (&rest[..32], &rest[32..]),
+        _ => (&[][..], &[][..]),
+    };
+    json!({
+        "kty": "EC", "crv": "P-256", "kid": kid, "use": "sig", "alg": "ES256",
+        "x": URL_SAFE_NO_PAD.encode(x), "y": URL_SAFE_NO_PAD.encode(y),
     })
 }
 

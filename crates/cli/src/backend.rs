@@ -3,8 +3,6 @@
 //! password + TOTP grant. The demo and the benchmark use these over HTTP,
 //! exactly as an outside system would.
 use anyhow::{Context, bail};
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
@@ -26,14 +24,9 @@ impl BackendKey {
             .map_err(|_| anyhow::anyhow!("cannot generate a key"))?;
         let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, doc.as_ref(), &rng)
             .map_err(|_| anyhow::anyhow!("generated key does not load"))?;
-        let public = pair.public_key().as_ref();
         let kid = custos_auth::random_token(9);
         Ok(BackendKey {
-            public_jwk: json!({
-                "kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256", "use": "sig",
-                "x": URL_SAFE_NO_PAD.encode(&public[1..33]),
-                "y": URL_SAFE_NO_PAD.encode(&public[33..65]),
-            }),
+            public_jwk: custos_auth::tokens::p256_public_jwk(pair.public_key().as_ref(), &kid),
             kid,
             encoding: EncodingKey::from_ec_der(doc.as_ref()),
         })
