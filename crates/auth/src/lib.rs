@@ -5,11 +5,10 @@
 //! external OpenID Connect providers), and the access policy — scope ∧ role
 //! ∧ relationship, overridden by Consent, with break-the-glass — that the
 //! record service consults through [`custos_records::Guard`]. Every decision
-//! is recorded in the `access` system log. No HTTP here: the server crate
+//! is recorded in the audit trail (`custos-audit`). No HTTP here: the server crate
 //! translates requests into these calls.
 
 pub mod config;
-pub mod decisions;
 pub mod oidc;
 pub mod policy;
 pub mod roles;
@@ -21,7 +20,7 @@ pub mod users;
 pub mod vault;
 
 pub use config::{AuthConfig, OidcProvider};
-pub use decisions::{AccessEntry, AccessLog, AccessRecord, Decision};
+pub use custos_audit::{AuditRecord, Decision};
 pub use policy::{Policy, Principal, PrincipalKind, RequestGuard};
 pub use roles::{Permissions, Relationship, Role, RolePolicy};
 pub use scopes::Scopes;
@@ -63,6 +62,14 @@ pub fn now_secs() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// UTC microseconds now.
+pub fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
         .unwrap_or(0)
 }
 

@@ -19,12 +19,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::AuthConfig;
-use crate::decisions::Decision;
 use crate::roles::{Permissions, Relationship, Role, is_directory_type};
 use crate::scopes::{Context, Scopes};
 use crate::state::Snapshot;
 use crate::vault::Vault;
 use crate::{AuthError, now_secs};
+use custos_audit::Decision;
 
 /// Who the caller is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -500,6 +500,11 @@ impl RequestGuard {
 
     pub fn break_glass_reason(&self) -> Option<&str> {
         self.break_glass.as_deref()
+    }
+
+    /// A copy of the decisions made so far.
+    pub fn decisions(&self) -> Vec<Decision> {
+        self.decisions.lock().clone()
     }
 
     /// The decisions made so far.

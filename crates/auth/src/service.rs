@@ -18,7 +18,6 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
 use crate::config::AuthConfig;
-use crate::decisions::{AccessLog, AccessRecord, Decision};
 use crate::oidc::{OidcVerifier, unverified_claim, unverified_issuer};
 use crate::policy::{Policy, Principal, PrincipalKind, RequestGuard};
 use crate::roles::{AdminRight, Permissions, Role};
@@ -33,7 +32,8 @@ use crate::users::{
     new_totp_secret, totp_url, verify_password,
 };
 use crate::vault::{Vault, backend};
-use crate::{AuthError, now_secs, random_token, sha256_hex};
+use crate::{AuthError, now_micros, now_secs, random_token, sha256_hex};
+use custos_audit::{Agent, AuditRecord, AuditTrail, Decision, EventKind};
 
 pub const CLIENT_KIND: &str = "client";
 pub const REFRESH_KIND: &str = "refresh-token";
@@ -271,7 +271,7 @@ pub struct AuthService {
     signer: TokenSigner,
     state: SecurityState,
     policy: Arc<Policy>,
-    log: AccessLog,
+    audit: AuditTrail,
     oidc: OidcVerifier,
     /// Verified tokens, keyed by their signature part (unforgeable and
     /// unique per token) and compared in full, in constant time, on a hit:
@@ -291,6 +291,7 @@ impl AuthService {
         records: &Records,
         config: AuthConfig,
         issuer: &str,
+        audit: AuditTrail,
     ) -> Result<AuthService, AuthError> {
         let permissions = Permissions::new(&config.roles).map_err(AuthError::InvalidRequest)?;
         let vault = Vault::open(records).await?;
@@ -305,7 +306,6 @@ impl AuthService {
             Policy::new(config.clone(), permissions, records.clone(), vault.clone()).await?,
         );
         let oidc = OidcVerifier::new(&config.oidc)?;
-        let log = AccessLog::start(vault.clone());
         let svc = AuthService {
             issuer: issuer.trim_end_matches('/').to_string(),
             config,
@@ -313,7 +313,7 @@ impl AuthService {
             signer,
             state,
             policy,
-            log,
+            audit,
             oidc,
             verified: Mutex::new(LruCache::new(NonZeroUsize::new(100_000).expect("non-zero"))),
         };
@@ -337,8 +337,9 @@ impl AuthService {
         &self.policy
     }
 
-    pub fn access_log(&self) -> &AccessLog {
-        &self.log
+    /// The audit trail every request and security event is recorded in.
+    pub fn audit(&self) -> &AuditTrail {
+        &self.audit
     }
 
     pub fn jwks(&self) -> Value {
@@ -473,7 +474,7 @@ impl AuthService {
                 bump_epoch(tx)
             })
             .await?;
-        self.audit_admin("user-add", None, true).await;
+        self.audit_admin("user-add", None, true).await?;
         Ok(CreatedUser {
             user: UserSummary::from(&user),
             totp_url: secret.as_ref().map(|s| totp_url(s, &username)),
@@ -551,7 +552,7 @@ impl AuthService {
             u.tokens_valid_after = u.tokens_valid_after.max(after);
         })
         .await?;
-        self.audit_admin("user-lock", Some(username), true).await;
+        self.audit_admin("user-lock", Some(username), true).await?;
         Ok(())
     }
 
@@ -563,7 +564,8 @@ impl AuthService {
             u.failed_attempts = 0;
         })
         .await?;
-        self.audit_admin("user-unlock", Some(username), true).await;
+        self.audit_admin("user-unlock", Some(username), true)
+            .await?;
         Ok(())
     }
 
@@ -591,7 +593,7 @@ impl AuthService {
         }
         self.update_user(username, move |u| u.role = role).await?;
         self.audit_admin("user-set-role", Some(username), true)
-            .await;
+            .await?;
         Ok(())
     }
 
@@ -603,7 +605,7 @@ impl AuthService {
         self.update_user(username, move |u| u.tokens_valid_after = after)
             .await?;
         self.audit_admin("user-revoke-tokens", Some(username), true)
-            .await;
+            .await?;
         Ok(())
     }
 
@@ -611,7 +613,7 @@ impl AuthService {
         self.update_user(username, move |u| u.read_only = on)
             .await?;
         self.audit_admin("user-read-only", Some(username), true)
-            .await;
+            .await?;
         Ok(())
     }
 
@@ -637,7 +639,7 @@ impl AuthService {
             })
             .await?;
         self.audit_admin("principal-control", Some(subject), true)
-            .await;
+            .await?;
         Ok(())
     }
 
@@ -664,7 +666,7 @@ impl AuthService {
                 bump_epoch(tx)
             })
             .await?;
-        self.audit_admin("server-read-only", None, true).await;
+        self.audit_admin("server-read-only", None, true).await?;
         Ok(())
     }
 
@@ -720,7 +722,7 @@ impl AuthService {
             .put(CLIENT_KIND, &client.id, &client, None)
             .await?;
         self.audit_admin("client-register", Some(&client.id), true)
-            .await;
+            .await?;
         Ok(client)
     }
 
@@ -776,7 +778,7 @@ impl AuthService {
             None => {
                 let _ = verify_password(password, dummy_hash());
                 self.audit_login(None, "password", false, "unknown-user", origin)
-                    .await;
+                    .await?;
                 return Err(AuthError::InvalidGrant(
                     "invalid username or password".into(),
                 ));
@@ -785,7 +787,7 @@ impl AuthService {
         if user.is_locked(now) {
             let _ = verify_password(password, dummy_hash());
             self.audit_login(Some(&user), "password", false, "locked", origin)
-                .await;
+                .await?;
             return Err(AuthError::Locked);
         }
         let pw_ok = {
@@ -817,7 +819,7 @@ impl AuthService {
         if self.needs_second_factor(&user) {
             let Some(secret) = &user.totp_secret else {
                 self.audit_login(Some(&user), "totp", false, "mfa-not-enrolled", origin)
-                    .await;
+                    .await?;
                 return Err(AuthError::InvalidGrant(
                     "this account needs a TOTP enrollment; ask an administrator".into(),
                 ));
@@ -861,7 +863,7 @@ impl AuthService {
             Err(e) => return Err(e),
         }
         self.audit_login(Some(&u), "login", true, "credentials", origin)
-            .await;
+            .await?;
         Ok(u)
     }
 
@@ -910,7 +912,8 @@ impl AuthService {
         } else {
             format!("{what}-failed")
         };
-        self.audit_login(Some(&u), what, false, &rule, origin).await;
+        self.audit_login(Some(&u), what, false, &rule, origin)
+            .await?;
         if locked_now {
             tracing::warn!("account locked after repeated failed sign-ins");
         }
@@ -964,7 +967,7 @@ impl AuthService {
         };
         if let Err(e) = &r {
             self.audit_event("token", None, false, &format!("{e}"), origin)
-                .await;
+                .await?;
         }
         r
     }
@@ -1196,7 +1199,7 @@ impl AuthService {
             "client-credentials",
             origin,
         )
-        .await;
+        .await?;
         Ok(TokenResponse {
             access_token: self.signer.sign(&claims)?,
             token_type: "Bearer".into(),
@@ -1391,7 +1394,7 @@ impl AuthService {
             .ok_or_else(|| AuthError::InvalidGrant("the account no longer exists".into()))?;
         if user.is_locked(now_secs()) {
             self.audit_login(Some(&user), "totp", false, "locked", origin)
-                .await;
+                .await?;
             return Err(AuthError::Locked);
         }
         let user = self
@@ -1676,7 +1679,7 @@ impl AuthService {
     /// Rotate the token-signing key now.
     pub async fn rotate_signing_key(&self) -> Result<String, AuthError> {
         let kid = self.signer.rotate(now_secs()).await?;
-        self.audit_admin("signing-key-rotate", None, true).await;
+        self.audit_admin("signing-key-rotate", None, true).await?;
         Ok(kid)
     }
 
@@ -1689,28 +1692,37 @@ impl AuthService {
         ok: bool,
         rule: &str,
         origin: &Origin,
-    ) {
-        self.log
-            .record(AccessRecord {
-                at: now_secs() * 1_000_000,
+    ) -> Result<(), AuthError> {
+        self.record(AuditRecord {
+            kind: EventKind::Login,
+            agent: Agent {
                 subject: user.map(|u| format!("user:{}", u.id)),
                 username: user.map(|u| u.username.clone()),
                 role: user.map(|u| u.role.name().to_string()),
+                fhir_user: user.and_then(|u| {
+                    u.practitioner
+                        .as_ref()
+                        .map(|p| format!("Practitioner/{p}"))
+                        .or_else(|| u.patient.as_ref().map(|p| format!("Patient/{p}")))
+                }),
                 source: origin.source.clone(),
                 user_agent: origin.user_agent.clone(),
-                action: format!("login:{what}"),
-                status: if ok { 200 } else { 401 },
-                decisions: vec![Decision {
-                    interaction: "login".into(),
-                    rtype: None,
-                    id: None,
-                    patient: None,
-                    allowed: ok,
-                    rule: rule.to_string().into(),
-                }],
-                ..AccessRecord::default()
-            })
-            .await;
+                ..Agent::default()
+            },
+            action: format!("login:{what}"),
+            interaction: Some("login".into()),
+            status: if ok { 200 } else { 401 },
+            decisions: vec![Decision {
+                interaction: "login".into(),
+                rtype: None,
+                id: None,
+                patient: None,
+                allowed: ok,
+                rule: rule.to_string().into(),
+            }],
+            ..AuditRecord::default()
+        })
+        .await
     }
 
     async fn audit_event(
@@ -1720,45 +1732,71 @@ impl AuthService {
         ok: bool,
         rule: &str,
         origin: &Origin,
-    ) {
-        self.log
-            .record(AccessRecord {
-                at: now_secs() * 1_000_000,
+    ) -> Result<(), AuthError> {
+        self.record(AuditRecord {
+            kind: EventKind::Token,
+            agent: Agent {
                 subject: subject.map(str::to_string),
                 source: origin.source.clone(),
                 user_agent: origin.user_agent.clone(),
-                action: what.to_string(),
-                status: if ok { 200 } else { 400 },
-                decisions: vec![Decision {
-                    interaction: what.to_string().into(),
-                    rtype: None,
-                    id: None,
-                    patient: None,
-                    allowed: ok,
-                    rule: rule.chars().take(200).collect::<String>().into(),
-                }],
-                ..AccessRecord::default()
-            })
-            .await;
+                ..Agent::default()
+            },
+            action: what.to_string(),
+            interaction: Some(what.to_string()),
+            status: if ok { 200 } else { 400 },
+            decisions: vec![Decision {
+                interaction: what.to_string().into(),
+                rtype: None,
+                id: None,
+                patient: None,
+                allowed: ok,
+                rule: rule.chars().take(200).collect::<String>().into(),
+            }],
+            ..AuditRecord::default()
+        })
+        .await
     }
 
-    async fn audit_admin(&self, what: &str, target: Option<&str>, ok: bool) {
-        self.log
-            .record(AccessRecord {
-                at: now_secs() * 1_000_000,
-                action: format!("admin:{what}"),
-                status: if ok { 200 } else { 400 },
-                decisions: vec![Decision {
-                    interaction: "admin".into(),
-                    rtype: None,
-                    id: target.map(str::to_string),
-                    patient: None,
-                    allowed: ok,
-                    rule: what.to_string().into(),
-                }],
-                ..AccessRecord::default()
-            })
-            .await;
+    async fn audit_admin(
+        &self,
+        what: &str,
+        target: Option<&str>,
+        ok: bool,
+    ) -> Result<(), AuthError> {
+        self.record(AuditRecord {
+            kind: if what.contains("key") {
+                EventKind::KeyRotation
+            } else {
+                EventKind::Admin
+            },
+            action: format!("admin:{what}"),
+            interaction: Some(what.to_string()),
+            status: if ok { 200 } else { 400 },
+            detail: target.map(|t| format!("target: {t}")),
+            decisions: vec![Decision {
+                interaction: "admin".into(),
+                rtype: None,
+                id: target.map(str::to_string),
+                patient: None,
+                allowed: ok,
+                rule: what.to_string().into(),
+            }],
+            ..AuditRecord::default()
+        })
+        .await
+    }
+
+    /// Append a security event to the audit trail; failing to record it
+    /// fails the operation (fail closed).
+    pub async fn record(&self, mut rec: AuditRecord) -> Result<(), AuthError> {
+        if rec.at == 0 {
+            rec.at = now_micros();
+        }
+        self.audit
+            .append(&rec)
+            .await
+            .map(|_| ())
+            .map_err(|e| AuthError::Internal(format!("the audit trail refused the event: {e}")))
     }
 
     /// `/.well-known/smart-configuration`.

@@ -143,15 +143,28 @@ pub async fn open_auth(data: &DataArgs) -> anyhow::Result<(crate::Opened, AuthSe
     let (file, dir) = crate::resolve(data)?;
     let issuer = crate::issuer(&file, None);
     let auth_config = file.auth.clone().unwrap_or_default();
+    let audit_config = file.audit.clone().unwrap_or_default();
     let opened = crate::open_data(file, dir, Arc::new(GcmSealer)).await?;
-    let auth = AuthService::open(&opened.records, auth_config, &issuer)
+    let trail = custos_audit::AuditTrail::open(
+        &opened.records,
+        custos_audit::AuditConfig {
+            checkpoint_secs: 0,
+            ..audit_config
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let auth = AuthService::open(&opened.records, auth_config, &issuer, trail)
         .await
         .map_err(auth_err)?;
     Ok((opened, auth))
 }
 
 async fn finish(opened: crate::Opened, auth: AuthService) {
-    auth.access_log().flush().await;
+    // Cover what this command recorded by a signed checkpoint.
+    if let Err(e) = auth.audit().checkpoint().await {
+        tracing::error!(error = %e, "the audit checkpoint failed");
+    }
     opened.store.close();
 }
 

@@ -384,7 +384,7 @@ impl BenchServer {
             access_token_secs: 4 * 3600,
             ..custos_auth::AuthConfig::default()
         });
-        let server = EmbeddedServer::start(opened.records.clone(), auth_config).await?;
+        let server = EmbeddedServer::start(opened.records.clone(), auth_config, None).await?;
         let mut client = FhirClient::new(&server.url());
         let mut token = None;
         if let Some(auth) = &server.auth {
@@ -1096,7 +1096,7 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
             if k == 0 {
                 // The same data served without authentication, by a second
                 // server in this process; runs alternate, best of two each.
-                let open = EmbeddedServer::start(server.records.clone(), None).await?;
+                let open = EmbeddedServer::start(server.records.clone(), None, None).await?;
                 let open_client = FhirClient::new(&open.url());
                 let paths = Arc::new(read_paths(&ing, plan.seed));
                 let mut best_auth = read;

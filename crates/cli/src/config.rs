@@ -18,6 +18,8 @@ pub struct FileConfig {
     pub search: Option<SearchConfig>,
     /// Identity, tokens and the access policy.
     pub auth: Option<custos_auth::AuthConfig>,
+    /// The audit trail: checkpoint interval, witnesses.
+    pub audit: Option<custos_audit::AuditConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

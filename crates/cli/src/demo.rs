@@ -50,6 +50,7 @@ pub async fn run(
     let server = crate::embedded::EmbeddedServer::start(
         opened.records.clone(),
         Some(custos_auth::AuthConfig::default()),
+        None,
     )
     .await?;
     let addr = server.addr;
@@ -140,7 +141,7 @@ pub async fn run(
     );
 
     // 3. Who may see what.
-    access_control(&auth, &anonymous, &c, &pref, &p, patients).await?;
+    access_control(&auth, &anonymous, &c, &pref, &p, patients, &dir).await?;
 
     // 4. What the database holds: ciphertext and blind indexes only.
     server_checkpoint(&store).await;
@@ -218,6 +219,7 @@ async fn access_control(
     pref: &str,
     patient: &Value,
     patients: usize,
+    dir: &std::path::Path,
 ) -> anyhow::Result<()> {
     use custos_auth::{NewUser, Role};
     let gp = patient["generalPractitioner"][0]["reference"]
@@ -329,27 +331,63 @@ async fn access_control(
         "  search   GET /Observation?_summary=count -> {} of the server's {} (their own only)",
         b["total"], all_obs["total"]
     );
-    auth.access_log().flush().await;
-    let records = auth
-        .access_log()
-        .read(0, 100_000)
+    // The audit trail: every request above is a leaf of the Merkle log.
+    let (_, report) = pat
+        .json("GET", &format!("Patient/{pid}/$access-report"), None)
+        .await?;
+    let disclosures: Vec<serde_json::Value> = report["parameter"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == "disclosures"))
+        .and_then(|p| p["valueString"].as_str())
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or_default();
+    println!(
+        "report     GET /Patient/{pid}/$access-report (by the patient) -> {} accesses to their record:",
+        disclosures.len()
+    );
+    let mut seen: std::collections::BTreeMap<String, usize> = Default::default();
+    for d in &disclosures {
+        let who = format!(
+            "{} ({}) {} {}{}",
+            d["who"].as_str().unwrap_or("?"),
+            d["role"].as_str().unwrap_or("?"),
+            d["interaction"].as_str().unwrap_or("?"),
+            if d["outcome"] == 0 {
+                "allowed"
+            } else {
+                "refused"
+            },
+            d["breakGlassReason"]
+                .as_str()
+                .map(|r| format!(", break-glass: {r}"))
+                .unwrap_or_default()
+        );
+        *seen.entry(who).or_default() += 1;
+    }
+    for (who, n) in &seen {
+        println!("             {n:>3} x {who}");
+    }
+    let trail = auth.audit().clone();
+    let checkpoint = trail
+        .checkpoint()
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut rules: std::collections::BTreeMap<String, usize> = Default::default();
-    for (_, r) in &records {
-        for d in &r.decisions {
-            let key = format!("{} {}", if d.allowed { "allow" } else { "deny" }, d.rule);
-            *rules.entry(key).or_default() += 1;
-        }
-    }
     println!(
-        "decisions  {} requests recorded; by rule: {}",
-        records.len(),
-        rules
-            .iter()
-            .map(|(k, n)| format!("{k} x{n}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        "checkpoint signed (Ed25519, C2SP signed note) at tree size {}:",
+        checkpoint.size
     );
+    for line in String::from_utf8_lossy(&checkpoint.note).lines() {
+        println!("             {line}");
+    }
+    let key = trail.verifier_key();
+    match crate::audit_cmd::verify_dir(dir, &key, Vec::new(), false).await? {
+        Ok(r) => println!(
+            "verify     custos audit verify --data-dir {} --public-key {key}\n           -> {} entries recomputed, {} checkpoints checked: the log is intact",
+            dir.display(),
+            r.entries,
+            r.checkpoints
+        ),
+        Err(f) => anyhow::bail!("the audit log did not verify: {f}"),
+    }
     Ok(())
 }

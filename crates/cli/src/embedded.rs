@@ -15,16 +15,21 @@ pub struct EmbeddedServer {
     pub addr: SocketAddr,
     /// The identity service (absent only for the benchmark's no-authentication baseline).
     pub auth: Option<Arc<AuthService>>,
+    /// The audit trail (absent only in the benchmark's audit-off runs).
+    pub audit: Option<custos_audit::AuditTrail>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
 impl EmbeddedServer {
     /// Serve `records` on 127.0.0.1 (port chosen by the OS) with
-    /// authentication; `None` serves without any (benchmark baseline only).
+    /// authentication and the audit trail; `None` serves without
+    /// authentication, and without an audit trail unless `audit` is given
+    /// (benchmark baselines only).
     pub async fn start(
         records: Records,
         auth: Option<AuthConfig>,
+        audit: Option<custos_audit::AuditConfig>,
     ) -> anyhow::Result<EmbeddedServer> {
         let listener = std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
             .context("cannot bind a loopback port")?;
@@ -33,15 +38,24 @@ impl EmbeddedServer {
             listen: addr,
             ..ServerConfig::default()
         };
-        let auth = match auth {
-            Some(c) => Some(Arc::new(
-                AuthService::open(&records, c, &format!("http://{addr}"))
+        let audit = match (&auth, audit) {
+            (Some(_), a) | (None, a @ Some(_)) => Some(
+                custos_audit::AuditTrail::open(&records, a.unwrap_or_default())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            ),
+            (None, None) => None,
+        };
+        let auth = match (auth, &audit) {
+            (Some(c), Some(trail)) => Some(Arc::new(
+                AuthService::open(&records, c, &format!("http://{addr}"), trail.clone())
                     .await
                     .map_err(|e| anyhow::anyhow!("{e}"))?,
             )),
-            None => None,
+            _ => None,
         };
         let state = AppState {
+            audit: audit.clone(),
             records,
             access: match &auth {
                 Some(a) => Access::Enforced(a.clone()),
@@ -59,6 +73,7 @@ impl EmbeddedServer {
         Ok(EmbeddedServer {
             addr,
             auth,
+            audit,
             stop: Some(stop_tx),
             task,
         })
@@ -82,8 +97,10 @@ impl EmbeddedServer {
                 bail!("the server did not stop within 15 s")
             }
         };
-        if let Some(a) = &self.auth {
-            a.access_log().flush().await;
+        if let Some(a) = &self.audit
+            && let Err(e) = a.checkpoint().await
+        {
+            tracing::error!(error = %e, "the final audit checkpoint failed");
         }
         r
     }

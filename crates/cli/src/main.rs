@@ -1,6 +1,7 @@
 //! The `custos` command line: serve, init, demo, synth, keys, patient,
 //! user, client, read-only, login, bench.
 mod admin;
+mod audit_cmd;
 mod backend;
 mod bench;
 mod client;
@@ -37,7 +38,7 @@ struct Cli {
 
 /// Where the data lives and how to open it.
 #[derive(clap::Args, Clone)]
-struct DataArgs {
+pub struct DataArgs {
     /// The data directory (database and key file).
     #[arg(long, env = "CUSTOS_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -147,6 +148,11 @@ enum Command {
         #[arg(long)]
         patient: Option<String>,
     },
+    /// The audit trail: verify, export, checkpoint, public key.
+    Audit {
+        #[command(subcommand)]
+        action: audit_cmd::AuditAction,
+    },
     /// Measure ingest, reads, searches and the cost of sealing on this machine.
     Bench(bench::BenchArgs),
 }
@@ -250,7 +256,7 @@ pub fn issuer(file: &FileConfig, bound: Option<std::net::SocketAddr>) -> String 
     format!("{scheme}://{addr}")
 }
 
-fn resolve(data: &DataArgs) -> anyhow::Result<(FileConfig, PathBuf)> {
+pub fn resolve(data: &DataArgs) -> anyhow::Result<(FileConfig, PathBuf)> {
     let file = match &data.config {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
@@ -431,21 +437,49 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|b| b.trim_end_matches('/').to_string())
                 .unwrap_or_else(|| format!("{scheme}://{addr}"));
             let auth_config = file.auth.clone().unwrap_or_default();
+            let audit_config = file.audit.clone().unwrap_or_default();
             let opened = open_data(file, dir, Arc::new(GcmSealer)).await?;
+            let trail = custos_audit::AuditTrail::open(&opened.records, audit_config)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             let auth = Arc::new(
-                custos_auth::AuthService::open(&opened.records, auth_config, &issuer)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+                custos_auth::AuthService::open(
+                    &opened.records,
+                    auth_config,
+                    &issuer,
+                    trail.clone(),
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
             );
+            audit_cmd::record_command(
+                &trail,
+                custos_audit::EventKind::Config,
+                "serve-start",
+                Some(format!("listening on {scheme}://{addr}")),
+                true,
+            )
+            .await?;
             let state = custos_server::AppState {
                 records: opened.records.clone(),
                 access: custos_server::Access::Enforced(auth.clone()),
+                audit: Some(trail.clone()),
                 config: Arc::new(sc),
             };
             tracing::info!(%addr, tls, issuer, "custos listening");
             println!("custos listening on {scheme}://{addr}");
             custos_server::serve(listener, state, shutdown_signal()).await?;
-            auth.access_log().flush().await;
+            audit_cmd::record_command(
+                &trail,
+                custos_audit::EventKind::Config,
+                "serve-stop",
+                None,
+                true,
+            )
+            .await?;
+            if let Err(e) = trail.checkpoint().await {
+                tracing::error!(error = %e, "the final audit checkpoint failed");
+            }
             opened.store.close();
         }
         Command::Demo {
@@ -490,13 +524,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if !yes {
                 bail!("crypto-shredding is irreversible; repeat with --yes to erase Patient/{id}");
             }
-            let (file, dir) = resolve(&data)?;
-            let opened = open_data(file, dir, Arc::new(GcmSealer)).await?;
+            let (opened, trail) = audit_cmd::open_trail(&data).await?;
+            let mut template = custos_audit::AuditRecord {
+                action: "cli:patient-shred".into(),
+                ..Default::default()
+            };
+            template.agent.username = std::env::var("USER").ok();
             let n = opened
                 .records
+                .audited(trail.for_writes(template, None))
                 .shred_patient(&id)
                 .await
                 .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            let _ = trail.checkpoint().await;
             opened.store.close();
             println!(
                 "erased Patient/{id}: its data key is destroyed; {n} resources (every version) are now unreadable"
@@ -510,7 +550,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .rotate_signing_key()
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"));
-            auth.access_log().flush().await;
+            let _ = auth.audit().checkpoint().await;
             opened.store.close();
             println!("access tokens are now signed with key {}", kid?);
         }
@@ -528,6 +568,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             scope,
             patient,
         } => admin::login(url, username, totp, scope, patient).await?,
+        Command::Audit { action } => audit_cmd::run(action).await?,
         Command::Bench(args) => bench::run(args).await?,
     }
     Ok(())

@@ -184,3 +184,26 @@ pub fn focus_patient(rtype: &str, params: &[(String, String)]) -> Option<String>
 pub fn compartment_of_key(key_name: &str) -> Option<&str> {
     key_name.strip_prefix("patient/")
 }
+
+/// A change a write committed, as the audit trail records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// `create`, `update`, `delete` or `erase`.
+    pub interaction: &'static str,
+    pub rtype: String,
+    pub id: String,
+    pub version: i64,
+    /// The patient whose compartment the resource is in.
+    pub patient: Option<String>,
+}
+
+/// Appends the audit event of a write inside the write's own transaction,
+/// so that no change commits without its record: an error here fails the
+/// write. Set on a handle with [`crate::Records::audited`].
+pub trait WriteAudit: Send + Sync {
+    fn record(
+        &self,
+        tx: &mut dyn custos_store::WriteTx,
+        changes: &[Change],
+    ) -> Result<(), custos_store::StoreError>;
+}

@@ -17,7 +17,10 @@ mod search;
 mod service;
 mod transaction;
 
-pub use access::{Guard, Interaction, Unrestricted, Visibility, compartment_of_key, focus_patient};
+pub use access::{
+    Change, Guard, Interaction, Unrestricted, Visibility, WriteAudit, compartment_of_key,
+    focus_patient,
+};
 pub use capability::capability_statement;
 pub use index::{PREFIX_MAX, blind_date, range_pkey};
 pub use keys::{KeyService, SHARED_KEY_NAME, patient_key_name};

@@ -168,6 +168,7 @@ pub(crate) struct Inner {
 pub struct Records {
     inner: Arc<Inner>,
     guard: Arc<dyn Guard>,
+    audit: Option<Arc<dyn crate::access::WriteAudit>>,
 }
 
 /// Microseconds since the epoch, strictly increasing within this process.
@@ -215,6 +216,7 @@ impl Records {
                 consents_gen: AtomicU64::new(0),
             }),
             guard: Arc::new(Unrestricted),
+            audit: None,
         })
     }
 
@@ -225,7 +227,23 @@ impl Records {
         Records {
             inner: self.inner.clone(),
             guard,
+            audit: self.audit.clone(),
         }
+    }
+
+    /// The same service with every committed write recording its audit
+    /// event through `audit`, inside the write's transaction.
+    pub fn audited(&self, audit: Arc<dyn crate::access::WriteAudit>) -> Records {
+        Records {
+            inner: self.inner.clone(),
+            guard: self.guard.clone(),
+            audit: Some(audit),
+        }
+    }
+
+    /// The write audit of this handle, if any.
+    pub(crate) fn write_audit(&self) -> Option<&Arc<dyn crate::access::WriteAudit>> {
+        self.audit.as_ref()
     }
 
     /// The guard of this handle.
@@ -633,9 +651,25 @@ impl Records {
             )));
         }
         let pid = patient_id.to_string();
+        let audit = self.audit.clone();
         let n = self
             .store()
-            .write(move |tx| tx.erase_compartment(&pid, &kn))
+            .write(move |tx| {
+                let n = tx.erase_compartment(&pid, &kn)?;
+                if let Some(a) = &audit {
+                    a.record(
+                        tx,
+                        &[crate::access::Change {
+                            interaction: "erase",
+                            rtype: "Patient".into(),
+                            id: pid.clone(),
+                            version: 0,
+                            patient: Some(pid.clone()),
+                        }],
+                    )?;
+                }
+                Ok(n)
+            })
             .await
             .map_err(store_err)?;
         self.keys().forget(&key_name);

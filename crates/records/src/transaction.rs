@@ -417,8 +417,15 @@ impl Records {
             let committed = self
                 .store()
                 .write(move |tx| {
-                    this.commit_entries(tx, plan, &base, single)
-                        .map_err(StoreError::abort)
+                    let (done, changes) = this
+                        .commit_entries(tx, plan, &base, single)
+                        .map_err(StoreError::abort)?;
+                    if let Some(audit) = this.write_audit()
+                        && !changes.is_empty()
+                    {
+                        audit.record(tx, &changes)?;
+                    }
+                    Ok(done)
                 })
                 .await;
             match committed {
@@ -748,15 +755,16 @@ impl Records {
         plan: TxPlan,
         base: &str,
         single: bool,
-    ) -> Result<Vec<Done>, CommitError> {
+    ) -> Result<(Vec<Done>, Vec<crate::access::Change>), CommitError> {
         let TxPlan {
             entries,
             mut done,
             checks,
             writes,
             deletes,
-            access: _,
+            access,
         } = plan;
+        let mut changes = Vec::with_capacity(writes.len() + deletes.len());
         let fail = |pos: usize, err: FhirError| {
             CommitError::Fhir(entry_error(entries[pos].index, err, single))
         };
@@ -770,6 +778,16 @@ impl Records {
             .map(|w| w.prepared.at)
             .unwrap_or_else(|| self.now());
         for (pos, rtype, id, version) in deletes {
+            changes.push(crate::access::Change {
+                interaction: "delete",
+                rtype: rtype.clone(),
+                id: id.clone(),
+                version: version + 1,
+                patient: access
+                    .iter()
+                    .find(|a| a.pos == pos)
+                    .and_then(|a| a.compartment.clone()),
+            });
             let p = Pending {
                 rtype,
                 id,
@@ -797,6 +815,13 @@ impl Records {
                 Err(e) => return Err(fail(w.pos, store_err(e))),
             }
             let status = if w.created { "201 Created" } else { "200 OK" };
+            changes.push(crate::access::Change {
+                interaction: if w.created { "create" } else { "update" },
+                rtype: w.prepared.rtype.clone(),
+                id: w.prepared.id.clone(),
+                version: w.prepared.version,
+                patient: w.prepared.compartment.clone(),
+            });
             done[w.pos] = Some(Done {
                 status,
                 opened: Some(w.prepared.into_opened()),
@@ -833,10 +858,12 @@ impl Records {
                 });
             }
         }
-        Ok(done
-            .into_iter()
-            .map(|d| d.expect("every entry processed"))
-            .collect())
+        Ok((
+            done.into_iter()
+                .map(|d| d.expect("every entry processed"))
+                .collect(),
+            changes,
+        ))
     }
 
     /// Create (POST) through the transaction machinery: with `if_none_exist`

@@ -6,22 +6,20 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Json;
-use axum::extract::{ConnectInfo, Form, MatchedPath, Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Form, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use custos_auth::roles::AdminRight;
 use custos_auth::service::{AuthorizeRequest, Client, LoginStep, Origin};
-use custos_auth::{
-    AccessEntry, AccessRecord, AuthError, AuthService, Grant, NewUser, Principal, RequestGuard,
-    Role,
-};
+use custos_auth::{AuthError, AuthService, Grant, NewUser, Principal, RequestGuard, Role};
 use custos_fhir::{ErrorKind, FhirError};
 use custos_records::Records;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::AppState;
+use crate::audit::RequestMeta;
 use crate::error::ApiError;
 
 /// Who is calling, as the FHIR handlers see it: the record service acting
@@ -103,39 +101,41 @@ impl From<AuthError> for ApiError {
 
 /// The middleware in front of the FHIR API: authenticate the bearer token
 /// (401 otherwise), put the caller's guard on the request, and record the
-/// request with every decision made for it.
+/// request — who, what, every decision made for it — in the audit trail
+/// before the response leaves (a write records it in its own transaction).
 pub async fn authenticate(State(s): State<AppState>, mut req: Request, next: Next) -> Response {
+    let meta = RequestMeta::of(&req);
     let Access::Enforced(auth) = &s.access else {
+        let Some(trail) = s.audit.clone() else {
+            req.extensions_mut().insert(Caller {
+                records: s.records.clone(),
+                guard: None,
+            });
+            return next.run(req).await;
+        };
+        let rec = meta.record(None);
+        let writes = trail.for_writes(rec.clone(), None);
         req.extensions_mut().insert(Caller {
-            records: s.records.clone(),
+            records: s.records.audited(writes.clone()),
             guard: None,
         });
-        return next.run(req).await;
+        let resp = next.run(req).await;
+        return crate::audit::finish(&trail, &meta, rec, Some(&writes), Vec::new(), resp).await;
     };
+    let trail = auth.audit().clone();
     let started = Instant::now();
-    let peer = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| req.uri().path().to_string());
-    let action = format!("{} {route}", req.method());
-    let origin = origin(req.headers(), peer);
     let Some(token) = bearer(req.headers()).map(str::to_string) else {
-        record_refusal(auth, &action, &origin, "no-token").await;
-        return unauthorized("no bearer token: authenticate at /auth/token");
+        let resp = unauthorized("no bearer token: authenticate at /auth/token");
+        return crate::audit::refusal(&trail, &meta, "no-token", resp).await;
     };
     let (principal, snapshot) = match auth.authenticate(&token).await {
         Ok(p) => p,
         Err(e) => {
-            record_refusal(auth, &action, &origin, "invalid-token").await;
-            return match e {
+            let resp = match e {
                 AuthError::Internal(_) => ApiError(auth_to_fhir(&e)).into_response(),
                 other => unauthorized(&other.to_string()),
             };
+            return crate::audit::refusal(&trail, &meta, "invalid-token", resp).await;
         }
     };
     let (purpose, break_glass) = {
@@ -148,60 +148,23 @@ pub async fn authenticate(State(s): State<AppState>, mut req: Request, next: Nex
         (header("x-purpose-of-use"), header("x-break-glass-reason"))
     };
     let guard = auth.guard(principal.clone(), snapshot, purpose, break_glass);
+    let mut rec = meta.record(Some(&principal));
+    rec.purpose = Some(guard.purpose().to_string());
+    rec.break_glass_reason = guard.break_glass_reason().map(str::to_string);
+    let g = guard.clone();
+    let writes = trail.for_writes(rec.clone(), Some(Box::new(move || g.decisions())));
     req.extensions_mut().insert(Caller {
-        records: s.records.guarded(guard.clone()),
+        records: s.records.guarded(guard.clone()).audited(writes.clone()),
         guard: Some(guard.clone()),
     });
     let resp = next.run(req).await;
-    let subject = principal.subject();
     let decisions = guard.take_decisions();
-    auth.access_log().append(&AccessEntry {
-        at: now_micros(),
-        subject: Some(&subject),
-        username: principal.username(),
-        role: Some(principal.role.name()),
-        client_id: Some(&principal.client_id),
-        source: origin.source.as_deref(),
-        user_agent: origin.user_agent.as_deref(),
-        action: &action,
-        status: resp.status().as_u16(),
-        purpose: Some(guard.purpose()),
-        break_glass_reason: guard.break_glass_reason(),
-        decisions: &decisions,
-    });
+    let resp = crate::audit::finish(&trail, &meta, rec, Some(&writes), decisions, resp).await;
     tracing::debug!(
         micros = started.elapsed().as_micros() as u64,
         "authorized request"
     );
     resp
-}
-
-fn now_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
-}
-
-async fn record_refusal(auth: &AuthService, action: &str, origin: &Origin, rule: &str) {
-    auth.access_log()
-        .record(AccessRecord {
-            at: now_micros(),
-            source: origin.source.clone(),
-            user_agent: origin.user_agent.clone(),
-            action: action.to_string(),
-            status: 401,
-            decisions: vec![custos_auth::Decision {
-                interaction: "authenticate".into(),
-                rtype: None,
-                id: None,
-                patient: None,
-                allowed: false,
-                rule: rule.to_string().into(),
-            }],
-            ..AccessRecord::default()
-        })
-        .await;
 }
 
 fn service(s: &AppState) -> Result<&Arc<AuthService>, ApiError> {
@@ -544,54 +507,29 @@ fn url_with_query(base: &str, pairs: &[(&str, &str)]) -> String {
 // --------------------------------------------------------- administration
 
 /// Middleware of the admin API: records who asked for what and the outcome
-/// (the service records what changed).
+/// (the service records what changed) before the answer leaves.
 pub async fn audit_admin_request(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let Access::Enforced(auth) = &s.access else {
         return next.run(req).await;
     };
     let auth = auth.clone();
-    let peer = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_default();
-    let action = format!("{} {route}", req.method());
-    let origin = origin(req.headers(), peer);
+    let meta = RequestMeta::of(&req);
     let principal = match bearer(req.headers()) {
         Some(t) => auth.authenticate(t).await.ok().map(|(p, _)| p),
         None => None,
     };
+    let mut rec = meta.record(principal.as_deref());
+    rec.kind = custos_audit::EventKind::Admin;
     let resp = next.run(req).await;
-    let status = resp.status().as_u16();
-    auth.access_log()
-        .record(AccessRecord {
-            at: now_micros(),
-            subject: principal.as_ref().map(|p| p.subject()),
-            username: principal
-                .as_ref()
-                .and_then(|p| p.username().map(str::to_string)),
-            role: principal.as_ref().map(|p| p.role.name().to_string()),
-            client_id: principal.as_ref().map(|p| p.client_id.clone()),
-            source: origin.source,
-            user_agent: origin.user_agent,
-            action,
-            status,
-            decisions: vec![custos_auth::Decision {
-                interaction: "admin".into(),
-                rtype: None,
-                id: None,
-                patient: None,
-                allowed: resp.status().is_success(),
-                rule: route.into(),
-            }],
-            ..AccessRecord::default()
-        })
-        .await;
-    resp
+    let decisions = vec![custos_auth::Decision {
+        interaction: "admin".into(),
+        rtype: None,
+        id: None,
+        patient: None,
+        allowed: resp.status().is_success(),
+        rule: rec.action.clone().into(),
+    }];
+    crate::audit::finish(auth.audit(), &meta, rec, None, decisions, resp).await
 }
 
 /// An authenticated caller of the admin API holding `right`.

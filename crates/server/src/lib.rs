@@ -4,6 +4,7 @@
 //! on [`custos_records::Records`] and results into FHIR JSON responses;
 //! every error becomes an OperationOutcome with its HTTP status.
 
+pub mod audit;
 pub mod auth;
 mod error;
 mod http;
@@ -49,6 +50,9 @@ pub struct AppState {
     /// The unrestricted record service; handlers use the caller's guarded handle.
     pub records: Records,
     pub access: Access,
+    /// The audit trail every request is recorded in (`None` only in the
+    /// benchmark's audit-off runs).
+    pub audit: Option<custos_audit::AuditTrail>,
     pub config: Arc<ServerConfig>,
 }
 

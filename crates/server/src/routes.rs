@@ -14,6 +14,7 @@ use serde_json::Value;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::AppState;
+use crate::audit;
 use crate::auth::{self, Caller};
 use crate::error::ApiError;
 use crate::http::{
@@ -39,6 +40,41 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::authenticate,
         ));
+    let audit_api = Router::new()
+        .route("/AuditEvent", get(audit::search).post(audit::read_only))
+        .route("/AuditEvent/$export", get(audit::export))
+        .route(
+            "/AuditEvent/{id}",
+            get(audit::read)
+                .put(audit::read_only)
+                .delete(audit::read_only),
+        )
+        .route("/Patient/{id}/$access-report", get(audit::access_report))
+        .route("/audit/entries", get(audit::entries))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
+    let public = Router::new()
+        .route("/metadata", get(metadata))
+        .route(
+            "/.well-known/smart-configuration",
+            get(auth::smart_configuration),
+        )
+        .route("/.well-known/jwks.json", get(auth::jwks))
+        .route(
+            "/auth/authorize",
+            get(auth::authorize_get).post(auth::authorize_post),
+        )
+        .route("/audit/checkpoint", get(audit::checkpoint))
+        .route("/audit/checkpoints", get(audit::checkpoints))
+        .route("/audit/public-key", get(audit::public_key))
+        .route("/audit/proof/inclusion", get(audit::inclusion_proof))
+        .route("/audit/proof/consistency", get(audit::consistency_proof))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            audit::audit_public_request,
+        ));
     let admin = Router::new()
         .route(
             "/admin/users",
@@ -61,18 +97,11 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::audit_admin_request,
         ));
+    // The token endpoint records its own events (who asked, what was issued or refused).
     Router::new()
-        .route("/metadata", get(metadata))
-        .route(
-            "/.well-known/smart-configuration",
-            get(auth::smart_configuration),
-        )
-        .route("/.well-known/jwks.json", get(auth::jwks))
         .route("/auth/token", post(auth::token))
-        .route(
-            "/auth/authorize",
-            get(auth::authorize_get).post(auth::authorize_post),
-        )
+        .merge(public)
+        .merge(audit_api)
         .merge(admin)
         .merge(fhir)
         .fallback(not_found)

@@ -265,6 +265,51 @@ pub struct LogEntry {
     pub value: Vec<u8>,
 }
 
+/// One event to append to the audit log. `data` is the leaf: opaque bytes
+/// (sealed by the caller) whose RFC 6962 leaf hash enters the Merkle tree.
+/// The other fields only serve search and are never part of the proof.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditAppend<'a> {
+    /// UTC microseconds.
+    pub at: i64,
+    /// `C`, `R`, `U`, `D` or `E` (FHIR AuditEvent.action).
+    pub action: &'a str,
+    /// 0 success, 4 minor failure, 8 serious failure, 12 major failure.
+    pub outcome: u8,
+    /// Blind token of the acting principal, if known.
+    pub agent: Option<&'a str>,
+    /// Blind tokens of the patients concerned.
+    pub patients: &'a [String],
+    pub data: &'a [u8],
+}
+
+/// One stored audit log entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    /// The leaf index, from 0.
+    pub index: u64,
+    pub at: i64,
+    pub data: Vec<u8>,
+}
+
+/// A search of the audit log: every given field must match. Newest first
+/// unless `ascending`; `before`/`after` are exclusive leaf-index bounds (keyset paging).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditQuery {
+    pub patient: Option<String>,
+    pub agent: Option<String>,
+    pub action: Option<String>,
+    pub outcome: Option<u8>,
+    /// Inclusive lower bound on `at` (µs).
+    pub from: Option<i64>,
+    /// Exclusive upper bound on `at` (µs).
+    pub until: Option<i64>,
+    pub before: Option<u64>,
+    pub after: Option<u64>,
+    pub ascending: bool,
+    pub limit: usize,
+}
+
 /// A wrapped data key as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRecord {
@@ -313,6 +358,17 @@ pub trait ReadTx {
     fn sys_list(&mut self, kind: &str) -> StoreResult<Vec<SysRecord>>;
     /// Entries of a system log with `seq > after`, oldest first, at most `limit`.
     fn log_read(&mut self, log: &str, after: i64, limit: usize) -> StoreResult<Vec<LogEntry>>;
+    /// The number of entries in the audit log (its tree size).
+    fn audit_size(&mut self) -> StoreResult<u64>;
+    /// Audit entries with `start <= index < end`, oldest first, at most `limit`.
+    fn audit_entries(&mut self, start: u64, end: u64, limit: usize)
+    -> StoreResult<Vec<AuditEntry>>;
+    /// Stored Merkle hashes of the audit log by their tlog stored-hash index
+    /// (leaf and interior nodes, see `tlog_tiles::stored_hash_index`), in the
+    /// order asked. A missing hash is an error.
+    fn audit_hashes(&mut self, indexes: &[u64]) -> StoreResult<Vec<[u8; 32]>>;
+    /// Audit entries matching `q`.
+    fn audit_search(&mut self, q: &AuditQuery) -> StoreResult<Vec<AuditEntry>>;
 }
 
 /// Write operations of a transaction.
@@ -339,4 +395,7 @@ pub trait WriteTx: ReadTx {
     fn sys_delete(&mut self, kind: &str, key: &str) -> StoreResult<bool>;
     /// Append to a system log; returns the entry's sequence number.
     fn log_append(&mut self, log: &str, at: i64, value: &[u8]) -> StoreResult<i64>;
+    /// Append an entry to the audit log and its RFC 6962 hashes to the
+    /// Merkle tree, in this transaction; returns the entry's leaf index.
+    fn audit_append(&mut self, e: &AuditAppend<'_>) -> StoreResult<u64>;
 }

@@ -196,6 +196,25 @@ CREATE TABLE IF NOT EXISTS sys_log (
     value BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sys_log_by_log ON sys_log (log, seq);
+CREATE TABLE IF NOT EXISTS audit_log (
+    idx INTEGER PRIMARY KEY,
+    at INTEGER NOT NULL,
+    action TEXT NOT NULL,
+    outcome INTEGER NOT NULL,
+    agent TEXT,
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_log_at ON audit_log (at);
+CREATE INDEX IF NOT EXISTS audit_log_agent ON audit_log (agent, idx) WHERE agent IS NOT NULL;
+CREATE TABLE IF NOT EXISTS audit_patient (
+    patient TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    PRIMARY KEY (patient, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS audit_hash (
+    n INTEGER PRIMARY KEY,
+    hash BLOB NOT NULL
+);
 INSERT OR IGNORE INTO meta (k, v) VALUES ('schema_version', '1');
 "#;
 
@@ -1131,6 +1150,86 @@ impl ReadTx for SqliteTx<'_> {
         rows.collect::<Result<Vec<_>, _>>().map_err(backend_err)
     }
 
+    fn audit_size(&mut self) -> StoreResult<u64> {
+        audit_size_of(self.conn)
+    }
+
+    fn audit_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<AuditEntry>> {
+        self.audit_rows(
+            "SELECT idx, at, data FROM audit_log WHERE idx >= ?1 AND idx < ?2 ORDER BY idx LIMIT ?3",
+            &[
+                SqlValue::Integer(start.min(i64::MAX as u64) as i64),
+                SqlValue::Integer(end.min(i64::MAX as u64) as i64),
+                SqlValue::Integer(limit.min(i64::MAX as usize) as i64),
+            ],
+        )
+    }
+
+    fn audit_hashes(&mut self, indexes: &[u64]) -> StoreResult<Vec<[u8; 32]>> {
+        read_audit_hashes(self.conn, indexes)
+    }
+
+    fn audit_search(&mut self, q: &AuditQuery) -> StoreResult<Vec<AuditEntry>> {
+        let mut sql = String::from("SELECT a.idx, a.at, a.data FROM audit_log a");
+        let mut args: Vec<SqlValue> = Vec::new();
+        let mut conds: Vec<String> = Vec::new();
+        if let Some(p) = &q.patient {
+            sql.push_str(" JOIN audit_patient p ON p.idx = a.idx");
+            args.push(SqlValue::Text(p.clone()));
+            conds.push(format!("p.patient = ?{}", args.len()));
+        }
+        let mut cond = |c: &str, v: SqlValue, args: &mut Vec<SqlValue>| {
+            args.push(v);
+            conds.push(format!("{c} ?{}", args.len()));
+        };
+        if let Some(a) = &q.agent {
+            cond("a.agent =", SqlValue::Text(a.clone()), &mut args);
+        }
+        if let Some(a) = &q.action {
+            cond("a.action =", SqlValue::Text(a.clone()), &mut args);
+        }
+        if let Some(o) = q.outcome {
+            cond("a.outcome =", SqlValue::Integer(o.into()), &mut args);
+        }
+        if let Some(f) = q.from {
+            cond("a.at >=", SqlValue::Integer(f), &mut args);
+        }
+        if let Some(u) = q.until {
+            cond("a.at <", SqlValue::Integer(u), &mut args);
+        }
+        if let Some(b) = q.before {
+            cond(
+                "a.idx <",
+                SqlValue::Integer(b.min(i64::MAX as u64) as i64),
+                &mut args,
+            );
+        }
+        if let Some(b) = q.after {
+            cond(
+                "a.idx >",
+                SqlValue::Integer(b.min(i64::MAX as u64) as i64),
+                &mut args,
+            );
+        }
+        if !conds.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&conds.join(" AND "));
+        }
+        sql.push_str(if q.ascending {
+            " ORDER BY a.idx ASC"
+        } else {
+            " ORDER BY a.idx DESC"
+        });
+        args.push(SqlValue::Integer(q.limit.min(i64::MAX as usize) as i64));
+        sql.push_str(&format!(" LIMIT ?{}", args.len()));
+        self.audit_rows(&sql, &args)
+    }
+
     fn log_read(&mut self, log: &str, after: i64, limit: usize) -> StoreResult<Vec<LogEntry>> {
         let mut stmt = self
             .conn
@@ -1152,7 +1251,96 @@ impl ReadTx for SqliteTx<'_> {
     }
 }
 
+/// Reads stored Merkle hashes through the transaction's connection (so a
+/// job sees its own uncommitted appends).
+struct TxHashes<'c>(&'c Connection);
+
+impl tlog_tiles::HashReader for TxHashes<'_> {
+    fn read_hashes(
+        &self,
+        indexes: &[u64],
+    ) -> Result<Vec<tlog_tiles::Hash>, tlog_tiles::tlog::Error> {
+        read_audit_hashes(self.0, indexes)
+            .map(|v| v.into_iter().map(tlog_tiles::Hash).collect())
+            .map_err(|_| tlog_tiles::tlog::Error::IndexesNotInTree)
+    }
+}
+
+fn read_audit_hashes(conn: &Connection, indexes: &[u64]) -> StoreResult<Vec<[u8; 32]>> {
+    let mut stmt = conn
+        .prepare_cached("SELECT hash FROM audit_hash WHERE n = ?1")
+        .map_err(backend_err)?;
+    let mut out = Vec::with_capacity(indexes.len());
+    for &n in indexes {
+        let blob: Option<Vec<u8>> = stmt
+            .query_row(params![n as i64], |r| r.get(0))
+            .optional()
+            .map_err(backend_err)?;
+        let hash = blob
+            .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+            .ok_or_else(|| {
+                StoreError::Backend(format!("audit hash {n} is missing or malformed"))
+            })?;
+        out.push(hash);
+    }
+    Ok(out)
+}
+
+fn audit_size_of(conn: &Connection) -> StoreResult<u64> {
+    conn.prepare_cached("SELECT COALESCE(MAX(idx) + 1, 0) FROM audit_log")
+        .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
+        .map(|n| n as u64)
+        .map_err(backend_err)
+}
+
+impl SqliteTx<'_> {
+    fn audit_rows(&self, sql: &str, args: &[SqlValue]) -> StoreResult<Vec<AuditEntry>> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(backend_err)?;
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(args.iter()), |r| {
+                Ok(AuditEntry {
+                    index: r.get::<_, i64>(0)? as u64,
+                    at: r.get(1)?,
+                    data: r.get(2)?,
+                })
+            })
+            .map_err(backend_err)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(backend_err)
+    }
+}
+
 impl WriteTx for SqliteTx<'_> {
+    fn audit_append(&mut self, e: &AuditAppend<'_>) -> StoreResult<u64> {
+        let n = audit_size_of(self.conn)?;
+        let leaf = tlog_tiles::record_hash(e.data);
+        let hashes = tlog_tiles::stored_hashes_for_record_hash(n, leaf, &TxHashes(self.conn))
+            .map_err(|err| StoreError::Backend(format!("audit tree: {err}")))?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO audit_log (idx, at, action, outcome, agent, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .map_err(backend_err)?
+            .execute(params![n as i64, e.at, e.action, e.outcome, e.agent, e.data])
+            .map_err(backend_err)?;
+        let first = tlog_tiles::stored_hash_index(0, n);
+        let mut put = self
+            .conn
+            .prepare_cached("INSERT INTO audit_hash (n, hash) VALUES (?1, ?2)")
+            .map_err(backend_err)?;
+        for (i, h) in hashes.iter().enumerate() {
+            put.execute(params![(first + i as u64) as i64, &h.0[..]])
+                .map_err(backend_err)?;
+        }
+        let mut patient = self
+            .conn
+            .prepare_cached("INSERT OR IGNORE INTO audit_patient (patient, idx) VALUES (?1, ?2)")
+            .map_err(backend_err)?;
+        for p in e.patients {
+            patient.execute(params![p, n as i64]).map_err(backend_err)?;
+        }
+        Ok(n)
+    }
+
     fn put(&mut self, v: &NewVersion, index: &IndexEntries, expect: Expect) -> StoreResult<()> {
         if expect == Expect::Absent && !v.deleted && self.insert_new(v, index)? {
             return Ok(());

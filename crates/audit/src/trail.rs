@@ -1,0 +1,707 @@
+//! The audit trail service: seals events, appends them to the store's
+//! Merkle log (group-committed, or inside a write's own transaction), signs
+//! checkpoints, serves proofs, and reads events back.
+use std::cell::RefCell;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use custos_crypto::{DataKey, GcmSealer, Sealer};
+use custos_records::{Change, Records, WriteAudit};
+use custos_store::{
+    AuditAppend, AuditEntry, AuditQuery, ReadTx, Store, StoreError, StoreExt, WriteTx,
+};
+use parking_lot::Mutex;
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use crate::checkpoint::LogSigner;
+use crate::event::{AuditRecord, Entity, Leaf, key_name_for};
+
+/// The system log holding signed checkpoints, oldest first.
+pub const CHECKPOINT_LOG: &str = "audit-checkpoint";
+/// System records of the checkpoint signing key.
+const SIGNING_KIND: &str = "audit-signing";
+/// The data key sealing the checkpoint signing key.
+const SIGNING_DATA_KEY: &str = "system/audit-signing";
+
+/// Settings of the audit trail (`[audit]` in the TOML file).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Seconds between checkpoints (when the log grew); 0 turns the timer off.
+    pub checkpoint_secs: u64,
+    /// A file outside the data dir that every checkpoint is appended to.
+    pub witness_file: Option<PathBuf>,
+    /// A URL every checkpoint is POSTed to (`text/plain`, the signed note).
+    pub witness_url: Option<String>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            checkpoint_secs: 10,
+            witness_file: None,
+            witness_url: None,
+        }
+    }
+}
+
+/// Errors of the audit trail.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit store: {0}")]
+    Store(String),
+    #[error("audit integrity: {0}")]
+    Integrity(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn store_err(e: StoreError) -> AuditError {
+    AuditError::Store(e.to_string())
+}
+
+/// A signed checkpoint as issued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issued {
+    pub size: u64,
+    pub root: [u8; 32],
+    /// The C2SP signed note.
+    pub note: Vec<u8>,
+}
+
+struct Pending {
+    leaf: Vec<u8>,
+    at: i64,
+    action: &'static str,
+    outcome: u8,
+    agent: Option<String>,
+    patients: Vec<String>,
+    done: tokio::sync::oneshot::Sender<Result<u64, String>>,
+}
+
+struct Inner {
+    records: Records,
+    signer: LogSigner,
+    config: AuditConfig,
+    /// The data key of the current hour.
+    key: Mutex<Option<(String, Arc<DataKey>)>>,
+    pending: Mutex<Vec<Pending>>,
+    wake: tokio::sync::Notify,
+    /// Serializes checkpoint issuance; holds the last one issued.
+    last: tokio::sync::Mutex<Option<Issued>>,
+}
+
+/// The audit trail of one Custos deployment.
+#[derive(Clone)]
+pub struct AuditTrail {
+    inner: Arc<Inner>,
+}
+
+/// Stored Merkle hashes read through a read transaction.
+struct TxHashes<'a>(RefCell<&'a mut dyn ReadTx>);
+
+impl tlog_tiles::HashReader for TxHashes<'_> {
+    fn read_hashes(
+        &self,
+        indexes: &[u64],
+    ) -> Result<Vec<tlog_tiles::Hash>, tlog_tiles::tlog::Error> {
+        let hashes = self
+            .0
+            .borrow_mut()
+            .audit_hashes(indexes)
+            .map_err(|_| tlog_tiles::tlog::Error::IndexesNotInTree)?;
+        if hashes.len() != indexes.len() {
+            return Err(tlog_tiles::tlog::Error::IndexesNotInTree);
+        }
+        Ok(hashes.into_iter().map(tlog_tiles::Hash).collect())
+    }
+}
+
+fn tree_root(tx: &mut dyn ReadTx, size: u64) -> Result<[u8; 32], StoreError> {
+    tlog_tiles::tree_hash(size, &TxHashes(RefCell::new(tx)))
+        .map(|h| h.0)
+        .map_err(|e| StoreError::Backend(format!("audit tree: {e}")))
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+impl AuditTrail {
+    /// Open the trail: load (or create) the checkpoint signing key, sealed
+    /// in the store, and start the appender and the checkpoint timer.
+    pub async fn open(records: &Records, config: AuditConfig) -> Result<AuditTrail, AuditError> {
+        let signer = load_signer(records).await?;
+        let inner = Arc::new(Inner {
+            records: records.clone(),
+            signer,
+            config,
+            key: Mutex::new(None),
+            pending: Mutex::new(Vec::new()),
+            wake: tokio::sync::Notify::new(),
+            last: tokio::sync::Mutex::new(None),
+        });
+        let trail = AuditTrail { inner };
+        trail.spawn_appender();
+        trail.spawn_checkpointer();
+        Ok(trail)
+    }
+
+    /// The public key that verifies checkpoints (a signed-note verifier key).
+    pub fn verifier_key(&self) -> String {
+        self.inner.signer.verifier_key()
+    }
+
+    /// The log's origin line.
+    pub fn origin(&self) -> &str {
+        self.inner.signer.origin()
+    }
+
+    fn store(&self) -> &Arc<dyn Store> {
+        self.inner.records.store()
+    }
+
+    /// A blind token for a patient id (what the log is searched by).
+    pub fn patient_token(&self, patient: &str) -> String {
+        self.token(b"custos-audit-patient", patient)
+    }
+
+    /// A blind token for an agent's subject.
+    pub fn agent_token(&self, subject: &str) -> String {
+        self.token(b"custos-audit-agent", subject)
+    }
+
+    fn token(&self, domain: &[u8], value: &str) -> String {
+        let t = self
+            .inner
+            .records
+            .keys()
+            .blind()
+            .token(&[domain, value.as_bytes()]);
+        t.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    async fn key_for(&self, at: i64) -> Result<(String, Arc<DataKey>), AuditError> {
+        let name = key_name_for(at);
+        if let Some((n, k)) = &*self.inner.key.lock()
+            && *n == name
+        {
+            return Ok((n.clone(), k.clone()));
+        }
+        let (r, kn) = (self.inner.records.clone(), name.clone());
+        let key = self
+            .store()
+            .write(move |tx| r.keys().key_for_write(tx, &kn).map_err(StoreError::abort))
+            .await
+            .map_err(store_err)?;
+        *self.inner.key.lock() = Some((name.clone(), key.clone()));
+        Ok((name, key))
+    }
+
+    fn seal(rec: &AuditRecord, name: &str, key: &DataKey) -> Vec<u8> {
+        let json = serde_json::to_vec(rec).expect("audit records serialize");
+        let sealed = GcmSealer.seal(key, &Leaf::aad(rec.at, name), &json);
+        Leaf {
+            at: rec.at,
+            key_name: name,
+            sealed: &sealed,
+        }
+        .encode()
+    }
+
+    /// Append one event and wait until it is committed (group-committed with
+    /// whatever else is queued). Returns its leaf index. An error means the
+    /// event is not in the log: the caller must fail its request.
+    pub async fn append(&self, rec: &AuditRecord) -> Result<u64, AuditError> {
+        let (name, key) = self.key_for(rec.at).await?;
+        let leaf = Self::seal(rec, &name, &key);
+        let patients = rec
+            .patients()
+            .iter()
+            .map(|p| self.patient_token(p))
+            .collect();
+        let agent = rec.agent.subject.as_deref().map(|s| self.agent_token(s));
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.inner.pending.lock().push(Pending {
+            leaf,
+            at: rec.at,
+            action: rec.action_code(),
+            outcome: rec.outcome_code(),
+            agent,
+            patients,
+            done,
+        });
+        self.inner.wake.notify_one();
+        match wait.await {
+            Ok(Ok(index)) => Ok(index),
+            Ok(Err(e)) => Err(AuditError::Store(e)),
+            Err(_) => Err(AuditError::Store("the audit appender stopped".into())),
+        }
+    }
+
+    /// Append one event inside a write transaction (the write and its event
+    /// commit together or not at all).
+    pub fn append_in(&self, tx: &mut dyn WriteTx, rec: &AuditRecord) -> Result<u64, StoreError> {
+        let name = key_name_for(rec.at);
+        let key = self
+            .inner
+            .records
+            .keys()
+            .key_for_write(tx, &name)
+            .map_err(StoreError::abort)?;
+        let leaf = Self::seal(rec, &name, &key);
+        let patients: Vec<String> = rec
+            .patients()
+            .iter()
+            .map(|p| self.patient_token(p))
+            .collect();
+        let agent = rec.agent.subject.as_deref().map(|s| self.agent_token(s));
+        tx.audit_append(&AuditAppend {
+            at: rec.at,
+            action: rec.action_code(),
+            outcome: rec.outcome_code(),
+            agent: agent.as_deref(),
+            patients: &patients,
+            data: &leaf,
+        })
+    }
+
+    /// A [`WriteAudit`] for one request: every committed write appends
+    /// `template` completed with what it changed and, from `decisions`,
+    /// the policy's decisions so far.
+    pub fn for_writes(
+        &self,
+        template: AuditRecord,
+        decisions: Option<DecisionSource>,
+    ) -> Arc<RequestWrites> {
+        Arc::new(RequestWrites {
+            trail: self.clone(),
+            template: Mutex::new(template),
+            decisions,
+            appended: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn spawn_appender(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                let Some(inner) = weak.upgrade() else { break };
+                // Wake on new events; look again now and then to notice shutdown.
+                let _ = tokio::time::timeout(Duration::from_secs(1), inner.wake.notified()).await;
+                let batch = std::mem::take(&mut *inner.pending.lock());
+                if batch.is_empty() {
+                    continue;
+                }
+                let store = inner.records.store().clone();
+                drop(inner);
+                let (jobs, replies): (Vec<_>, Vec<_>) = batch
+                    .into_iter()
+                    .map(|p| {
+                        (
+                            (p.leaf, p.at, p.action, p.outcome, p.agent, p.patients),
+                            p.done,
+                        )
+                    })
+                    .unzip();
+                let result = store
+                    .write(move |tx| {
+                        let mut indexes = Vec::with_capacity(jobs.len());
+                        for (leaf, at, action, outcome, agent, patients) in &jobs {
+                            indexes.push(tx.audit_append(&AuditAppend {
+                                at: *at,
+                                action,
+                                outcome: *outcome,
+                                agent: agent.as_deref(),
+                                patients,
+                                data: leaf,
+                            })?);
+                        }
+                        Ok(indexes)
+                    })
+                    .await;
+                match result {
+                    Ok(indexes) => {
+                        for (done, i) in replies.into_iter().zip(indexes) {
+                            let _ = done.send(Ok(i));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(events = replies.len(), error = %e, "audit events could not be appended");
+                        for done in replies {
+                            let _ = done.send(Err(e.to_string()));
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    fn spawn_checkpointer(&self) {
+        let secs = self.inner.config.checkpoint_secs;
+        if secs == 0 {
+            return;
+        }
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(secs));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { break };
+                let trail = AuditTrail { inner };
+                if let Err(e) = trail.checkpoint().await {
+                    tracing::error!(error = %e, "audit checkpoint failed");
+                }
+            }
+        });
+    }
+
+    /// The size and root of the log now.
+    pub async fn tree_head(&self) -> Result<(u64, [u8; 32]), AuditError> {
+        self.store()
+            .read(|tx| {
+                let size = tx.audit_size()?;
+                Ok((size, tree_root(tx, size)?))
+            })
+            .await
+            .map_err(store_err)
+    }
+
+    /// Sign a checkpoint of the log as it is now (unless the last one
+    /// already covers it), store it, and send it to the witnesses.
+    pub async fn checkpoint(&self) -> Result<Issued, AuditError> {
+        let mut last = self.inner.last.lock().await;
+        if last.is_none() {
+            *last = self.latest_stored().await?;
+        }
+        let (size, root) = self.tree_head().await?;
+        if let Some(l) = &*last
+            && l.size == size
+        {
+            return Ok(l.clone());
+        }
+        let note = self
+            .inner
+            .signer
+            .sign(size, root)
+            .map_err(|e| AuditError::Integrity(e.to_string()))?;
+        let n = note.clone();
+        self.store()
+            .write(move |tx| tx.log_append(CHECKPOINT_LOG, now_micros(), &n))
+            .await
+            .map_err(store_err)?;
+        let issued = Issued { size, root, note };
+        self.witness(&issued).await;
+        *last = Some(issued.clone());
+        Ok(issued)
+    }
+
+    async fn witness(&self, c: &Issued) {
+        if let Some(path) = &self.inner.config.witness_file {
+            let mut line = c.note.clone();
+            line.push(b'\n');
+            let path = path.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                use std::io::Write;
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .and_then(|mut f| f.write_all(&line).and_then(|_| f.sync_data()))
+            })
+            .await;
+            if !matches!(written, Ok(Ok(()))) {
+                tracing::error!("the checkpoint could not be written to the witness file");
+            }
+        }
+        if let Some(url) = &self.inner.config.witness_url {
+            let client = reqwest::Client::new();
+            let sent = client
+                .post(url)
+                .header("content-type", "text/plain; charset=utf-8")
+                .body(c.note.clone())
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status().is_success() => {}
+                Ok(r) => tracing::error!(status = %r.status(), "the witness refused a checkpoint"),
+                Err(e) => tracing::error!(error = %e, "the witness could not be reached"),
+            }
+        }
+    }
+
+    async fn latest_stored(&self) -> Result<Option<Issued>, AuditError> {
+        let all = self.checkpoints().await?;
+        Ok(all.into_iter().last())
+    }
+
+    /// Every stored checkpoint, oldest first.
+    pub async fn checkpoints(&self) -> Result<Vec<Issued>, AuditError> {
+        let notes = self
+            .store()
+            .read(|tx| {
+                let mut out = Vec::new();
+                let mut after = 0;
+                loop {
+                    let page = tx.log_read(CHECKPOINT_LOG, after, 10_000)?;
+                    let Some(last) = page.last() else { break };
+                    after = last.seq;
+                    out.extend(page.into_iter().map(|e| e.value));
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(store_err)?;
+        let key = self.verifier_key();
+        notes
+            .into_iter()
+            .map(|note| {
+                let c = crate::checkpoint::open_checkpoint(&note, &key)
+                    .map_err(|e| AuditError::Integrity(format!("stored checkpoint: {e}")))?;
+                Ok(Issued {
+                    size: c.size,
+                    root: c.root,
+                    note,
+                })
+            })
+            .collect()
+    }
+
+    /// The latest checkpoint, issuing one if the log grew since.
+    pub async fn latest(&self) -> Result<Issued, AuditError> {
+        self.checkpoint().await
+    }
+
+    /// An inclusion proof of leaf `index` in the tree of `size` leaves.
+    pub async fn inclusion_proof(
+        &self,
+        index: u64,
+        size: u64,
+    ) -> Result<Vec<[u8; 32]>, AuditError> {
+        self.prove(
+            move |r| tlog_tiles::prove_record(size, index, r),
+            index < size,
+            "index must be below the tree size",
+        )
+        .await
+    }
+
+    /// A consistency proof between the trees of `old` and `new` leaves.
+    pub async fn consistency_proof(&self, old: u64, new: u64) -> Result<Vec<[u8; 32]>, AuditError> {
+        self.prove(
+            move |r| tlog_tiles::prove_tree(new, old, r),
+            old <= new,
+            "the old size must not exceed the new size",
+        )
+        .await
+    }
+
+    async fn prove<F>(&self, f: F, valid: bool, why: &str) -> Result<Vec<[u8; 32]>, AuditError>
+    where
+        F: FnOnce(&TxHashes<'_>) -> Result<Vec<tlog_tiles::Hash>, tlog_tiles::tlog::Error>
+            + Send
+            + 'static,
+    {
+        if !valid {
+            return Err(AuditError::Invalid(why.into()));
+        }
+        let size = self
+            .store()
+            .read(|tx| tx.audit_size())
+            .await
+            .map_err(store_err)?;
+        let proof = self
+            .store()
+            .read_point(move |tx| {
+                f(&TxHashes(RefCell::new(tx)))
+                    .map(|p| p.into_iter().map(|h| h.0).collect::<Vec<_>>())
+                    .map_err(|e| StoreError::Backend(e.to_string()))
+            })
+            .await;
+        match proof {
+            Ok(p) => Ok(p),
+            Err(_) => Err(AuditError::Invalid(format!(
+                "no such proof in a log of {size} entries"
+            ))),
+        }
+    }
+
+    /// Raw log entries `start..end` (at most `limit`).
+    pub async fn entries(
+        &self,
+        start: u64,
+        end: u64,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, AuditError> {
+        self.store()
+            .read(move |tx| tx.audit_entries(start, end, limit))
+            .await
+            .map_err(store_err)
+    }
+
+    /// Search events, opened.
+    pub async fn search(
+        &self,
+        q: AuditQuery,
+    ) -> Result<Vec<(AuditEntry, AuditRecord)>, AuditError> {
+        let r = self.inner.records.clone();
+        let rows = self
+            .store()
+            .read(move |tx| {
+                let rows = tx.audit_search(&q)?;
+                let mut out = Vec::with_capacity(rows.len());
+                for row in rows {
+                    let rec = open_in(&r, tx, &row.data).map_err(StoreError::abort)?;
+                    out.push((row, rec));
+                }
+                Ok(out)
+            })
+            .await;
+        rows.map_err(|e| match e.into_aborted::<AuditError>() {
+            Ok(a) => a,
+            Err(e) => store_err(e),
+        })
+    }
+
+    /// Open one leaf with the data keys.
+    pub async fn open_leaf(&self, leaf: Vec<u8>) -> Result<AuditRecord, AuditError> {
+        let r = self.inner.records.clone();
+        self.store()
+            .read(move |tx| open_in(&r, tx, &leaf).map_err(StoreError::abort))
+            .await
+            .map_err(|e| match e.into_aborted::<AuditError>() {
+                Ok(a) => a,
+                Err(e) => store_err(e),
+            })
+    }
+}
+
+/// Open a leaf inside a read transaction.
+pub fn open_in(
+    records: &Records,
+    tx: &mut dyn ReadTx,
+    data: &[u8],
+) -> Result<AuditRecord, AuditError> {
+    let leaf = Leaf::decode(data)
+        .ok_or_else(|| AuditError::Integrity("an audit entry is malformed".into()))?;
+    let key = records
+        .keys()
+        .key_for_read(tx, leaf.key_name)
+        .map_err(|e| AuditError::Store(e.message))?
+        .ok_or_else(|| AuditError::Integrity(format!("the data key {} is gone", leaf.key_name)))?;
+    let plain = GcmSealer
+        .open(&key, &Leaf::aad(leaf.at, leaf.key_name), leaf.sealed)
+        .map_err(|_| AuditError::Integrity("an audit entry failed its integrity check".into()))?;
+    let rec: AuditRecord = serde_json::from_slice(&plain)
+        .map_err(|_| AuditError::Integrity("an audit entry does not decode".into()))?;
+    if rec.at != leaf.at {
+        return Err(AuditError::Integrity(
+            "an audit entry's time does not match its leaf".into(),
+        ));
+    }
+    Ok(rec)
+}
+
+/// The write audit of one request: the event template (who, how) completed
+/// with each committed change. Remembers what it appended, so the request's
+/// own event is not written twice.
+pub struct RequestWrites {
+    trail: AuditTrail,
+    template: Mutex<AuditRecord>,
+    decisions: Option<DecisionSource>,
+    appended: Mutex<Vec<u64>>,
+}
+
+/// Where a write's event finds the decisions made for it.
+pub type DecisionSource = Box<dyn Fn() -> Vec<crate::event::Decision> + Send + Sync>;
+
+impl RequestWrites {
+    /// Indexes appended by committed (or rolled-back) attempts.
+    pub fn appended(&self) -> Vec<u64> {
+        self.appended.lock().clone()
+    }
+
+    /// Update the template (decisions made so far, for instance).
+    pub fn update(&self, f: impl FnOnce(&mut AuditRecord)) {
+        f(&mut self.template.lock());
+    }
+}
+
+impl WriteAudit for RequestWrites {
+    fn record(&self, tx: &mut dyn WriteTx, changes: &[Change]) -> Result<(), StoreError> {
+        let mut rec = self.template.lock().clone();
+        rec.at = now_micros();
+        rec.status = if changes.iter().all(|c| c.interaction == "create") {
+            201
+        } else {
+            200
+        };
+        if let Some(d) = &self.decisions {
+            rec.decisions = d();
+        }
+        if changes.len() == 1 {
+            rec.interaction = Some(changes[0].interaction.to_string());
+        }
+        rec.entities = changes
+            .iter()
+            .map(|c| Entity {
+                rtype: c.rtype.clone(),
+                id: c.id.clone(),
+                version: Some(c.version),
+                patient: c.patient.clone(),
+            })
+            .collect();
+        let i = self.trail.append_in(tx, &rec)?;
+        self.appended.lock().push(i);
+        Ok(())
+    }
+}
+
+async fn load_signer(records: &Records) -> Result<LogSigner, AuditError> {
+    let r = records.clone();
+    let secret: Zeroizing<String> = records
+        .store()
+        .write(move |tx| {
+            let key = r
+                .keys()
+                .key_for_write(tx, SIGNING_DATA_KEY)
+                .map_err(StoreError::abort)?;
+            let aad = b"custos-audit-signing-v1|current";
+            if let Some(rec) = tx.sys_get(SIGNING_KIND, "current")? {
+                let plain =
+                    Zeroizing::new(GcmSealer.open(&key, aad, &rec.value).map_err(|_| {
+                        StoreError::Backend(
+                            "the audit signing key failed its integrity check".into(),
+                        )
+                    })?);
+                let s = String::from_utf8(plain.to_vec()).map_err(|_| {
+                    StoreError::Backend("the audit signing key is malformed".into())
+                })?;
+                return Ok(Zeroizing::new(s));
+            }
+            let origin = format!("custos.audit/{}", &uuid_hex()[..16]);
+            let (_, secret) =
+                LogSigner::generate(&origin).map_err(|e| StoreError::Backend(e.to_string()))?;
+            let sealed = GcmSealer.seal(&key, aad, secret.as_bytes());
+            tx.sys_put(SIGNING_KIND, "current", &sealed, Some(0))?;
+            Ok(secret)
+        })
+        .await
+        .map_err(store_err)?;
+    LogSigner::from_secret(&secret).map_err(|e| AuditError::Integrity(e.to_string()))
+}
+
+fn uuid_hex() -> String {
+    let mut b = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+        .expect("the OS random generator failed");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

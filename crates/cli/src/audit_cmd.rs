@@ -1,0 +1,480 @@
+//! `custos audit …`: verify the audit log offline (a data dir or an
+//! export, with only the public key), export it, issue a checkpoint, print
+//! the public key.
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use clap::Subcommand;
+use custos_audit::{AuditConfig, AuditRecord, AuditTrail, EventKind, Verifier};
+use custos_crypto::GcmSealer;
+use custos_store::{SqliteConfig, SqliteStore, Store, StoreExt};
+
+use crate::DataArgs;
+
+#[derive(Subcommand)]
+pub enum AuditAction {
+    /// Check the log offline: every leaf and node recomputed, every
+    /// checkpoint's signature and consistency. Needs only the public key;
+    /// on tampering, names the first bad entry index (exit status 1).
+    Verify {
+        /// A data directory to read the log from (the database only: no keys are read).
+        #[arg(long, conflicts_with = "export")]
+        data_dir: Option<PathBuf>,
+        /// An export made by `custos audit export` (or `GET /audit/entries` plus checkpoints).
+        #[arg(long)]
+        export: Option<PathBuf>,
+        /// The checkpoint verifier key (`custos audit public-key`), pinned somewhere the log's keeper cannot change.
+        #[arg(long, conflicts_with = "public_key_file")]
+        public_key: Option<String>,
+        /// A file holding the verifier key.
+        #[arg(long)]
+        public_key_file: Option<PathBuf>,
+        /// Checkpoints kept by a witness (the server's `audit.witness_file`), checked against the log too.
+        #[arg(long)]
+        witness: Option<PathBuf>,
+        /// Also open every entry with the data keys (needs the data dir's key material).
+        #[arg(long, requires = "data_dir")]
+        decode: bool,
+    },
+    /// Write the log (entries and checkpoints) as NDJSON, verifiable offline;
+    /// with `--fhir`, the events themselves as FHIR AuditEvents (for a SIEM).
+    Export {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Output file (`-` for standard output).
+        #[arg(long, default_value = "-")]
+        out: PathBuf,
+        /// Decoded FHIR AuditEvents instead of the sealed log.
+        #[arg(long)]
+        fhir: bool,
+    },
+    /// Sign a checkpoint of the log as it is now and print it.
+    Checkpoint {
+        #[command(flatten)]
+        data: DataArgs,
+    },
+    /// Print the verifier key of the log's checkpoints.
+    PublicKey {
+        #[command(flatten)]
+        data: DataArgs,
+    },
+}
+
+pub async fn run(action: AuditAction) -> anyhow::Result<()> {
+    match action {
+        AuditAction::Verify {
+            data_dir,
+            export,
+            public_key,
+            public_key_file,
+            witness,
+            decode,
+        } => {
+            let key = match (public_key, public_key_file) {
+                (Some(k), _) => k,
+                (None, Some(f)) => std::fs::read_to_string(&f)
+                    .with_context(|| format!("cannot read {}", f.display()))?
+                    .trim()
+                    .to_string(),
+                (None, None) => bail!(
+                    "give the verifier key with --public-key or --public-key-file (print it once with `custos audit public-key` and keep it apart from the data)"
+                ),
+            };
+            let mut witnessed = Vec::new();
+            if let Some(w) = &witness {
+                witnessed = read_witness(w)?;
+            }
+            let started = std::time::Instant::now();
+            let report = match (data_dir, export) {
+                (Some(dir), None) => verify_dir(&dir, &key, witnessed, decode).await?,
+                (None, Some(file)) => verify_export(&file, &key, witnessed)?,
+                _ => bail!("give either --data-dir or --export"),
+            };
+            match report {
+                Ok(r) => {
+                    let secs = started.elapsed().as_secs_f64().max(1e-9);
+                    println!(
+                        "audit log verified: {} entries, {} checkpoints, root {}, latest checkpoint at size {} ({:.0} entries/s)",
+                        r.entries,
+                        r.checkpoints,
+                        B64.encode(r.root),
+                        r.latest_checkpoint
+                            .map(|s| s.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        r.entries as f64 / secs
+                    );
+                    if let Some(latest) = r.latest_checkpoint
+                        && latest < r.entries
+                    {
+                        println!(
+                            "note: entries {latest}..{} are not yet covered by a signed checkpoint",
+                            r.entries
+                        );
+                    }
+                    Ok(())
+                }
+                Err(f) => {
+                    eprintln!("audit log verification FAILED: {f}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        AuditAction::Export { data, out, fhir } => export(&data, &out, fhir).await,
+        AuditAction::Checkpoint { data } => {
+            let (opened, trail) = open_trail(&data).await?;
+            let c = trail
+                .checkpoint()
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            opened.store.close();
+            print!("{}", String::from_utf8_lossy(&c.note));
+            Ok(())
+        }
+        AuditAction::PublicKey { data } => {
+            let (opened, trail) = open_trail(&data).await?;
+            println!("{}", trail.verifier_key());
+            opened.store.close();
+            Ok(())
+        }
+    }
+}
+
+/// Open a data directory's audit trail (needs its key material).
+pub async fn open_trail(data: &DataArgs) -> anyhow::Result<(crate::Opened, AuditTrail)> {
+    let (file, dir) = crate::resolve(data)?;
+    let audit = file.audit.clone().unwrap_or_default();
+    let opened = crate::open_data(file, dir, Arc::new(GcmSealer)).await?;
+    let trail = AuditTrail::open(
+        &opened.records,
+        AuditConfig {
+            checkpoint_secs: 0,
+            ..audit
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((opened, trail))
+}
+
+/// Record an event of a command run on the data dir itself (no HTTP).
+pub async fn record_command(
+    trail: &AuditTrail,
+    kind: EventKind,
+    action: &str,
+    detail: Option<String>,
+    ok: bool,
+) -> anyhow::Result<()> {
+    let rec = AuditRecord {
+        at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0),
+        kind,
+        action: format!("cli:{action}"),
+        interaction: Some(action.to_string()),
+        status: if ok { 200 } else { 500 },
+        agent: custos_audit::Agent {
+            subject: Some(format!("os-user:{}", os_user())),
+            username: Some(os_user()),
+            user_agent: Some(format!("custos-cli/{}", env!("CARGO_PKG_VERSION"))),
+            ..Default::default()
+        },
+        detail,
+        ..AuditRecord::default()
+    };
+    trail
+        .append(&rec)
+        .await
+        .map(|_| ())
+        .map_err(|e| anyhow::anyhow!("the audit trail refused the event: {e}"))
+}
+
+fn os_user() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn read_witness(path: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
+    let text = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    // Notes are separated by an empty line after their signature lines.
+    let mut notes = Vec::new();
+    let mut current: Vec<u8> = Vec::new();
+    let mut in_sigs = false;
+    for line in text.split_inclusive(|b| *b == b'\n') {
+        let bare = line.strip_suffix(b"\n").unwrap_or(line);
+        if bare.is_empty() {
+            if in_sigs {
+                notes.push(std::mem::take(&mut current));
+                in_sigs = false;
+                continue;
+            }
+            in_sigs = true;
+        }
+        current.extend_from_slice(line);
+    }
+    if !current.is_empty() {
+        notes.push(current);
+    }
+    Ok(notes)
+}
+
+pub type Outcome = Result<custos_audit::Report, custos_audit::VerifyFailure>;
+
+pub async fn verify_dir(
+    dir: &Path,
+    key: &str,
+    witnessed: Vec<Vec<u8>>,
+    decode: bool,
+) -> anyhow::Result<Outcome> {
+    let db = dir.join("custos.db");
+    if !db.is_file() {
+        bail!("no database at {}", db.display());
+    }
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(SqliteConfig::new(&db)).context("cannot open the database")?);
+    let mut notes: Vec<Vec<u8>> = store
+        .read(|tx| {
+            let mut out = Vec::new();
+            let mut after = 0;
+            loop {
+                let page = tx.log_read(custos_audit::trail::CHECKPOINT_LOG, after, 10_000)?;
+                let Some(last) = page.last() else { break };
+                after = last.seq;
+                out.extend(page.into_iter().map(|e| e.value));
+            }
+            Ok(out)
+        })
+        .await?;
+    notes.extend(witnessed);
+    let mut v = match Verifier::new(key, notes) {
+        Ok(v) => v,
+        Err(f) => return Ok(Err(f)),
+    };
+    let opened = if decode {
+        Some(
+            crate::open_data(
+                crate::config::FileConfig::default(),
+                dir.to_path_buf(),
+                Arc::new(GcmSealer),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    let mut next = 0u64;
+    loop {
+        let start = next;
+        let page = store
+            .read(move |tx| {
+                let rows = tx.audit_entries(start, u64::MAX, 10_000)?;
+                let idx: Vec<u64> = rows
+                    .iter()
+                    .map(|r| tlog_tiles::stored_hash_index(0, r.index))
+                    .collect();
+                // The leaf hashes the log stored: a missing one is itself tampering.
+                let claimed = tx.audit_hashes(&idx).ok();
+                Ok((rows, claimed))
+            })
+            .await?;
+        let (rows, claimed) = page;
+        let Some(last) = rows.last() else { break };
+        next = last.index + 1;
+        for (i, row) in rows.iter().enumerate() {
+            let c = match &claimed {
+                Some(c) => c.get(i).copied(),
+                None => None,
+            };
+            if claimed.is_none() {
+                return Ok(Err(custos_audit::VerifyFailure {
+                    first_bad_index: first_missing_hash(&store, &rows).await?,
+                    reason: "the log's stored leaf hash is missing".into(),
+                }));
+            }
+            if let Err(f) = v.entry(row.index, &row.data, c) {
+                return Ok(Err(f));
+            }
+            if let Some(o) = &opened {
+                let (r, data) = (o.records.clone(), row.data.clone());
+                let decoded = o
+                    .store
+                    .as_ref()
+                    .read(move |tx| Ok(custos_audit::trail::open_in(&r, tx, &data).map(|_| ())))
+                    .await?;
+                if let Err(e) = decoded {
+                    return Ok(Err(custos_audit::VerifyFailure {
+                        first_bad_index: row.index,
+                        reason: format!("entry does not decode with the data keys: {e}"),
+                    }));
+                }
+            }
+        }
+    }
+    Ok(v.finish())
+}
+
+async fn first_missing_hash(
+    store: &Arc<dyn Store>,
+    rows: &[custos_store::AuditEntry],
+) -> anyhow::Result<u64> {
+    for r in rows {
+        let i = r.index;
+        let ok = store
+            .read(move |tx| {
+                Ok(tx
+                    .audit_hashes(&[tlog_tiles::stored_hash_index(0, i)])
+                    .is_ok())
+            })
+            .await?;
+        if !ok {
+            return Ok(i);
+        }
+    }
+    Ok(rows.first().map(|r| r.index).unwrap_or(0))
+}
+
+fn verify_export(file: &Path, key: &str, witnessed: Vec<Vec<u8>>) -> anyhow::Result<Outcome> {
+    // Two passes: checkpoints first (they may come anywhere in the file).
+    let open = || -> anyhow::Result<std::io::BufReader<std::fs::File>> {
+        Ok(std::io::BufReader::new(
+            std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?,
+        ))
+    };
+    let mut notes = witnessed;
+    for (n, line) in open()?.lines().enumerate() {
+        let line = line.with_context(|| format!("line {}", n + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("line {} of the export is not JSON", n + 1))?;
+        if let Some(c) = v.get("checkpoint").and_then(|c| c.as_str()) {
+            notes.push(c.as_bytes().to_vec());
+        }
+    }
+    let mut v = match Verifier::new(key, notes) {
+        Ok(v) => v,
+        Err(f) => return Ok(Err(f)),
+    };
+    for (n, line) in open()?.lines().enumerate() {
+        let line = line.with_context(|| format!("line {}", n + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let j: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("line {} of the export is not JSON", n + 1))?;
+        let (Some(index), Some(leaf)) = (
+            j.get("index").and_then(|i| i.as_u64()),
+            j.get("leaf").and_then(|l| l.as_str()),
+        ) else {
+            continue;
+        };
+        let data = B64
+            .decode(leaf)
+            .with_context(|| format!("line {}: leaf is not base64", n + 1))?;
+        if let Err(f) = v.entry(index, &data, None) {
+            return Ok(Err(f));
+        }
+    }
+    Ok(v.finish())
+}
+
+async fn export(data: &DataArgs, out: &Path, fhir: bool) -> anyhow::Result<()> {
+    let (opened, trail) = open_trail(data).await?;
+    if !fhir {
+        // Cover everything exported by a checkpoint.
+        trail
+            .checkpoint()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let mut w: Box<dyn Write> = if out == Path::new("-") {
+        Box::new(std::io::BufWriter::new(std::io::stdout().lock()))
+    } else {
+        Box::new(std::io::BufWriter::new(
+            std::fs::File::create(out)
+                .with_context(|| format!("cannot create {}", out.display()))?,
+        ))
+    };
+    let mut n = 0u64;
+    if fhir {
+        let mut q = custos_store::AuditQuery {
+            ascending: true,
+            limit: 1000,
+            ..Default::default()
+        };
+        loop {
+            let page = trail
+                .search(q.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let Some((last, _)) = page.last() else { break };
+            q.after = Some(last.index);
+            for (e, rec) in &page {
+                let ev = custos_audit::to_audit_event(
+                    rec,
+                    &custos_audit::Position {
+                        index: e.index,
+                        leaf: &e.data,
+                    },
+                );
+                serde_json::to_writer(&mut w, &ev)?;
+                w.write_all(b"\n")?;
+                n += 1;
+            }
+        }
+    } else {
+        for c in trail
+            .checkpoints()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+        {
+            serde_json::to_writer(
+                &mut w,
+                &serde_json::json!({"checkpoint": String::from_utf8_lossy(&c.note)}),
+            )?;
+            w.write_all(b"\n")?;
+        }
+        let mut next = 0u64;
+        loop {
+            let page = trail
+                .entries(next, u64::MAX, 10_000)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let Some(last) = page.last() else { break };
+            next = last.index + 1;
+            for e in &page {
+                serde_json::to_writer(
+                    &mut w,
+                    &serde_json::json!({"index": e.index, "leaf": B64.encode(&e.data)}),
+                )?;
+                w.write_all(b"\n")?;
+                n += 1;
+            }
+        }
+    }
+    w.flush()?;
+    drop(w);
+    record_command(
+        &trail,
+        EventKind::Export,
+        if fhir {
+            "audit-export-fhir"
+        } else {
+            "audit-export"
+        },
+        Some(format!("{n} entries")),
+        true,
+    )
+    .await?;
+    opened.store.close();
+    if out != Path::new("-") {
+        eprintln!("exported {n} audit entries to {}", out.display());
+    }
+    Ok(())
+}
