@@ -16,6 +16,9 @@
 //! The benchmark runs on its own tokio runtime (one worker per logical CPU)
 //! whose threads log at `warn` unless `CUSTOS_LOG` says otherwise, so that
 //! the server's one-line-per-request log does not flood the output.
+#[path = "bench_audit.rs"]
+mod audit;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -50,6 +53,10 @@ pub struct BenchArgs {
     /// Concurrent keep-alive connections of the read runs [default: 64; 16 with --quick].
     #[arg(long, value_name = "C")]
     pub connections: Option<usize>,
+    /// Entries of the large audit log (inclusion proofs, verification)
+    /// [default: 10000000; 100000 with --quick].
+    #[arg(long, value_name = "N")]
+    pub audit_entries: Option<u64>,
     /// Seed of the synthetic data and of the choice of searched patients.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -64,6 +71,7 @@ struct Plan {
     read_seconds: f64,
     connections: usize,
     searches: usize,
+    audit_entries: u64,
     seed: u64,
 }
 
@@ -73,6 +81,10 @@ impl Plan {
         let plan = Plan {
             quick: q,
             ingest_patients: args.ingest_patients.unwrap_or(if q { 30 } else { 400 }),
+            audit_entries: args
+                .audit_entries
+                .unwrap_or(if q { 100_000 } else { 10_000_000 })
+                .max(1),
             search_patients: args
                 .search_patients
                 .unwrap_or(if q { 2_000 } else { 100_000 }),
@@ -375,6 +387,17 @@ impl BenchServer {
         sealer: Arc<dyn Sealer>,
         authenticated: bool,
     ) -> anyhow::Result<BenchServer> {
+        Self::start_with(label, sealer, authenticated, true).await
+    }
+
+    /// As [`BenchServer::start`]; without authentication, `audit` decides
+    /// whether requests are audited (with authentication they always are).
+    async fn start_with(
+        label: &str,
+        sealer: Arc<dyn Sealer>,
+        authenticated: bool,
+        audit: bool,
+    ) -> anyhow::Result<BenchServer> {
         let dir = TempDir::new(label)?;
         crate::init_dir(dir.path(), false)?;
         let opened =
@@ -384,7 +407,12 @@ impl BenchServer {
             access_token_secs: 4 * 3600,
             ..custos_auth::AuthConfig::default()
         });
-        let server = EmbeddedServer::start(opened.records.clone(), auth_config, None).await?;
+        let audit_config = audit.then(|| custos_audit::AuditConfig {
+            checkpoint_secs: 0,
+            ..custos_audit::AuditConfig::default()
+        });
+        let server =
+            EmbeddedServer::start(opened.records.clone(), auth_config, audit_config).await?;
         let mut client = FhirClient::new(&server.url());
         let mut token = None;
         if let Some(auth) = &server.auth {
@@ -402,10 +430,10 @@ impl BenchServer {
             ".. {label} server at {}, data dir {}{}",
             client.base(),
             dir.path().display(),
-            if authenticated {
-                ", bearer token (client_credentials)"
-            } else {
-                ", NO authentication (baseline)"
+            match (authenticated, audit) {
+                (true, _) => ", bearer token (client_credentials), audited",
+                (false, true) => ", NO authentication (baseline), audited",
+                (false, false) => ", NO authentication, NO audit (baseline)",
             }
         );
         Ok(BenchServer {
@@ -1096,7 +1124,16 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
             if k == 0 {
                 // The same data served without authentication, by a second
                 // server in this process; runs alternate, best of two each.
-                let open = EmbeddedServer::start(server.records.clone(), None, None).await?;
+                // Audited too (anonymously): the ratio isolates authentication and policy.
+                let open = EmbeddedServer::start(
+                    server.records.clone(),
+                    None,
+                    Some(custos_audit::AuditConfig {
+                        checkpoint_secs: 0,
+                        ..custos_audit::AuditConfig::default()
+                    }),
+                )
+                .await?;
                 let open_client = FhirClient::new(&open.url());
                 let paths = Arc::new(read_paths(&ing, plan.seed));
                 let mut best_auth = read;
@@ -1327,7 +1364,10 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
         ));
     }
 
-    // 4. Search at scale.
+    // 4. The audit trail.
+    audit::audit_bench(&plan, &data, &mut rows).await?;
+
+    // 5. Search at scale.
     let t = Instant::now();
     let plan_c = plan;
     let batches = tokio::task::spawn_blocking(move || search_data(&plan_c))

@@ -68,6 +68,184 @@ where
     data_keys_and_erasure(fresh().await).await;
     concurrent_writers_conflict(fresh().await).await;
     system_records_and_logs(fresh().await).await;
+    audit_log_appends_and_hashes(fresh().await).await;
+}
+
+/// RFC 6962 root of leaves `data[..n]`, computed independently of the store
+/// (the recursive definition of RFC 9162 §2.1.1).
+fn reference_root(leaves: &[[u8; 32]]) -> [u8; 32] {
+    fn sha(parts: &[&[u8]]) -> [u8; 32] {
+        use tlog_tiles::Hash;
+        // tlog_tiles' node hash is SHA-256(0x01 ‖ l ‖ r).
+        let (l, r) = (parts[0], parts[1]);
+        tlog_tiles::node_hash(
+            Hash(l.try_into().expect("32 bytes")),
+            Hash(r.try_into().expect("32 bytes")),
+        )
+        .0
+    }
+    match leaves.len() {
+        0 => tlog_tiles::EMPTY_HASH.0,
+        1 => leaves[0],
+        n => {
+            let k = n.next_power_of_two() / 2;
+            let (l, r) = (reference_root(&leaves[..k]), reference_root(&leaves[k..]));
+            sha(&[&l, &r])
+        }
+    }
+}
+
+struct StoreHashes<'a>(std::cell::RefCell<&'a mut dyn ReadTx>);
+
+impl tlog_tiles::HashReader for StoreHashes<'_> {
+    fn read_hashes(
+        &self,
+        indexes: &[u64],
+    ) -> Result<Vec<tlog_tiles::Hash>, tlog_tiles::tlog::Error> {
+        self.0
+            .borrow_mut()
+            .audit_hashes(indexes)
+            .map(|v| v.into_iter().map(tlog_tiles::Hash).collect())
+            .map_err(|_| tlog_tiles::tlog::Error::IndexesNotInTree)
+    }
+}
+
+/// The audit log: indexes from 0 in append order, its stored hashes give the
+/// RFC 6962 root of every prefix, a failed job leaves no entry or hash
+/// behind, and searches filter by patient, agent, action, outcome and time.
+pub async fn audit_log_appends_and_hashes(store: Arc<dyn Store>) {
+    assert_eq!(store.read(|tx| tx.audit_size()).await.unwrap(), 0);
+    let mut leaves = Vec::new();
+    for i in 0..37u64 {
+        let data = format!("entry {i}").into_bytes();
+        leaves.push(tlog_tiles::record_hash(&data).0);
+        let patients = if i % 3 == 0 {
+            vec!["p-a".to_string()]
+        } else {
+            vec!["p-b".to_string(), "p-c".to_string()]
+        };
+        let idx = store
+            .write(move |tx| {
+                tx.audit_append(&AuditAppend {
+                    at: 1_000 + i as i64,
+                    action: if i % 2 == 0 { "R" } else { "C" },
+                    outcome: if i == 5 { 4 } else { 0 },
+                    agent: Some(if i < 10 { "agent-1" } else { "agent-2" }),
+                    patients: &patients,
+                    data: &data,
+                })
+            })
+            .await
+            .unwrap();
+        assert_eq!(idx, i, "entries take consecutive indexes from 0");
+        // A failed job appends nothing.
+        let failed = store
+            .write(|tx| {
+                tx.audit_append(&AuditAppend {
+                    at: 0,
+                    action: "R",
+                    outcome: 0,
+                    agent: None,
+                    patients: &[],
+                    data: b"rolled back",
+                })?;
+                Err::<(), _>(StoreError::Backend("fail on purpose".into()))
+            })
+            .await;
+        assert!(failed.is_err());
+    }
+    for size in [0u64, 1, 2, 3, 7, 8, 16, 31, 37] {
+        let root = store
+            .read(move |tx| {
+                tlog_tiles::tree_hash(size, &StoreHashes(std::cell::RefCell::new(tx)))
+                    .map_err(|e| StoreError::Backend(e.to_string()))
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            root.0,
+            reference_root(&leaves[..size as usize]),
+            "the stored hashes give the RFC 6962 root of the first {size} entries"
+        );
+    }
+    let size = store.read(|tx| tx.audit_size()).await.unwrap();
+    assert_eq!(size, 37);
+    let entries = store.read(|tx| tx.audit_entries(10, 20, 5)).await.unwrap();
+    assert_eq!(
+        entries.iter().map(|e| e.index).collect::<Vec<_>>(),
+        vec![10, 11, 12, 13, 14]
+    );
+    assert_eq!(entries[0].data, b"entry 10");
+    assert!(
+        store
+            .read(|tx| tx.audit_hashes(&[1_000_000]))
+            .await
+            .is_err(),
+        "a missing hash is an error"
+    );
+    let search = |q: AuditQuery| {
+        let store = store.clone();
+        async move {
+            store
+                .read(move |tx| tx.audit_search(&q))
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.index)
+                .collect::<Vec<u64>>()
+        }
+    };
+    let by_patient = search(AuditQuery {
+        patient: Some("p-a".into()),
+        limit: 100,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(
+        by_patient,
+        (0..37).filter(|i| i % 3 == 0).rev().collect::<Vec<_>>()
+    );
+    let first_page = search(AuditQuery {
+        patient: Some("p-a".into()),
+        ascending: true,
+        limit: 3,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(first_page, vec![0, 3, 6]);
+    let next_page = search(AuditQuery {
+        patient: Some("p-a".into()),
+        ascending: true,
+        after: Some(6),
+        limit: 3,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(next_page, vec![9, 12, 15]);
+    let combined = search(AuditQuery {
+        agent: Some("agent-1".into()),
+        action: Some("C".into()),
+        from: Some(1_003),
+        until: Some(1_009),
+        limit: 100,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(combined, vec![7, 5, 3]);
+    let failures = search(AuditQuery {
+        outcome: Some(4),
+        limit: 100,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(failures, vec![5]);
+    let before = search(AuditQuery {
+        before: Some(3),
+        limit: 100,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(before, vec![2, 1, 0]);
 }
 
 /// System records lock optimistically; logs append in order.

@@ -1,0 +1,258 @@
+//! The audit trail's figures: ingest with the trail on as a ratio to off,
+//! read cost, offline verification speed, and inclusion proofs in a large log.
+use std::sync::Arc;
+use std::time::Instant;
+
+use custos_audit::{AuditConfig, AuditTrail};
+use custos_crypto::GcmSealer;
+use custos_store::{AuditAppend, StoreExt};
+
+use super::{
+    BenchServer, IngestData, Lat, Plan, ReadResult, Row, ingest, read_bench, read_paths, row,
+    thousands,
+};
+use crate::config::FileConfig;
+
+const INGEST_RATIO_TARGET: f64 = 0.85;
+const VERIFY_TARGET: f64 = 1_000_000.0;
+const PROOF_P99_TARGET_US: u32 = 1_000;
+
+/// Ingest on servers without authentication, the trail on and off (order
+/// on, off, off, on; best of each), then reads on the last pair.
+pub(super) async fn audit_bench(
+    plan: &Plan,
+    data: &Arc<IngestData>,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    let mut best: [Option<f64>; 2] = [None, None];
+    let mut reads: [Option<ReadResult>; 2] = [None, None];
+    for (round, on) in [true, false, false, true].into_iter().enumerate() {
+        let label = if on { "audit-on" } else { "audit-off" };
+        let server = BenchServer::start_with(label, Arc::new(GcmSealer), false, on).await?;
+        let ing = ingest(&server, data).await?;
+        println!(
+            ".. ingest {label} (round {}): {} resources in {:.2} s = {} resources/s",
+            round + 1,
+            thousands(data.resources as f64),
+            ing.secs,
+            thousands(data.resources as f64 / ing.secs)
+        );
+        let k = usize::from(!on);
+        best[k] = Some(best[k].map_or(ing.secs, |b: f64| b.min(ing.secs)));
+        if round >= 2 {
+            let paths = Arc::new(read_paths(&ing, plan.seed));
+            let r = read_bench(&server.client, paths, plan.connections, plan.read_seconds).await?;
+            println!(
+                ".. read {label}: {} req/s, p50 / p99 / max {}, {} failed",
+                thousands(r.rate),
+                r.lat.text(),
+                r.failures.count
+            );
+            reads[k] = Some(r);
+        }
+        server.stop().await?;
+    }
+    if let (Some(on), Some(off)) = (best[0], best[1]) {
+        let ratio = off / on;
+        rows.push(row(
+            "audit",
+            "ingest, no authentication: audit on / off, resources/s (best of 2)",
+            format!(
+                "{} / {}",
+                thousands(data.resources as f64 / on),
+                thousands(data.resources as f64 / off)
+            ),
+        ));
+        rows.push(
+            row(
+                "audit",
+                "ingest throughput: audit on / off",
+                format!("{ratio:.3}"),
+            )
+            .want(
+                format!(">= {INGEST_RATIO_TARGET:.2}"),
+                ratio >= INGEST_RATIO_TARGET,
+            ),
+        );
+    }
+    if let (Some(on), Some(off)) = (&reads[0], &reads[1]) {
+        rows.push(row(
+            "audit",
+            format!(
+                "reads, no authentication: audit on / off, {} conns",
+                plan.connections
+            ),
+            format!(
+                "{} / {} req/s = {:.3}; p99 {} / {} ms",
+                thousands(on.rate),
+                thousands(off.rate),
+                on.rate / off.rate.max(1.0),
+                super::ms(on.lat.p99),
+                super::ms(off.lat.p99)
+            ),
+        ));
+    }
+    large_log(plan, rows).await
+}
+
+/// A log of many entries: fill it, prove inclusion at random, verify it all.
+async fn large_log(plan: &Plan, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let n: u64 = plan.audit_entries;
+    let dir = super::TempDir::new("audit-log")?;
+    crate::init_dir(dir.path(), false)?;
+    let opened = crate::open_data(
+        FileConfig::default(),
+        dir.path().to_path_buf(),
+        Arc::new(GcmSealer),
+    )
+    .await?;
+    let trail = AuditTrail::open(
+        &opened.records,
+        AuditConfig {
+            checkpoint_secs: 0,
+            ..AuditConfig::default()
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Entries as large as real ones (~250 bytes sealed), written directly.
+    let t = Instant::now();
+    let chunk = 100_000u64;
+    let mut start = 0u64;
+    while start < n {
+        let end = (start + chunk).min(n);
+        opened
+            .store
+            .as_ref()
+            .write(move |tx| {
+                let mut leaf = vec![0u8; 250];
+                for i in start..end {
+                    leaf[..8].copy_from_slice(&i.to_be_bytes());
+                    leaf[8..16]
+                        .copy_from_slice(&(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).to_be_bytes());
+                    tx.audit_append(&AuditAppend {
+                        at: i as i64,
+                        action: "R",
+                        outcome: 0,
+                        agent: None,
+                        patients: &[],
+                        data: &leaf,
+                    })?;
+                }
+                Ok(())
+            })
+            .await?;
+        start = end;
+    }
+    let fill = t.elapsed().as_secs_f64();
+    println!(
+        ".. audit log: {} entries appended in {fill:.1} s = {} entries/s",
+        thousands(n as f64),
+        thousands(n as f64 / fill)
+    );
+    let cp = trail
+        .checkpoint()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Inclusion proofs at random indexes, one at a time (latency).
+    let mut rng = super::SplitMix(plan.seed ^ 0x4155_4449);
+    let proofs = if plan.quick { 2_000 } else { 10_000 };
+    let mut micros = Vec::with_capacity(proofs);
+    for _ in 0..proofs {
+        let i = rng.next() % n.max(1);
+        let t = Instant::now();
+        let p = trail
+            .inclusion_proof(i, cp.size)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        micros.push(t.elapsed().as_micros() as u32);
+        if micros.len() == 1 {
+            // Check one against the signed root.
+            let e = trail
+                .entries(i, i + 1, 1)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let leaf = custos_audit::merkle::leaf_hash(&e[0].data);
+            custos_audit::merkle::verify_inclusion(leaf, i, cp.size, &p, cp.root)
+                .map_err(|e| anyhow::anyhow!("a generated inclusion proof does not verify: {e}"))?;
+        }
+    }
+    let lat = Lat::of(micros);
+    println!(
+        ".. inclusion proofs at {} entries: p50 / p99 / max {}",
+        thousands(n as f64),
+        lat.text()
+    );
+    rows.push(
+        row(
+            "audit",
+            format!(
+                "inclusion proof at {} entries: p50 / p99 / max ({proofs})",
+                thousands(n as f64)
+            ),
+            lat.text(),
+        )
+        .want(
+            format!(
+                "p99 <= {} ms{}",
+                super::ms(PROOF_P99_TARGET_US),
+                if n < 10_000_000 { " (at 10 M)" } else { "" }
+            ),
+            lat.p99 <= PROOF_P99_TARGET_US,
+        ),
+    );
+    // Offline verification of the whole log, as `custos audit verify` does it.
+    let key = trail.verifier_key();
+    let t = Instant::now();
+    let outcome = crate::audit_cmd::verify_dir(dir.path(), &key, Vec::new(), false).await?;
+    let secs = t.elapsed().as_secs_f64();
+    let report = outcome.map_err(|f| anyhow::anyhow!("the benchmark log did not verify: {f}"))?;
+    let rate = report.entries as f64 / secs;
+    println!(
+        ".. custos audit verify: {} entries in {secs:.2} s = {} entries/s",
+        thousands(report.entries as f64),
+        thousands(rate)
+    );
+    // The hashing alone, on one core: what the verifier's own work costs.
+    let leaves = if plan.quick { 200_000u64 } else { 2_000_000 };
+    let hash_rate = tokio::task::spawn_blocking(move || {
+        let mut f = custos_audit::Frontier::new();
+        let mut leaf = vec![0u8; 250];
+        let t = Instant::now();
+        for i in 0..leaves {
+            leaf[..8].copy_from_slice(&i.to_be_bytes());
+            f.push_data(&leaf);
+        }
+        std::hint::black_box(f.root());
+        leaves as f64 / t.elapsed().as_secs_f64()
+    })
+    .await?;
+    rows.push(
+        row(
+            "audit",
+            "verify: leaves/s hashed into the tree on one core (250-byte leaves)",
+            format!("{} leaves/s", thousands(hash_rate)),
+        )
+        .want(
+            format!(">= {} leaves/s", thousands(VERIFY_TARGET)),
+            hash_rate >= VERIFY_TARGET,
+        ),
+    );
+    rows.push(row(
+        "audit",
+        format!(
+            "custos audit verify --data-dir: {} entries read from SQLite, checked",
+            thousands(report.entries as f64)
+        ),
+        format!("{} entries/s", thousands(rate)),
+    ));
+    rows.push(row(
+        "audit",
+        "appending to the log directly (store + Merkle hashes), one writer",
+        format!("{} entries/s", thousands(n as f64 / fill)),
+    ));
+    drop(trail);
+    let store = opened.store.clone();
+    tokio::task::spawn_blocking(move || store.close()).await?;
+    Ok(())
+}
