@@ -1,22 +1,25 @@
-//! Every decision is recorded: the access log holds who asked, with which
+//! Every decision is recorded: the audit trail holds who asked, with which
 //! role, which rule decided, whether it was allowed and any break-the-glass
-//! reason — and it holds them sealed: the raw database files never contain
-//! the reason in clear.
+//! reason — and it holds them sealed: neither a log leaf nor the raw
+//! database files contain the reason, the username or a patient id in clear.
 mod common;
 
 use common::*;
-use custos_auth::{AccessRecord, AuthConfig, AuthService, Role};
+use custos_audit::{Agent, AuditRecord, EventKind, Leaf};
+use custos_auth::{AuthConfig, AuthService, Role};
 use custos_records::Records;
+use custos_store::{AuditEntry, AuditQuery};
 
 /// One request as the server's middleware records it: authenticate, build
-/// the guard, run `f` through the guarded record service, append the record.
+/// the guard, run `f` through the guarded record service, append the event
+/// with the guard's decisions.
 async fn request<F, Fut>(
     auth: &AuthService,
     records: &Records,
     token: &str,
-    purpose: Option<&str>,
     break_glass: Option<&str>,
     action: &str,
+    interaction: &str,
     f: F,
 ) -> bool
 where
@@ -27,34 +30,50 @@ where
     let guard = auth.guard(
         principal.clone(),
         snapshot,
-        purpose.map(str::to_string),
+        None,
         break_glass.map(str::to_string),
     );
     let ok = f(records.guarded(guard.clone())).await;
-    auth.access_log()
-        .record(AccessRecord {
-            at: now_secs() * 1_000_000,
+    auth.record(AuditRecord {
+        kind: EventKind::Rest,
+        action: action.to_string(),
+        interaction: Some(interaction.to_string()),
+        status: if ok { 200 } else { 403 },
+        agent: Agent {
             subject: Some(principal.subject()),
             username: principal.username().map(str::to_string),
             role: Some(principal.role.name().to_string()),
             client_id: Some(principal.client_id.clone()),
+            fhir_user: principal
+                .practitioner
+                .as_ref()
+                .map(|p| format!("Practitioner/{p}")),
             source: Some("192.0.2.7".into()),
             user_agent: Some("decisions-test".into()),
-            action: action.to_string(),
-            status: if ok { 200 } else { 403 },
-            purpose: Some(guard.purpose().to_string()),
-            break_glass_reason: guard.break_glass_reason().map(str::to_string),
-            decisions: guard.take_decisions(),
-        })
-        .await;
+        },
+        purpose: Some(guard.purpose().to_string()),
+        break_glass_reason: guard.break_glass_reason().map(str::to_string),
+        decisions: guard.take_decisions(),
+        ..AuditRecord::default()
+    })
+    .await
+    .expect("the trail takes the event");
     ok
+}
+
+fn all() -> AuditQuery {
+    AuditQuery {
+        ascending: true,
+        limit: 100_000,
+        ..Default::default()
+    }
 }
 
 const REASON: &str = "Cardiac-arrest-in-bay-7 patient-unresponsive QZX-4471";
 const DOCTOR: &str = "dr-quinzel-7731";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn access_log_records_every_decision_sealed() {
+async fn audit_trail_records_every_decision_sealed() {
     let env = env(AuthConfig::default()).await;
     let (records, auth) = (&env.records, &env.auth);
     let z = create(records, practitioner_body("Zed")).await;
@@ -66,7 +85,7 @@ async fn access_log_records_every_decision_sealed() {
     let doc = add_user(auth, DOCTOR, Role::Physician, Some(&z), None).await;
     let doc_id = doc.created.user.id.clone();
     let pat = add_user(auth, "alpha-patient", Role::Patient, None, Some(&pa)).await;
-    // A failed sign-in, then good ones.
+    // A failed sign-in, then good ones (password + TOTP).
     assert!(
         doc.login_with(auth, "not the password!", None, "user/*.rs", None, None)
             .await
@@ -74,37 +93,35 @@ async fn access_log_records_every_decision_sealed() {
     );
     let t_doc = doc.token(auth).await;
     let t_pat = pat.token(auth).await;
+    // A client token, then the same assertion replayed (refused).
     let client = register_client(auth, "backend", "system/*.rs").await;
-    client.token(auth, "system/*.rs").await.unwrap();
+    let assertion = client.assertion("decisions-jti-1");
+    client
+        .token_with(auth, assertion.clone(), "system/*.rs")
+        .await
+        .unwrap();
+    assert!(
+        client
+            .token_with(auth, assertion, "system/*.rs")
+            .await
+            .is_err()
+    );
 
     // Allowed through the care team.
     let (oa, of) = (obs_a.clone(), obs_f.clone());
+    let read = "GET /Observation/{id}";
     assert!(
-        request(
-            auth,
-            records,
-            &t_doc,
-            None,
-            None,
-            "GET /Observation/{id}",
-            |g| async move { g.read("Observation", &oa).await.is_ok() }
-        )
+        request(auth, records, &t_doc, None, read, "read", |g| async move {
+            g.read("Observation", &oa).await.is_ok()
+        })
         .await
     );
     // Refused: no relationship.
+    let of2 = of.clone();
     assert!(
-        !request(
-            auth,
-            records,
-            &t_doc,
-            None,
-            None,
-            "GET /Observation/{id}",
-            |g| {
-                let of = of.clone();
-                async move { g.read("Observation", &of).await.is_ok() }
-            }
-        )
+        !request(auth, records, &t_doc, None, read, "read", |g| async move {
+            g.read("Observation", &of2).await.is_ok()
+        })
         .await
     );
     // Break the glass.
@@ -113,13 +130,10 @@ async fn access_log_records_every_decision_sealed() {
             auth,
             records,
             &t_doc,
-            None,
             Some(REASON),
-            "GET /Observation/{id}",
-            |g| {
-                let of = of.clone();
-                async move { g.read("Observation", &of).await.is_ok() }
-            }
+            read,
+            "read",
+            |g| async move { g.read("Observation", &of).await.is_ok() }
         )
         .await
     );
@@ -130,8 +144,8 @@ async fn access_log_records_every_decision_sealed() {
             records,
             &t_pat,
             None,
-            None,
             "GET /Observation",
+            "search-type",
             |g| async move { search(&g, "Observation", &[]).await.is_ok() }
         )
         .await
@@ -143,8 +157,8 @@ async fn access_log_records_every_decision_sealed() {
             records,
             &t_pat,
             None,
-            None,
             "POST /Observation",
+            "create",
             |g| async move {
                 g.create("Observation", observation_body(&pa2), None)
                     .await
@@ -154,15 +168,15 @@ async fn access_log_records_every_decision_sealed() {
         .await
     );
 
-    auth.access_log().flush().await;
-    let log: Vec<AccessRecord> = auth
-        .access_log()
-        .read(0, 1000)
-        .await
-        .expect("the log opens")
-        .into_iter()
-        .map(|(_, r)| r)
-        .collect();
+    // Appends are committed when `record` returns: read everything back.
+    let trail = auth.audit();
+    let rows: Vec<(AuditEntry, AuditRecord)> = trail.search(all()).await.expect("the trail opens");
+    assert!(
+        rows.windows(2).all(|w| w[0].0.index < w[1].0.index),
+        "ascending"
+    );
+    assert!(rows.iter().all(|(e, r)| e.at == r.at && r.at > 0));
+    let log: Vec<&AuditRecord> = rows.iter().map(|(_, r)| r).collect();
     let dump = || {
         log.iter()
             .map(|r| format!("{r:?}"))
@@ -170,57 +184,74 @@ async fn access_log_records_every_decision_sealed() {
             .join("\n")
     };
     let subject = format!("user:{doc_id}");
+    let has = |r: &AuditRecord, allowed: bool, rule: &str| {
+        r.decisions
+            .iter()
+            .any(|d| d.allowed == allowed && d.rule == rule)
+    };
 
-    // Sign-in events, recorded by the service itself.
+    // Sign-in and token events, recorded by the service itself.
     assert!(
-        log.iter().any(|r| r.action.starts_with("login")
-            && r.subject.as_deref() == Some(&subject)
-            && r.decisions
-                .iter()
-                .any(|d| !d.allowed && d.rule == "password-failed")),
+        log.iter().any(|r| r.kind == EventKind::Login
+            && r.action.starts_with("login")
+            && r.agent.subject.as_deref() == Some(&subject)
+            && r.outcome_code() == 4
+            && has(r, false, "password-failed")),
         "failed sign-in not recorded:\n{}",
         dump()
     );
     assert!(
-        log.iter().any(|r| r.action == "login:login"
-            && r.subject.as_deref() == Some(&subject)
-            && r.role.as_deref() == Some("physician")
-            && r.decisions
-                .iter()
-                .any(|d| d.allowed && d.rule == "credentials")),
+        log.iter().any(|r| r.kind == EventKind::Login
+            && r.action == "login:login"
+            && r.agent.subject.as_deref() == Some(&subject)
+            && r.agent.username.as_deref() == Some(DOCTOR)
+            && r.agent.role.as_deref() == Some("physician")
+            && r.outcome_code() == 0
+            && has(r, true, "credentials")),
         "sign-in not recorded:\n{}",
         dump()
     );
     assert!(
-        log.iter()
-            .any(|r| r.subject.as_deref() == Some("client:backend")
-                && r.decisions
-                    .iter()
-                    .any(|d| d.allowed && d.rule == "client-credentials")),
+        log.iter().any(|r| r.kind == EventKind::Token
+            && r.agent.subject.as_deref() == Some("client:backend")
+            && r.outcome_code() == 0
+            && has(r, true, "client-credentials")),
         "client token not recorded:\n{}",
+        dump()
+    );
+    assert!(
+        log.iter().any(|r| r.kind == EventKind::Token
+            && r.outcome_code() == 4
+            && r.decisions
+                .iter()
+                .any(|d| !d.allowed && d.rule.contains("replayed"))),
+        "token refusal not recorded:\n{}",
         dump()
     );
 
     // The requests, with their decisions.
-    let doc_requests: Vec<&AccessRecord> = log
+    let doc_requests: Vec<&AuditRecord> = log
         .iter()
-        .filter(|r| r.subject.as_deref() == Some(&subject) && r.action.starts_with("GET"))
+        .copied()
+        .filter(|r| r.agent.subject.as_deref() == Some(&subject) && r.kind == EventKind::Rest)
         .collect();
     assert_eq!(doc_requests.len(), 3, "{}", dump());
     for r in &doc_requests {
-        assert_eq!(r.role.as_deref(), Some("physician"));
-        assert_eq!(r.username.as_deref(), Some(DOCTOR));
-        assert_eq!(r.client_id.as_deref(), Some("custos-cli"));
+        assert_eq!(r.agent.role.as_deref(), Some("physician"));
+        assert_eq!(r.agent.username.as_deref(), Some(DOCTOR));
+        assert_eq!(r.agent.client_id.as_deref(), Some("custos-cli"));
+        assert_eq!(r.agent.user_agent.as_deref(), Some("decisions-test"));
+        assert_eq!(r.action, read);
     }
-    let decided = |r: &AccessRecord, id: &str| {
+    let decided = |r: &AuditRecord, id: &str| {
         r.decisions
             .iter()
             .find(|d| d.id.as_deref() == Some(id))
             .map(|d| {
                 (
-                    d.interaction.clone(),
+                    d.interaction.to_string(),
                     d.allowed,
-                    d.rule.clone(),
+                    d.rule.to_string(),
                     d.patient.clone(),
                 )
             })
@@ -231,6 +262,7 @@ async fn access_log_records_every_decision_sealed() {
     );
     assert_eq!(doc_requests[0].purpose.as_deref(), Some("TREAT"));
     assert_eq!(doc_requests[0].break_glass_reason, None);
+    assert!(!doc_requests[0].break_glass());
     assert_eq!(
         decided(doc_requests[1], &obs_f),
         Some((
@@ -241,17 +273,20 @@ async fn access_log_records_every_decision_sealed() {
         ))
     );
     assert_eq!(doc_requests[1].status, 403);
+    assert_eq!(doc_requests[1].outcome_code(), 4);
     assert_eq!(
         decided(doc_requests[2], &obs_f),
         Some(("read".into(), true, "break-glass".into(), Some(pf.clone())))
     );
     assert_eq!(doc_requests[2].break_glass_reason.as_deref(), Some(REASON));
     assert_eq!(doc_requests[2].purpose.as_deref(), Some("ETREAT"));
+    assert!(doc_requests[2].break_glass());
 
     let pat_subject = format!("user:{}", pat.created.user.id);
-    let pat_requests: Vec<&AccessRecord> = log
+    let pat_requests: Vec<&AuditRecord> = log
         .iter()
-        .filter(|r| r.subject.as_deref() == Some(&pat_subject) && !r.action.starts_with("login"))
+        .copied()
+        .filter(|r| r.agent.subject.as_deref() == Some(&pat_subject) && r.kind == EventKind::Rest)
         .collect();
     assert_eq!(pat_requests.len(), 2, "{}", dump());
     assert!(
@@ -262,7 +297,7 @@ async fn access_log_records_every_decision_sealed() {
         "{:?}",
         pat_requests[0]
     );
-    assert_eq!(pat_requests[0].role.as_deref(), Some("patient"));
+    assert_eq!(pat_requests[0].agent.role.as_deref(), Some("patient"));
     assert!(
         pat_requests[1]
             .decisions
@@ -272,9 +307,80 @@ async fn access_log_records_every_decision_sealed() {
         pat_requests[1]
     );
 
-    // Sealed at rest: neither the reason nor the username is in any file
-    // of the database (main file, WAL, shared memory).
+    // The blind indexes find the same events as the opened records.
+    let indexes = |pred: &dyn Fn(&AuditRecord) -> bool| -> Vec<u64> {
+        rows.iter()
+            .filter(|(_, r)| pred(r))
+            .map(|(e, _)| e.index)
+            .collect()
+    };
+    let by_agent: Vec<u64> = trail
+        .search(AuditQuery {
+            agent: Some(trail.agent_token(&subject)),
+            ..all()
+        })
+        .await
+        .unwrap()
+        .iter()
+        .map(|(e, _)| e.index)
+        .collect();
+    assert_eq!(
+        by_agent,
+        indexes(&|r| r.agent.subject.as_deref() == Some(&subject))
+    );
+    let by_patient: Vec<u64> = trail
+        .search(AuditQuery {
+            patient: Some(trail.patient_token(&pf)),
+            ..all()
+        })
+        .await
+        .unwrap()
+        .iter()
+        .map(|(e, _)| e.index)
+        .collect();
+    assert_eq!(by_patient.len(), 2, "the refused and the break-glass read");
+    assert_eq!(
+        by_patient,
+        indexes(&|r| r.patients().contains(&pf.as_str()))
+    );
+
+    // Sealed at rest: no leaf holds the reason, the username, a patient or
+    // resource id or the request itself in clear…
+    let needles: [&str; 12] = [
+        REASON,
+        "QZX-4471",
+        DOCTOR,
+        "decisions-test",
+        "192.0.2.7",
+        &pa,
+        &pf,
+        &obs_a,
+        &obs_f,
+        &z,
+        "/Observation",
+        "break-glass",
+    ];
+    // (Control: the same needles are in the opened break-glass event.)
+    let plain = serde_json::to_vec(doc_requests[2]).unwrap();
+    for needle in [REASON, DOCTOR, "decisions-test", &pf, &obs_f, "break-glass"] {
+        assert!(contains(&plain, needle.as_bytes()), "control: {needle}");
+    }
+    for (entry, _) in &rows {
+        let leaf = Leaf::decode(&entry.data).expect("a well-formed leaf");
+        assert_eq!(leaf.at, entry.at);
+        assert!(leaf.key_name.starts_with("system/audit/"));
+        for needle in needles {
+            assert!(
+                !contains(&entry.data, needle.as_bytes()),
+                "leaf {} holds '{needle}' in clear",
+                entry.index
+            );
+        }
+    }
+    // …and neither the reason nor the username is in any file of the
+    // database (main file, WAL, shared memory).
     drop(log);
+    drop(rows);
     let mut scanned = 0;
     for entry in std::fs::read_dir(env.dir.path()).unwrap() {
         let path = entry.unwrap().path();

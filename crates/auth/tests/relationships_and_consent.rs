@@ -178,7 +178,7 @@ async fn encounter_relationship_lasts_the_configured_window() {
     // `encounter_relationship_opens_searches_too`.)
 
     // The same data under a 90-day window: the old encounter counts.
-    let wide = AuthService::open(
+    let wide = open_auth(
         records,
         AuthConfig {
             encounter_window_days: 90,
@@ -186,8 +186,7 @@ async fn encounter_relationship_lasts_the_configured_window() {
         },
         ISSUER,
     )
-    .await
-    .unwrap();
+    .await;
     let r = read_as(&wide, records, &t_old, None, None, "Observation", &obs).await;
     assert_allowed(
         "encounter ended 60 days ago (90-day window)",
@@ -572,9 +571,7 @@ async fn break_the_glass_grants_one_patient_for_a_while() {
     assert_refused("G", &r, ErrorKind::Forbidden, "no-relationship");
 
     // The grant is kept in the store: a restarted service honours it.
-    let restarted = AuthService::open(records, AuthConfig::default(), ISSUER)
-        .await
-        .unwrap();
+    let restarted = open_auth(records, AuthConfig::default(), ISSUER).await;
     let r = read_as(&restarted, records, &tz, None, None, "Observation", &obs_f).await;
     assert_allowed(
         "F after a restart",

@@ -292,9 +292,7 @@ async fn another_issuers_tokens_are_refused() {
     let auth = &s.env.auth;
     // A second service over the same data (same users, same signing keys),
     // announcing another issuer.
-    let other = AuthService::open(&s.env.records, AuthConfig::default(), "http://other.test")
-        .await
-        .unwrap();
+    let other = open_auth(&s.env.records, AuthConfig::default(), "http://other.test").await;
     let t_other = s
         .doc
         .login(&other, "user/*.rs", None)

@@ -98,6 +98,34 @@ impl RequestMeta {
         }
     }
 
+    /// For `POST …/_search`, the form body is the query: read it (within
+    /// `limit`), record it, and hand the request on with the same body.
+    pub(crate) async fn with_search_form(
+        mut self,
+        req: Request,
+        limit: usize,
+    ) -> (RequestMeta, Result<Request, Response>) {
+        if self.method != Method::POST || !self.action.ends_with("/_search") {
+            return (self, Ok(req));
+        }
+        let (parts, body) = req.into_parts();
+        match axum::body::to_bytes(body, limit).await {
+            Ok(bytes) => {
+                let form = String::from_utf8_lossy(&bytes).chars().take(8192).collect();
+                self.query = Some(form);
+                (self, Ok(Request::from_parts(parts, Body::from(bytes))))
+            }
+            Err(_) => (
+                self,
+                Err(ApiError(FhirError::new(
+                    ErrorKind::PayloadTooLarge,
+                    format!("the search form is larger than {limit} bytes or could not be read"),
+                ))
+                .into_response()),
+            ),
+        }
+    }
+
     /// The event of this request, before its outcome is known.
     pub(crate) fn record(&self, principal: Option<&Principal>) -> AuditRecord {
         let agent = match principal {
@@ -217,6 +245,16 @@ pub(crate) async fn refusal(
         rule: rule.to_string().into(),
     }];
     finish(trail, meta, rec, None, Vec::new(), resp).await
+}
+
+/// The fallbacks (unknown endpoint, method not allowed): recorded too.
+pub async fn audit_unrouted(s: &AppState, req: Request, resp: Response) -> Response {
+    let Some(trail) = s.audit.clone() else {
+        return resp;
+    };
+    let meta = RequestMeta::of(&req);
+    let rec = meta.record(None);
+    finish(&trail, &meta, rec, None, Vec::new(), resp).await
 }
 
 /// Middleware of endpoints anyone may call (metadata, discovery, the
@@ -482,7 +520,7 @@ fn audit_query(
                 count = v
                     .parse::<usize>()
                     .map_err(|_| ApiError(FhirError::bad_request("_count must be a number")))?
-                    .min(PAGE_MAX)
+                    .clamp(1, PAGE_MAX)
             }
             "_before" => {
                 q.before = Some(v.parse().map_err(|_| {
@@ -573,6 +611,21 @@ pub async fn search(
     let trail = trail(&s)?;
     let base = base_url(&s, &headers);
     let bundle = search_bundle(trail, &base, "/AuditEvent", query_map(q)).await?;
+    Ok(fhir_response(&bundle))
+}
+
+/// `POST /AuditEvent/_search` (form-encoded parameters).
+pub async fn search_post(
+    State(s): State<AppState>,
+    Extension(c): Extension<Caller>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    may_read_trail(&c).await?;
+    let trail = trail(&s)?;
+    let base = base_url(&s, &headers);
+    let params: Vec<(String, String)> = form_urlencoded::parse(&body).into_owned().collect();
+    let bundle = search_bundle(trail, &base, "/AuditEvent", params).await?;
     Ok(fhir_response(&bundle))
 }
 

@@ -103,8 +103,19 @@ impl From<AuthError> for ApiError {
 /// (401 otherwise), put the caller's guard on the request, and record the
 /// request — who, what, every decision made for it — in the audit trail
 /// before the response leaves (a write records it in its own transaction).
-pub async fn authenticate(State(s): State<AppState>, mut req: Request, next: Next) -> Response {
-    let meta = RequestMeta::of(&req);
+pub async fn authenticate(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let (meta, req) = RequestMeta::of(&req)
+        .with_search_form(req, s.config.max_body)
+        .await;
+    let mut req = match req {
+        Ok(r) => r,
+        Err(refused) => {
+            return match &s.audit {
+                Some(trail) => crate::audit::refusal(trail, &meta, "body-too-large", refused).await,
+                None => refused,
+            };
+        }
+    };
     let Access::Enforced(auth) = &s.access else {
         let Some(trail) = s.audit.clone() else {
             req.extensions_mut().insert(Caller {

@@ -42,6 +42,7 @@ pub fn router(state: AppState) -> Router {
         ));
     let audit_api = Router::new()
         .route("/AuditEvent", get(audit::search).post(audit::read_only))
+        .route("/AuditEvent/_search", post(audit::search_post))
         .route("/AuditEvent/$export", get(audit::export))
         .route(
             "/AuditEvent/{id}",
@@ -71,6 +72,7 @@ pub fn router(state: AppState) -> Router {
         .route("/audit/public-key", get(audit::public_key))
         .route("/audit/proof/inclusion", get(audit::inclusion_proof))
         .route("/audit/proof/consistency", get(audit::consistency_proof))
+        .route("/auth/token", post(auth::token))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             audit::audit_public_request,
@@ -97,9 +99,8 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::audit_admin_request,
         ));
-    // The token endpoint records its own events (who asked, what was issued or refused).
+    // The token endpoint also records its own events (who, what was issued or refused).
     Router::new()
-        .route("/auth/token", post(auth::token))
         .merge(public)
         .merge(audit_api)
         .merge(admin)
@@ -138,15 +139,18 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     .into_response()
 }
 
-async fn not_found() -> ApiError {
-    ApiError(FhirError::not_found("no such endpoint"))
+async fn not_found(State(s): State<AppState>, req: Request) -> Response {
+    let resp = ApiError(FhirError::not_found("no such endpoint")).into_response();
+    audit::audit_unrouted(&s, req, resp).await
 }
 
-async fn method_not_allowed() -> ApiError {
-    ApiError(FhirError::new(
+async fn method_not_allowed(State(s): State<AppState>, req: Request) -> Response {
+    let resp = ApiError(FhirError::new(
         ErrorKind::MethodNotAllowed,
         "this interaction is not supported on this URL",
     ))
+    .into_response();
+    audit::audit_unrouted(&s, req, resp).await
 }
 
 async fn metadata(

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use custos_audit::{AuditConfig, AuditTrail};
 use custos_auth::service::{Client, CreatedUser, Origin};
 use custos_auth::{AuthConfig, AuthError, AuthService, Grant, NewUser, RequestGuard, Role};
 use custos_crypto::{FileKekProvider, GcmSealer};
@@ -55,12 +56,22 @@ pub async fn env(config: AuthConfig) -> Env {
     )
     .await
     .expect("records");
-    let auth = Arc::new(
-        AuthService::open(&records, config, ISSUER)
-            .await
-            .expect("auth service"),
-    );
+    let auth = Arc::new(open_auth(&records, config, ISSUER).await);
     Env { dir, records, auth }
+}
+
+/// The audit trail over `records` (one per auth service, as the server has).
+pub async fn trail(records: &Records) -> AuditTrail {
+    AuditTrail::open(records, AuditConfig::default())
+        .await
+        .expect("audit trail")
+}
+
+/// An auth service over `records`, recording into a trail on the same store.
+pub async fn open_auth(records: &Records, config: AuthConfig, issuer: &str) -> AuthService {
+    AuthService::open(records, config, issuer, trail(records).await)
+        .await
+        .expect("auth service")
 }
 
 pub fn now_secs() -> i64 {
