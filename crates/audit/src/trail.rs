@@ -91,6 +91,8 @@ struct Inner {
     wake: tokio::sync::Notify,
     /// Serializes checkpoint issuance; holds the last one issued.
     last: tokio::sync::Mutex<Option<Issued>>,
+    /// When this process last signed one.
+    signed_at: Mutex<Option<std::time::Instant>>,
 }
 
 /// The audit trail of one Custos deployment.
@@ -145,6 +147,7 @@ impl AuditTrail {
             pending: Mutex::new(Vec::new()),
             wake: tokio::sync::Notify::new(),
             last: tokio::sync::Mutex::new(None),
+            signed_at: Mutex::new(None),
         });
         let trail = AuditTrail { inner };
         trail.spawn_appender();
@@ -381,11 +384,36 @@ impl AuditTrail {
         if last.is_none() {
             *last = self.latest_stored().await?;
         }
-        let (size, root) = self.tree_head().await?;
-        if let Some(l) = &*last
-            && l.size == size
-        {
-            return Ok(l.clone());
+        let prefix = last.as_ref().map(|l| l.size);
+        let (size, root, prefix_root) = self
+            .store()
+            .read(move |tx| {
+                let size = tx.audit_size()?;
+                let prefix_root = match prefix {
+                    Some(p) if p <= size => Some(tree_root(tx, p)?),
+                    _ => None,
+                };
+                Ok((size, tree_root(tx, size)?, prefix_root))
+            })
+            .await
+            .map_err(store_err)?;
+        if let Some(l) = &*last {
+            // Never sign a history that does not extend the last one signed:
+            // a shortened or rewritten log is tampering, not a new state.
+            if size < l.size || prefix_root != Some(l.root) {
+                tracing::error!(
+                    signed = l.size,
+                    now = size,
+                    "the audit log does not extend its last signed checkpoint; refusing to sign"
+                );
+                return Err(AuditError::Integrity(format!(
+                    "the audit log ({size} entries) does not extend its last signed checkpoint ({} entries): it was truncated or rewritten",
+                    l.size
+                )));
+            }
+            if l.size == size {
+                return Ok(l.clone());
+            }
         }
         let note = self
             .inner
@@ -400,6 +428,7 @@ impl AuditTrail {
         let issued = Issued { size, root, note };
         self.witness(&issued).await;
         *last = Some(issued.clone());
+        *self.inner.signed_at.lock() = Some(std::time::Instant::now());
         Ok(issued)
     }
 
@@ -475,8 +504,18 @@ impl AuditTrail {
             .collect()
     }
 
-    /// The latest checkpoint, issuing one if the log grew since.
+    /// The latest checkpoint for a reader: a new one if the log grew and the
+    /// last was signed over a second ago, else the last (asking cannot make
+    /// the server sign, store and send checkpoints without limit).
     pub async fn latest(&self) -> Result<Issued, AuditError> {
+        let recent = self
+            .inner
+            .signed_at
+            .lock()
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1));
+        if recent && let Some(l) = self.inner.last.lock().await.clone() {
+            return Ok(l);
+        }
         self.checkpoint().await
     }
 

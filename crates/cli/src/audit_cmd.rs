@@ -94,6 +94,16 @@ pub async fn run(action: AuditAction) -> anyhow::Result<()> {
                 (None, Some(file)) => verify_export(&file, &key, witnessed)?,
                 _ => bail!("give either --data-dir or --export"),
             };
+            let report = report.and_then(|r| {
+                if r.entries > 0 && r.checkpoints == 0 {
+                    Err(custos_audit::VerifyFailure {
+                        first_bad_index: 0,
+                        reason: "no signed checkpoint: nothing vouches for any entry (checkpoints removed?)".into(),
+                    })
+                } else {
+                    Ok(r)
+                }
+            });
             match report {
                 Ok(r) => {
                     let secs = started.elapsed().as_secs_f64().max(1e-9);
@@ -250,6 +260,12 @@ pub async fn verify_dir(
             Ok(out)
         })
         .await?;
+    if let Some(f) = rollback(key, &notes, "stored checkpoints") {
+        return Ok(Err(f));
+    }
+    if let Some(f) = rollback(key, &witnessed, "the witness's checkpoints") {
+        return Ok(Err(f));
+    }
     notes.extend(witnessed);
     let mut v = match Verifier::new(key, notes) {
         Ok(v) => v,
@@ -318,6 +334,30 @@ pub async fn verify_dir(
     Ok(v.finish())
 }
 
+/// Checkpoints in the order they were issued must never shrink: a smaller
+/// one after a larger one means the log was cut back and regrown.
+fn rollback(key: &str, notes: &[Vec<u8>], what: &str) -> Option<custos_audit::VerifyFailure> {
+    let mut max: Option<u64> = None;
+    for note in notes {
+        let Ok(c) = custos_audit::open_checkpoint(note, key) else {
+            continue; // the verifier reports bad signatures itself
+        };
+        if let Some(m) = max
+            && c.size < m
+        {
+            return Some(custos_audit::VerifyFailure {
+                first_bad_index: c.size,
+                reason: format!(
+                    "{what}: a checkpoint of {} entries was issued after one of {m}: the log was cut back and rewritten",
+                    c.size
+                ),
+            });
+        }
+        max = Some(max.map_or(c.size, |m| m.max(c.size)));
+    }
+    None
+}
+
 async fn first_missing_hash(
     store: &Arc<dyn Store>,
     rows: &[custos_store::AuditEntry],
@@ -345,6 +385,10 @@ fn verify_export(file: &Path, key: &str, witnessed: Vec<Vec<u8>>) -> anyhow::Res
             std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?,
         ))
     };
+    if let Some(f) = rollback(key, &witnessed, "the witness's checkpoints") {
+        return Ok(Err(f));
+    }
+    let witnessed_count = witnessed.len();
     let mut notes = witnessed;
     for (n, line) in open()?.lines().enumerate() {
         let line = line.with_context(|| format!("line {}", n + 1))?;
@@ -356,6 +400,9 @@ fn verify_export(file: &Path, key: &str, witnessed: Vec<Vec<u8>>) -> anyhow::Res
         if let Some(c) = v.get("checkpoint").and_then(|c| c.as_str()) {
             notes.push(c.as_bytes().to_vec());
         }
+    }
+    if let Some(f) = rollback(key, &notes[witnessed_count..], "the export's checkpoints") {
+        return Ok(Err(f));
     }
     let mut v = match Verifier::new(key, notes) {
         Ok(v) => v,
@@ -472,6 +519,11 @@ async fn export(data: &DataArgs, out: &Path, fhir: bool) -> anyhow::Result<()> {
         true,
     )
     .await?;
+    // Cover the export's own event too.
+    trail
+        .checkpoint()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     opened.store.close();
     if out != Path::new("-") {
         eprintln!("exported {n} audit entries to {}", out.display());

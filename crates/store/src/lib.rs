@@ -16,7 +16,7 @@ mod model;
 mod sqlite;
 
 pub use model::*;
-pub use sqlite::{SqliteConfig, SqliteStore, Synchronous};
+pub use sqlite::{SqliteConfig, SqliteStore, Synchronous, audit_path};
 
 use std::any::Any;
 

@@ -196,7 +196,32 @@ CREATE TABLE IF NOT EXISTS sys_log (
     value BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sys_log_by_log ON sys_log (log, seq);
-CREATE TABLE IF NOT EXISTS audit_log (
+-- Write events of changes not yet known to be in the audit log (see
+-- `AUDIT_SCHEMA`): inserted in the change's own transaction, removed once
+-- the audit file has committed them too.
+CREATE TABLE IF NOT EXISTS audit_outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    idx INTEGER NOT NULL,
+    at INTEGER NOT NULL,
+    action TEXT NOT NULL,
+    outcome INTEGER NOT NULL,
+    agent TEXT,
+    patients TEXT NOT NULL,
+    data BLOB NOT NULL
+);
+INSERT OR IGNORE INTO meta (k, v) VALUES ('schema_version', '1');
+"#;
+
+/// The audit log lives in its own database file (`custos.db-audit`),
+/// attached to every connection as `audit`. Commits that only append audit
+/// events (every read's) then never touch the main file, so readers keep
+/// their page cache and memory map: SQLite drops both on any change to a
+/// file's WAL. A write's event is appended in the write's transaction to
+/// both files; because a WAL-mode commit across two files is atomic per
+/// file only, the main file also gets a copy in `audit_outbox` (atomic with
+/// the change), and `recover_audit` re-appends any the audit file lacks.
+const AUDIT_SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS audit.audit_log (
     idx INTEGER PRIMARY KEY,
     at INTEGER NOT NULL,
     action TEXT NOT NULL,
@@ -204,19 +229,25 @@ CREATE TABLE IF NOT EXISTS audit_log (
     agent TEXT,
     data BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS audit_log_at ON audit_log (at);
-CREATE INDEX IF NOT EXISTS audit_log_agent ON audit_log (agent, idx) WHERE agent IS NOT NULL;
-CREATE TABLE IF NOT EXISTS audit_patient (
+CREATE INDEX IF NOT EXISTS audit.audit_log_at ON audit_log (at);
+CREATE INDEX IF NOT EXISTS audit.audit_log_agent ON audit_log (agent, idx) WHERE agent IS NOT NULL;
+CREATE TABLE IF NOT EXISTS audit.audit_patient (
     patient TEXT NOT NULL,
     idx INTEGER NOT NULL,
     PRIMARY KEY (patient, idx)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS audit_hash (
+CREATE TABLE IF NOT EXISTS audit.audit_hash (
     n INTEGER PRIMARY KEY,
     hash BLOB NOT NULL
 );
-INSERT OR IGNORE INTO meta (k, v) VALUES ('schema_version', '1');
 "#;
+
+/// The audit database file of a store at `db`.
+pub fn audit_path(db: &Path) -> PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push("-audit");
+    PathBuf::from(p)
+}
 
 fn backend_err(e: rusqlite::Error) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -240,18 +271,30 @@ fn open_connection(config: &SqliteConfig, read_only: bool) -> StoreResult<Connec
         Synchronous::Full => "FULL",
         Synchronous::Normal => "NORMAL",
     };
+    conn.execute(
+        "ATTACH DATABASE ?1 AS audit",
+        [audit_path(&config.path).to_string_lossy().as_ref()],
+    )
+    .map_err(backend_err)?;
     conn.execute_batch(&format!(
         "PRAGMA busy_timeout = 10000; PRAGMA cache_size = -{cache_kib}; PRAGMA temp_store = MEMORY; \
-         PRAGMA mmap_size = 2147418112; PRAGMA synchronous = {sync};"
+         PRAGMA mmap_size = 2147418112; PRAGMA synchronous = {sync}; \
+         PRAGMA audit.cache_size = -{cache_kib}; PRAGMA audit.mmap_size = 2147418112; \
+         PRAGMA audit.synchronous = {sync};"
     ))
     .map_err(backend_err)?;
     if !read_only {
         conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
             .map_err(backend_err)?;
+        conn.query_row("PRAGMA audit.journal_mode = WAL", [], |_| Ok(()))
+            .map_err(backend_err)?;
         // Checkpoints run on their own thread (see `checkpoint_loop`), not in
         // the writer's commits; the WAL is truncated back to 64 MiB after one.
-        conn.execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 67108864;")
-            .map_err(backend_err)?;
+        conn.execute_batch(
+            "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 67108864; \
+             PRAGMA audit.journal_size_limit = 67108864;",
+        )
+        .map_err(backend_err)?;
     }
     conn.set_prepared_statement_cache_capacity(256);
     Ok(conn)
@@ -265,10 +308,15 @@ impl SqliteStore {
         }
         let conn = open_connection(&config, false)?;
         conn.execute_batch(SCHEMA).map_err(backend_err)?;
+        conn.execute_batch(AUDIT_SCHEMA).map_err(backend_err)?;
+        recover_audit(&conn)?;
         let (tx, rx) = mpsc::channel::<(WriteJob, Reply)>();
-        let mut wal = config.path.clone().into_os_string();
-        wal.push("-wal");
-        let wal = PathBuf::from(wal);
+        let wal = |db: &Path| {
+            let mut w = db.as_os_str().to_owned();
+            w.push("-wal");
+            PathBuf::from(w)
+        };
+        let wal = [wal(&config.path), wal(&audit_path(&config.path))];
         let limit = config.wal_limit_bytes;
         let signal = Arc::new(SysSignal::open(&config.path)?);
         let writer_signal = signal.clone();
@@ -350,10 +398,14 @@ const GROUP_MAX: usize = 256;
 fn writer_loop(
     mut conn: Connection,
     rx: mpsc::Receiver<(WriteJob, Reply)>,
-    wal: PathBuf,
+    wal: [PathBuf; 2],
     wal_limit: u64,
     signal: Arc<SysSignal>,
 ) {
+    // Outbox rows up to this seq belong to committed batches: both files
+    // hold their events, so the next batch that writes the main file anyway
+    // removes them.
+    let mut outbox_done: Option<i64> = None;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < GROUP_MAX {
@@ -372,10 +424,23 @@ fn writer_loop(
             continue;
         }
         let mut sys_changed = false;
+        let mut main_dirty = false;
+        let mut outbox_last = None;
         for (job, reply) in batch {
-            let (result, changed) = run_in_savepoint(&mut conn, job);
-            sys_changed |= changed;
+            let (result, effects) = run_in_savepoint(&mut conn, job);
+            sys_changed |= effects.sys_changed;
+            main_dirty |= effects.main_dirty;
+            outbox_last = effects.outbox_last.or(outbox_last);
             results.push((result, reply));
+        }
+        if main_dirty
+            && let Some(done) = outbox_done
+            && conn
+                .prepare_cached("DELETE FROM main.audit_outbox WHERE seq <= ?1")
+                .and_then(|mut s| s.execute([done]))
+                .is_ok()
+        {
+            outbox_done = None;
         }
         if let Err(e) = conn.execute_batch("COMMIT") {
             let _ = conn.execute_batch("ROLLBACK");
@@ -389,55 +454,209 @@ fn writer_loop(
         if sys_changed {
             signal.bump();
         }
+        if outbox_last.is_some() {
+            outbox_done = outbox_last;
+        }
         for (result, reply) in results {
             let _ = reply.send(result);
         }
-        if std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0) > wal_limit
+        let wal_size = |p: &PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        if wal.iter().any(|w| wal_size(w) > wal_limit)
             && let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
         {
             tracing::warn!(error = %e, "WAL truncation failed; will retry after the next commit");
         }
     }
+    if let Some(done) = outbox_done {
+        let _ = conn.execute("DELETE FROM main.audit_outbox WHERE seq <= ?1", [done]);
+    }
     let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+}
+
+/// What a write job did besides its result.
+#[derive(Default)]
+struct JobEffects {
+    sys_changed: bool,
+    main_dirty: bool,
+    /// The last outbox row it inserted.
+    outbox_last: Option<i64>,
 }
 
 /// Run one job in its own savepoint; also tells whether it changed system records.
 fn run_in_savepoint(
     conn: &mut Connection,
     job: WriteJob,
-) -> (StoreResult<Box<dyn Any + Send>>, bool) {
+) -> (StoreResult<Box<dyn Any + Send>>, JobEffects) {
     let exec = |conn: &Connection, sql: &str| {
         conn.prepare_cached(sql)
             .and_then(|mut s| s.execute([]))
             .map_err(backend_err)
     };
     if let Err(e) = exec(conn, "SAVEPOINT job") {
-        return (Err(e), false);
+        return (Err(e), JobEffects::default());
     }
     let mut sys_changed = false;
+    let mut main_dirty = false;
+    let mut appended = Vec::new();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut tx = SqliteTx {
             conn,
             sys_changed: &mut sys_changed,
+            main_dirty: &mut main_dirty,
+            appended: &mut appended,
         };
         job(&mut tx)
     }));
-    let result = match outcome {
+    let mut result = match outcome {
         Ok(r) => r,
         Err(_) => Err(StoreError::Backend(
             "write job panicked; its changes were rolled back".into(),
         )),
     };
+    // Events appended by a job that changed the main file get their copy in
+    // the outbox, atomic with the change (see `AUDIT_SCHEMA`).
+    let mut outbox_last = None;
+    if result.is_ok() && main_dirty && !appended.is_empty() {
+        match write_outbox(conn, &appended) {
+            Ok(last) => outbox_last = Some(last),
+            Err(e) => result = Err(e),
+        }
+    }
     if result.is_err() {
         sys_changed = false;
+        main_dirty = false;
+        outbox_last = None;
         if let Err(e) = exec(conn, "ROLLBACK TO job") {
-            return (Err(e), false);
+            return (Err(e), JobEffects::default());
         }
     }
     if let Err(e) = exec(conn, "RELEASE job") {
-        return (Err(e), false);
+        return (Err(e), JobEffects::default());
     }
-    (result, sys_changed)
+    (
+        result,
+        JobEffects {
+            sys_changed,
+            main_dirty,
+            outbox_last,
+        },
+    )
+}
+
+/// An audit event as appended, kept for the outbox.
+struct Appended {
+    idx: u64,
+    at: i64,
+    action: String,
+    outcome: u8,
+    agent: Option<String>,
+    patients: Vec<String>,
+    data: Vec<u8>,
+}
+
+fn write_outbox(conn: &Connection, appended: &[Appended]) -> StoreResult<i64> {
+    let mut stmt = conn
+        .prepare_cached(
+            "INSERT INTO main.audit_outbox (idx, at, action, outcome, agent, patients, data) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )
+        .map_err(backend_err)?;
+    for a in appended {
+        stmt.execute(params![
+            a.idx as i64,
+            a.at,
+            a.action,
+            a.outcome,
+            a.agent,
+            a.patients.join(","),
+            a.data
+        ])
+        .map_err(backend_err)?;
+    }
+    Ok(conn.last_insert_rowid())
+}
+
+/// At open: every outbox event the audit file lacks (a crash between the
+/// two files' commits) is appended again; then the outbox is emptied.
+fn recover_audit(conn: &Connection) -> StoreResult<()> {
+    let rows: Vec<(i64, Appended)> = {
+        let mut stmt = conn
+            .prepare(
+                "SELECT seq, idx, at, action, outcome, agent, patients, data FROM main.audit_outbox ORDER BY seq",
+            )
+            .map_err(backend_err)?;
+        let rows = stmt
+            .query_map([], |r| {
+                let patients: String = r.get(6)?;
+                Ok((
+                    r.get(0)?,
+                    Appended {
+                        idx: r.get::<_, i64>(1)? as u64,
+                        at: r.get(2)?,
+                        action: r.get(3)?,
+                        outcome: r.get(4)?,
+                        agent: r.get(5)?,
+                        patients: patients
+                            .split(',')
+                            .filter(|p| !p.is_empty())
+                            .map(str::to_string)
+                            .collect(),
+                        data: r.get(7)?,
+                    },
+                ))
+            })
+            .map_err(backend_err)?;
+        rows.collect::<Result<_, _>>().map_err(backend_err)?
+    };
+    if rows.is_empty() {
+        return Ok(());
+    }
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(backend_err)?;
+    let mut recovered = 0;
+    let result = (|| {
+        for (_, a) in &rows {
+            let present: Option<Vec<u8>> = conn
+                .query_row(
+                    "SELECT data FROM audit.audit_log WHERE idx = ?1",
+                    [a.idx as i64],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(backend_err)?;
+            if present.as_deref() != Some(a.data.as_slice()) {
+                append_audit(
+                    conn,
+                    &AuditAppend {
+                        at: a.at,
+                        action: &a.action,
+                        outcome: a.outcome,
+                        agent: a.agent.as_deref(),
+                        patients: &a.patients,
+                        data: &a.data,
+                    },
+                )?;
+                recovered += 1;
+            }
+        }
+        conn.execute("DELETE FROM main.audit_outbox", [])
+            .map_err(backend_err)?;
+        Ok(())
+    })();
+    match result.and_then(|()| conn.execute_batch("COMMIT").map_err(backend_err)) {
+        Ok(()) => {
+            if recovered > 0 {
+                tracing::warn!(
+                    events = recovered,
+                    "audit events of committed changes were missing from the audit file (a crash between the two commits); appended again"
+                );
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -518,7 +737,19 @@ impl Store for SqliteStore {
         wal.push("-wal");
         let mut shm = p.clone().into_os_string();
         shm.push("-shm");
-        vec![p.clone(), wal.into(), shm.into()]
+        let a = audit_path(p);
+        let mut awal = a.clone().into_os_string();
+        awal.push("-wal");
+        let mut ashm = a.clone().into_os_string();
+        ashm.push("-shm");
+        vec![
+            p.clone(),
+            wal.into(),
+            shm.into(),
+            a,
+            awal.into(),
+            ashm.into(),
+        ]
     }
 }
 
@@ -538,10 +769,12 @@ fn run_read_on(
         .and_then(|mut s| s.execute([]))
         .map_err(backend_err)?;
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let mut unused = false;
+        let (mut unused, mut unused_dirty, mut unused_appended) = (false, false, Vec::new());
         let mut tx = SqliteTx {
             conn: &mut conn,
             sys_changed: &mut unused,
+            main_dirty: &mut unused_dirty,
+            appended: &mut unused_appended,
         };
         job(&mut tx)
     }));
@@ -563,6 +796,10 @@ struct SqliteTx<'c> {
     conn: &'c mut Connection,
     /// Set when a write changes system records (see [`SysSignal`]).
     sys_changed: &'c mut bool,
+    /// Set when a write changes the main file (not only the audit log).
+    main_dirty: &'c mut bool,
+    /// Audit events appended by this job.
+    appended: &'c mut Vec<Appended>,
 }
 
 const VERSION_COLUMNS: &str = "c.rid, c.rtype, c.id, v.version, v.last_updated, \
@@ -1161,7 +1398,7 @@ impl ReadTx for SqliteTx<'_> {
         limit: usize,
     ) -> StoreResult<Vec<AuditEntry>> {
         self.audit_rows(
-            "SELECT idx, at, data FROM audit_log WHERE idx >= ?1 AND idx < ?2 ORDER BY idx LIMIT ?3",
+            "SELECT idx, at, data FROM audit.audit_log WHERE idx >= ?1 AND idx < ?2 ORDER BY idx LIMIT ?3",
             &[
                 SqlValue::Integer(start.min(i64::MAX as u64) as i64),
                 SqlValue::Integer(end.min(i64::MAX as u64) as i64),
@@ -1175,11 +1412,11 @@ impl ReadTx for SqliteTx<'_> {
     }
 
     fn audit_search(&mut self, q: &AuditQuery) -> StoreResult<Vec<AuditEntry>> {
-        let mut sql = String::from("SELECT a.idx, a.at, a.data FROM audit_log a");
+        let mut sql = String::from("SELECT a.idx, a.at, a.data FROM audit.audit_log a");
         let mut args: Vec<SqlValue> = Vec::new();
         let mut conds: Vec<String> = Vec::new();
         if let Some(p) = &q.patient {
-            sql.push_str(" JOIN audit_patient p ON p.idx = a.idx");
+            sql.push_str(" JOIN audit.audit_patient p ON p.idx = a.idx");
             args.push(SqlValue::Text(p.clone()));
             conds.push(format!("p.patient = ?{}", args.len()));
         }
@@ -1268,7 +1505,7 @@ impl tlog_tiles::HashReader for TxHashes<'_> {
 
 fn read_audit_hashes(conn: &Connection, indexes: &[u64]) -> StoreResult<Vec<[u8; 32]>> {
     let mut stmt = conn
-        .prepare_cached("SELECT hash FROM audit_hash WHERE n = ?1")
+        .prepare_cached("SELECT hash FROM audit.audit_hash WHERE n = ?1")
         .map_err(backend_err)?;
     let mut out = Vec::with_capacity(indexes.len());
     for &n in indexes {
@@ -1287,7 +1524,7 @@ fn read_audit_hashes(conn: &Connection, indexes: &[u64]) -> StoreResult<Vec<[u8;
 }
 
 fn audit_size_of(conn: &Connection) -> StoreResult<u64> {
-    conn.prepare_cached("SELECT COALESCE(MAX(idx) + 1, 0) FROM audit_log")
+    conn.prepare_cached("SELECT COALESCE(MAX(idx) + 1, 0) FROM audit.audit_log")
         .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
         .map(|n| n as u64)
         .map_err(backend_err)
@@ -1309,39 +1546,52 @@ impl SqliteTx<'_> {
     }
 }
 
+/// Append an event to the audit file: its leaf and its Merkle hashes.
+fn append_audit(conn: &Connection, e: &AuditAppend<'_>) -> StoreResult<u64> {
+    let n = audit_size_of(conn)?;
+    let leaf = tlog_tiles::record_hash(e.data);
+    let hashes = tlog_tiles::stored_hashes_for_record_hash(n, leaf, &TxHashes(conn))
+        .map_err(|err| StoreError::Backend(format!("audit tree: {err}")))?;
+    conn.prepare_cached(
+        "INSERT INTO audit.audit_log (idx, at, action, outcome, agent, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .map_err(backend_err)?
+    .execute(params![n as i64, e.at, e.action, e.outcome, e.agent, e.data])
+    .map_err(backend_err)?;
+    let first = tlog_tiles::stored_hash_index(0, n);
+    let mut put = conn
+        .prepare_cached("INSERT INTO audit.audit_hash (n, hash) VALUES (?1, ?2)")
+        .map_err(backend_err)?;
+    for (i, h) in hashes.iter().enumerate() {
+        put.execute(params![(first + i as u64) as i64, &h.0[..]])
+            .map_err(backend_err)?;
+    }
+    let mut patient = conn
+        .prepare_cached("INSERT OR IGNORE INTO audit.audit_patient (patient, idx) VALUES (?1, ?2)")
+        .map_err(backend_err)?;
+    for p in e.patients {
+        patient.execute(params![p, n as i64]).map_err(backend_err)?;
+    }
+    Ok(n)
+}
+
 impl WriteTx for SqliteTx<'_> {
     fn audit_append(&mut self, e: &AuditAppend<'_>) -> StoreResult<u64> {
-        let n = audit_size_of(self.conn)?;
-        let leaf = tlog_tiles::record_hash(e.data);
-        let hashes = tlog_tiles::stored_hashes_for_record_hash(n, leaf, &TxHashes(self.conn))
-            .map_err(|err| StoreError::Backend(format!("audit tree: {err}")))?;
-        self.conn
-            .prepare_cached(
-                "INSERT INTO audit_log (idx, at, action, outcome, agent, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )
-            .map_err(backend_err)?
-            .execute(params![n as i64, e.at, e.action, e.outcome, e.agent, e.data])
-            .map_err(backend_err)?;
-        let first = tlog_tiles::stored_hash_index(0, n);
-        let mut put = self
-            .conn
-            .prepare_cached("INSERT INTO audit_hash (n, hash) VALUES (?1, ?2)")
-            .map_err(backend_err)?;
-        for (i, h) in hashes.iter().enumerate() {
-            put.execute(params![(first + i as u64) as i64, &h.0[..]])
-                .map_err(backend_err)?;
-        }
-        let mut patient = self
-            .conn
-            .prepare_cached("INSERT OR IGNORE INTO audit_patient (patient, idx) VALUES (?1, ?2)")
-            .map_err(backend_err)?;
-        for p in e.patients {
-            patient.execute(params![p, n as i64]).map_err(backend_err)?;
-        }
+        let n = append_audit(self.conn, e)?;
+        self.appended.push(Appended {
+            idx: n,
+            at: e.at,
+            action: e.action.to_string(),
+            outcome: e.outcome,
+            agent: e.agent.map(str::to_string),
+            patients: e.patients.to_vec(),
+            data: e.data.to_vec(),
+        });
         Ok(n)
     }
 
     fn put(&mut self, v: &NewVersion, index: &IndexEntries, expect: Expect) -> StoreResult<()> {
+        *self.main_dirty = true;
         if expect == Expect::Absent && !v.deleted && self.insert_new(v, index)? {
             return Ok(());
         }
@@ -1478,6 +1728,7 @@ impl WriteTx for SqliteTx<'_> {
         value: &[u8],
         expect: Option<i64>,
     ) -> StoreResult<i64> {
+        *self.main_dirty = true;
         let current: Option<i64> = self
             .conn
             .prepare_cached("SELECT version FROM sys WHERE kind = ?1 AND key = ?2")
@@ -1509,6 +1760,7 @@ impl WriteTx for SqliteTx<'_> {
     }
 
     fn sys_delete(&mut self, kind: &str, key: &str) -> StoreResult<bool> {
+        *self.main_dirty = true;
         *self.sys_changed = true;
         let n = self
             .conn
@@ -1520,6 +1772,7 @@ impl WriteTx for SqliteTx<'_> {
     }
 
     fn log_append(&mut self, log: &str, at: i64, value: &[u8]) -> StoreResult<i64> {
+        *self.main_dirty = true;
         self.conn
             .prepare_cached("INSERT INTO sys_log (log, at, value) VALUES (?1, ?2, ?3)")
             .map_err(backend_err)?
@@ -1529,6 +1782,7 @@ impl WriteTx for SqliteTx<'_> {
     }
 
     fn put_data_key(&mut self, key: &KeyRecord, replace: bool) -> StoreResult<()> {
+        *self.main_dirty = true;
         let sql = if replace {
             "INSERT OR REPLACE INTO data_keys (name, kek_id, blob) VALUES (?1, ?2, ?3)"
         } else {
@@ -1553,6 +1807,7 @@ impl WriteTx for SqliteTx<'_> {
     }
 
     fn erase_compartment(&mut self, patient_id: &str, key_name: &str) -> StoreResult<u64> {
+        *self.main_dirty = true;
         let rows: Vec<(i64, Option<Vec<u8>>)> = {
             let mut stmt = self
                 .conn

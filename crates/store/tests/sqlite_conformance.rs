@@ -86,3 +86,82 @@ async fn system_record_changes_are_seen_across_processes() {
     a.close();
     b.close();
 }
+
+/// A write's audit event reaches the audit file even when a crash came
+/// between the two files' commits: the outbox copy, committed with the
+/// change, is appended again at the next open — once, never twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_events_of_committed_writes_survive_a_crash_between_the_files() {
+    use custos_store::{AuditAppend, StoreExt};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    let append = |data: &'static [u8], with_change: bool| {
+        move |tx: &mut dyn custos_store::WriteTx| {
+            if with_change {
+                tx.sys_put("test", std::str::from_utf8(data).unwrap(), b"v", None)?;
+            }
+            tx.audit_append(&AuditAppend {
+                at: 1,
+                action: "C",
+                outcome: 0,
+                agent: Some("agent"),
+                patients: &["p1".to_string()],
+                data,
+            })
+        }
+    };
+    {
+        let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
+        // A read's event: the main file is not touched at all.
+        assert_eq!(store.write(append(b"read", false)).await.unwrap(), 0);
+        // A write's event: its outbox copy commits with the change.
+        assert_eq!(store.write(append(b"write", true)).await.unwrap(), 1);
+        store.close();
+    }
+    // Simulate the crash: the main file committed (change + outbox row), the
+    // audit file did not. Put the outbox row back and drop the event from
+    // the audit file, as a crash between the two commits leaves them.
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute(
+            "ATTACH DATABASE ?1 AS audit",
+            [custos_store::audit_path(&path).to_string_lossy().as_ref()],
+        )
+        .unwrap();
+        c.execute_batch(
+            "INSERT INTO audit_outbox (idx, at, action, outcome, agent, patients, data) \
+                 VALUES (1, 1, 'C', 0, 'agent', 'p1', X'7772697465'); \
+             DELETE FROM audit.audit_log WHERE idx = 1; \
+             DELETE FROM audit.audit_patient WHERE idx = 1; \
+             DELETE FROM audit.audit_hash WHERE n >= 1;",
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
+    let entries = store.read(|tx| tx.audit_entries(0, 10, 10)).await.unwrap();
+    assert_eq!(
+        entries.iter().map(|e| e.data.clone()).collect::<Vec<_>>(),
+        vec![b"read".to_vec(), b"write".to_vec()],
+        "the write's event is back, in order"
+    );
+    store.close();
+    // Reopening again appends nothing more (the outbox is empty, and an
+    // outbox row whose event is present is not appended twice).
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(
+            "INSERT INTO audit_outbox (idx, at, action, outcome, agent, patients, data) \
+                 VALUES (1, 1, 'C', 0, 'agent', 'p1', X'7772697465');",
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
+    let size = store.read(|tx| tx.audit_size()).await.unwrap();
+    assert_eq!(size, 2, "no duplicate");
+    let outbox: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM audit_outbox", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(outbox, 0, "the outbox is emptied once its events are in");
+    store.close();
+}

@@ -626,3 +626,46 @@ pub fn jwt_part(token: &str, n: usize) -> Value {
 pub fn b64_json(v: &Value) -> String {
     URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())
 }
+
+// ------------------------------------------------------- graceful stopping
+
+impl Server {
+    /// Stop the server the way an operator does (SIGTERM): it finishes its
+    /// requests, records its stop and signs a final audit checkpoint. Panics
+    /// (with the server log) unless it exits cleanly within 30 seconds.
+    pub fn terminate(&mut self) {
+        if self.stopped {
+            return;
+        }
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status();
+        assert!(
+            sent.is_ok_and(|s| s.success()),
+            "could not send SIGTERM to custos serve ({pid})"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => {
+                    self.stopped = true;
+                    assert!(
+                        status.success(),
+                        "custos serve exited with {status} on SIGTERM; its log:\n{}",
+                        self.log_text()
+                    );
+                    return;
+                }
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                _ => {
+                    self.stop();
+                    panic!(
+                        "custos serve did not stop within 30 s of SIGTERM; its log:\n{}",
+                        self.log_text()
+                    );
+                }
+            }
+        }
+    }
+}
