@@ -186,7 +186,7 @@ impl AuditTrail {
             .keys()
             .blind()
             .token(&[domain, value.as_bytes()]);
-        t.iter().map(|b| format!("{b:02x}")).collect()
+        custos_crypto::to_hex(&t)
     }
 
     async fn key_for(&self, at: i64) -> Result<(String, Arc<DataKey>), AuditError> {
@@ -742,5 +742,5 @@ fn uuid_hex() -> String {
     let mut b = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
         .expect("the OS random generator failed");
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    custos_crypto::to_hex(&b)
 }

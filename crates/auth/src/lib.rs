@@ -84,9 +84,5 @@ pub fn random_token(bytes: usize) -> String {
 
 /// SHA-256, hex: how one-time secrets (refresh tokens, codes) are looked up.
 pub fn sha256_hex(s: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, s.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    custos_crypto::to_hex(ring::digest::digest(&ring::digest::SHA256, s.as_bytes()).as_ref())
 }

@@ -63,7 +63,7 @@ impl Vault {
             domain.as_bytes(),
             value.as_bytes(),
         ]);
-        t.iter().map(|b| format!("{b:02x}")).collect()
+        custos_crypto::to_hex(&t)
     }
 
     pub fn seal<T: Serialize>(&self, kind: &str, key: &str, value: &T) -> Vec<u8> {

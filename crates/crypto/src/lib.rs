@@ -24,6 +24,17 @@ mod kek;
 mod seal;
 
 pub use blind::{BLIND_LEN, BlindIndexer, BlindToken};
+
+/// Lower-case hex of `bytes` (lookup keys, ids: on hot paths, so no `format!` per byte).
+pub fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    s
+}
 pub use error::CryptoError;
 pub use kek::{EnvKekProvider, FileKekProvider, Kek, KekProvider, KekState};
 pub use seal::{
