@@ -18,6 +18,11 @@ use zeroize::Zeroizing;
 use crate::checkpoint::LogSigner;
 use crate::event::{AuditRecord, Entity, Leaf, key_name_for};
 
+/// Least time between two group commits of events (see the appender).
+const GATHER: Duration = Duration::from_micros(1000);
+/// A batch this large commits without waiting for [`GATHER`].
+const GATHER_FULL: usize = 128;
+
 /// The system log holding signed checkpoints, oldest first.
 pub const CHECKPOINT_LOG: &str = "audit-checkpoint";
 /// System records of the checkpoint signing key.
@@ -293,14 +298,24 @@ impl AuditTrail {
     fn spawn_appender(&self) {
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
+            let mut last_commit = std::time::Instant::now();
             loop {
                 let Some(inner) = weak.upgrade() else { break };
                 // Wake on new events; look again now and then to notice shutdown.
                 let _ = tokio::time::timeout(Duration::from_secs(1), inner.wake.notified()).await;
+                // Group commit with a delay (as PostgreSQL's commit_delay):
+                // under load, commits back to back would each carry a handful
+                // of events and spend the writer on commits; waiting until
+                // GATHER has passed since the last one lets a batch fill.
+                let since = last_commit.elapsed();
+                if since < GATHER && inner.pending.lock().len() < GATHER_FULL {
+                    tokio::time::sleep(GATHER - since).await;
+                }
                 let batch = std::mem::take(&mut *inner.pending.lock());
                 if batch.is_empty() {
                     continue;
                 }
+                last_commit = std::time::Instant::now();
                 let store = inner.records.store().clone();
                 drop(inner);
                 let (jobs, replies): (Vec<_>, Vec<_>) = batch

@@ -645,6 +645,34 @@ async fn rotate(data: &DataArgs, keep_retired: bool) -> anyhow::Result<()> {
     if !keep_retired {
         kf.remove_retired(&retired)?;
     }
+    let trail = custos_audit::AuditTrail::open(
+        &opened.records,
+        custos_audit::AuditConfig {
+            checkpoint_secs: 0,
+            ..opened.file.audit.clone().unwrap_or_default()
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    audit_cmd::record_command(
+        &trail,
+        custos_audit::EventKind::KeyRotation,
+        "kek-rotate",
+        Some(format!(
+            "every data key re-wrapped under KEK {new_id}; retired: {}{}",
+            retired.join(", "),
+            if keep_retired {
+                " (kept)"
+            } else {
+                " (removed)"
+            }
+        )),
+        true,
+    )
+    .await?;
+    if let Err(e) = trail.checkpoint().await {
+        tracing::error!(error = %e, "the audit checkpoint failed");
+    }
     opened.store.close();
     println!(
         "rotation complete: every data key is wrapped under {new_id}{}",

@@ -188,6 +188,11 @@ fn now_micros() -> i64 {
         .unwrap_or(0)
 }
 
+/// Set on a response whose whole request was recorded by the event its
+/// write committed with (a transaction Bundle): no second event.
+#[derive(Debug, Clone, Copy)]
+pub struct CoveredByWrite;
+
 /// The answer when an access could not be recorded: nothing else goes out.
 fn withheld() -> Response {
     ApiError(FhirError::internal(
@@ -208,8 +213,8 @@ pub(crate) async fn finish(
     resp: Response,
 ) -> Response {
     let status = resp.status();
-    if meta.single_write && status.is_success() && writes.is_some_and(|w| !w.appended().is_empty())
-    {
+    let covered = meta.single_write || resp.extensions().get::<CoveredByWrite>().is_some();
+    if covered && status.is_success() && writes.is_some_and(|w| !w.appended().is_empty()) {
         return resp;
     }
     rec.at = now_micros();

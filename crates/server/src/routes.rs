@@ -369,7 +369,13 @@ async fn bundle(
         .records
         .process_bundle(body, &base, representation)
         .await?;
-    Ok(fhir_json(StatusCode::OK, &resp))
+    let transaction = resp["type"] == "transaction-response";
+    let mut out = fhir_json(StatusCode::OK, &resp);
+    if transaction {
+        // All-or-nothing: the event written with its commit covers the request.
+        out.extensions_mut().insert(audit::CoveredByWrite);
+    }
+    Ok(out)
 }
 
 async fn history_system(

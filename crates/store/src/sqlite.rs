@@ -498,12 +498,14 @@ fn run_in_savepoint(
     let mut sys_changed = false;
     let mut main_dirty = false;
     let mut appended = Vec::new();
+    let mut append_cache = AppendCache::default();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut tx = SqliteTx {
             conn,
             sys_changed: &mut sys_changed,
             main_dirty: &mut main_dirty,
             appended: &mut appended,
+            append_cache: &mut append_cache,
         };
         job(&mut tx)
     }));
@@ -613,6 +615,7 @@ fn recover_audit(conn: &Connection) -> StoreResult<()> {
     }
     conn.execute_batch("BEGIN IMMEDIATE").map_err(backend_err)?;
     let mut recovered = 0;
+    let mut cache = AppendCache::default();
     let result = (|| {
         for (_, a) in &rows {
             let present: Option<Vec<u8>> = conn
@@ -626,6 +629,7 @@ fn recover_audit(conn: &Connection) -> StoreResult<()> {
             if present.as_deref() != Some(a.data.as_slice()) {
                 append_audit(
                     conn,
+                    &mut cache,
                     &AuditAppend {
                         at: a.at,
                         action: &a.action,
@@ -770,11 +774,13 @@ fn run_read_on(
         .map_err(backend_err)?;
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let (mut unused, mut unused_dirty, mut unused_appended) = (false, false, Vec::new());
+        let mut unused_cache = AppendCache::default();
         let mut tx = SqliteTx {
             conn: &mut conn,
             sys_changed: &mut unused,
             main_dirty: &mut unused_dirty,
             appended: &mut unused_appended,
+            append_cache: &mut unused_cache,
         };
         job(&mut tx)
     }));
@@ -800,6 +806,7 @@ struct SqliteTx<'c> {
     main_dirty: &'c mut bool,
     /// Audit events appended by this job.
     appended: &'c mut Vec<Appended>,
+    append_cache: &'c mut AppendCache,
 }
 
 const VERSION_COLUMNS: &str = "c.rid, c.rtype, c.id, v.version, v.last_updated, \
@@ -1490,16 +1497,45 @@ impl ReadTx for SqliteTx<'_> {
 
 /// Reads stored Merkle hashes through the transaction's connection (so a
 /// job sees its own uncommitted appends).
-struct TxHashes<'c>(&'c Connection);
+struct TxHashes<'c>(&'c Connection, &'c AppendCache);
 
 impl tlog_tiles::HashReader for TxHashes<'_> {
     fn read_hashes(
         &self,
         indexes: &[u64],
     ) -> Result<Vec<tlog_tiles::Hash>, tlog_tiles::tlog::Error> {
-        read_audit_hashes(self.0, indexes)
-            .map(|v| v.into_iter().map(tlog_tiles::Hash).collect())
-            .map_err(|_| tlog_tiles::tlog::Error::IndexesNotInTree)
+        let mut out = Vec::with_capacity(indexes.len());
+        for &n in indexes {
+            let h = match self.1.hash(n) {
+                Some(h) => h,
+                None => read_audit_hashes(self.0, &[n])
+                    .map_err(|_| tlog_tiles::tlog::Error::IndexesNotInTree)?[0],
+            };
+            out.push(tlog_tiles::Hash(h));
+        }
+        Ok(out)
+    }
+}
+
+/// What one write job appended so far: the next leaf index and the stored
+/// hashes it wrote (the next appends read mostly those), so a burst of
+/// appends in one job costs inserts, not lookups.
+#[derive(Default)]
+struct AppendCache {
+    next: Option<u64>,
+    hashes: std::collections::VecDeque<(u64, [u8; 32])>,
+}
+
+impl AppendCache {
+    /// Hashes kept: the right edge of the tree is at most 64 nodes deep.
+    const KEEP: usize = 256;
+
+    fn hash(&self, n: u64) -> Option<[u8; 32]> {
+        self.hashes
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == n)
+            .map(|(_, h)| *h)
     }
 }
 
@@ -1547,10 +1583,17 @@ impl SqliteTx<'_> {
 }
 
 /// Append an event to the audit file: its leaf and its Merkle hashes.
-fn append_audit(conn: &Connection, e: &AuditAppend<'_>) -> StoreResult<u64> {
-    let n = audit_size_of(conn)?;
+fn append_audit(
+    conn: &Connection,
+    cache: &mut AppendCache,
+    e: &AuditAppend<'_>,
+) -> StoreResult<u64> {
+    let n = match cache.next {
+        Some(n) => n,
+        None => audit_size_of(conn)?,
+    };
     let leaf = tlog_tiles::record_hash(e.data);
-    let hashes = tlog_tiles::stored_hashes_for_record_hash(n, leaf, &TxHashes(conn))
+    let hashes = tlog_tiles::stored_hashes_for_record_hash(n, leaf, &TxHashes(conn, cache))
         .map_err(|err| StoreError::Backend(format!("audit tree: {err}")))?;
     conn.prepare_cached(
         "INSERT INTO audit.audit_log (idx, at, action, outcome, agent, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -1565,7 +1608,12 @@ fn append_audit(conn: &Connection, e: &AuditAppend<'_>) -> StoreResult<u64> {
     for (i, h) in hashes.iter().enumerate() {
         put.execute(params![(first + i as u64) as i64, &h.0[..]])
             .map_err(backend_err)?;
+        cache.hashes.push_back((first + i as u64, h.0));
     }
+    while cache.hashes.len() > AppendCache::KEEP {
+        cache.hashes.pop_front();
+    }
+    cache.next = Some(n + 1);
     let mut patient = conn
         .prepare_cached("INSERT OR IGNORE INTO audit.audit_patient (patient, idx) VALUES (?1, ?2)")
         .map_err(backend_err)?;
@@ -1577,7 +1625,7 @@ fn append_audit(conn: &Connection, e: &AuditAppend<'_>) -> StoreResult<u64> {
 
 impl WriteTx for SqliteTx<'_> {
     fn audit_append(&mut self, e: &AuditAppend<'_>) -> StoreResult<u64> {
-        let n = append_audit(self.conn, e)?;
+        let n = append_audit(self.conn, self.append_cache, e)?;
         self.appended.push(Appended {
             idx: n,
             at: e.at,
