@@ -1,7 +1,6 @@
 //! The audit trail service: seals events, appends them to the store's
 //! Merkle log (group-committed, or inside a write's own transaction), signs
 //! checkpoints, serves proofs, and reads events back.
-use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +8,8 @@ use std::time::Duration;
 use custos_crypto::{DataKey, GcmSealer, Sealer};
 use custos_records::{Change, Records, WriteAudit};
 use custos_store::{
-    AuditAppend, AuditEntry, AuditQuery, ReadTx, Store, StoreError, StoreExt, WriteTx,
+    AuditAppend, AuditEntry, AuditQuery, AuditTreeHashes, ReadTx, Store, StoreError, StoreExt,
+    WriteTx,
 };
 use parking_lot::Mutex;
 use serde::Deserialize;
@@ -104,32 +104,6 @@ struct Inner {
 #[derive(Clone)]
 pub struct AuditTrail {
     inner: Arc<Inner>,
-}
-
-/// Stored Merkle hashes read through a read transaction.
-struct TxHashes<'a>(RefCell<&'a mut dyn ReadTx>);
-
-impl tlog_tiles::HashReader for TxHashes<'_> {
-    fn read_hashes(
-        &self,
-        indexes: &[u64],
-    ) -> Result<Vec<tlog_tiles::Hash>, tlog_tiles::tlog::Error> {
-        let hashes = self
-            .0
-            .borrow_mut()
-            .audit_hashes(indexes)
-            .map_err(|_| tlog_tiles::tlog::Error::IndexesNotInTree)?;
-        if hashes.len() != indexes.len() {
-            return Err(tlog_tiles::tlog::Error::IndexesNotInTree);
-        }
-        Ok(hashes.into_iter().map(tlog_tiles::Hash).collect())
-    }
-}
-
-fn tree_root(tx: &mut dyn ReadTx, size: u64) -> Result<[u8; 32], StoreError> {
-    tlog_tiles::tree_hash(size, &TxHashes(RefCell::new(tx)))
-        .map(|h| h.0)
-        .map_err(|e| StoreError::Backend(format!("audit tree: {e}")))
 }
 
 fn now_micros() -> i64 {
@@ -386,7 +360,7 @@ impl AuditTrail {
         self.store()
             .read(|tx| {
                 let size = tx.audit_size()?;
-                Ok((size, tree_root(tx, size)?))
+                Ok((size, custos_store::audit_root(tx, size)?))
             })
             .await
             .map_err(store_err)
@@ -405,10 +379,10 @@ impl AuditTrail {
             .read(move |tx| {
                 let size = tx.audit_size()?;
                 let prefix_root = match prefix {
-                    Some(p) if p <= size => Some(tree_root(tx, p)?),
+                    Some(p) if p <= size => Some(custos_store::audit_root(tx, p)?),
                     _ => None,
                 };
-                Ok((size, tree_root(tx, size)?, prefix_root))
+                Ok((size, custos_store::audit_root(tx, size)?, prefix_root))
             })
             .await
             .map_err(store_err)?;
@@ -560,7 +534,7 @@ impl AuditTrail {
 
     async fn prove<F>(&self, f: F, valid: bool, why: &str) -> Result<Vec<[u8; 32]>, AuditError>
     where
-        F: FnOnce(&TxHashes<'_>) -> Result<Vec<tlog_tiles::Hash>, tlog_tiles::tlog::Error>
+        F: FnOnce(&AuditTreeHashes<'_>) -> Result<Vec<tlog_tiles::Hash>, tlog_tiles::tlog::Error>
             + Send
             + 'static,
     {
@@ -575,7 +549,7 @@ impl AuditTrail {
         let proof = self
             .store()
             .read_point(move |tx| {
-                f(&TxHashes(RefCell::new(tx)))
+                f(&AuditTreeHashes::new(tx))
                     .map(|p| p.into_iter().map(|h| h.0).collect::<Vec<_>>())
                     .map_err(|e| StoreError::Backend(e.to_string()))
             })

@@ -126,6 +126,12 @@ impl RequestMeta {
         }
     }
 
+    /// Whether the request can change data (so its event may be written
+    /// with the change).
+    pub(crate) fn may_write(&self) -> bool {
+        !matches!(self.method, Method::GET | Method::HEAD)
+    }
+
     /// The event of this request, before its outcome is known.
     pub(crate) fn record(&self, principal: Option<&Principal>) -> AuditRecord {
         let agent = match principal {

@@ -125,13 +125,19 @@ pub async fn authenticate(State(s): State<AppState>, req: Request, next: Next) -
             return next.run(req).await;
         };
         let rec = meta.record(None);
-        let writes = trail.for_writes(rec.clone(), None);
+        let writes = meta
+            .may_write()
+            .then(|| trail.for_writes(rec.clone(), None));
+        let records = match &writes {
+            Some(w) => s.records.audited(w.clone()),
+            None => s.records.clone(),
+        };
         req.extensions_mut().insert(Caller {
-            records: s.records.audited(writes.clone()),
+            records,
             guard: None,
         });
         let resp = next.run(req).await;
-        return crate::audit::finish(&trail, &meta, rec, Some(&writes), Vec::new(), resp).await;
+        return crate::audit::finish(&trail, &meta, rec, writes.as_deref(), Vec::new(), resp).await;
     };
     let trail = auth.audit().clone();
     let started = Instant::now();
@@ -162,15 +168,22 @@ pub async fn authenticate(State(s): State<AppState>, req: Request, next: Next) -
     let mut rec = meta.record(Some(&principal));
     rec.purpose = Some(guard.purpose().to_string());
     rec.break_glass_reason = guard.break_glass_reason().map(str::to_string);
-    let g = guard.clone();
-    let writes = trail.for_writes(rec.clone(), Some(Box::new(move || g.decisions())));
+    // Only a request that can write needs its event ready for the write's transaction.
+    let mut records = s.records.guarded(guard.clone());
+    let writes = meta.may_write().then(|| {
+        let g = guard.clone();
+        trail.for_writes(rec.clone(), Some(Box::new(move || g.decisions())))
+    });
+    if let Some(w) = &writes {
+        records = records.audited(w.clone());
+    }
     req.extensions_mut().insert(Caller {
-        records: s.records.guarded(guard.clone()).audited(writes.clone()),
+        records,
         guard: Some(guard.clone()),
     });
     let resp = next.run(req).await;
     let decisions = guard.take_decisions();
-    let resp = crate::audit::finish(&trail, &meta, rec, Some(&writes), decisions, resp).await;
+    let resp = crate::audit::finish(&trail, &meta, rec, writes.as_deref(), decisions, resp).await;
     tracing::debug!(
         micros = started.elapsed().as_micros() as u64,
         "authorized request"

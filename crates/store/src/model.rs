@@ -399,3 +399,38 @@ pub trait WriteTx: ReadTx {
     /// Merkle tree, in this transaction; returns the entry's leaf index.
     fn audit_append(&mut self, e: &AuditAppend<'_>) -> StoreResult<u64>;
 }
+
+/// The audit log's stored Merkle hashes, read through a transaction, as
+/// `tlog_tiles` asks for them (roots, inclusion and consistency proofs).
+pub struct AuditTreeHashes<'a>(pub std::cell::RefCell<&'a mut dyn ReadTx>);
+
+impl<'a> AuditTreeHashes<'a> {
+    pub fn new(tx: &'a mut dyn ReadTx) -> Self {
+        AuditTreeHashes(std::cell::RefCell::new(tx))
+    }
+}
+
+impl tlog_tiles::HashReader for AuditTreeHashes<'_> {
+    fn read_hashes(
+        &self,
+        indexes: &[u64],
+    ) -> Result<Vec<tlog_tiles::Hash>, tlog_tiles::tlog::Error> {
+        let hashes = self
+            .0
+            .borrow_mut()
+            .audit_hashes(indexes)
+            .map_err(|_| tlog_tiles::tlog::Error::IndexesNotInTree)?;
+        // tlog_tiles asserts on a short answer: refuse it here instead.
+        if hashes.len() != indexes.len() {
+            return Err(tlog_tiles::tlog::Error::IndexesNotInTree);
+        }
+        Ok(hashes.into_iter().map(tlog_tiles::Hash).collect())
+    }
+}
+
+/// The RFC 6962 root of the first `size` entries of the audit log.
+pub fn audit_root(tx: &mut dyn ReadTx, size: u64) -> StoreResult<[u8; 32]> {
+    tlog_tiles::tree_hash(size, &AuditTreeHashes::new(tx))
+        .map(|h| h.0)
+        .map_err(|e| StoreError::Backend(format!("audit tree: {e}")))
+}
