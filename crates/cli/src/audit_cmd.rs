@@ -289,30 +289,30 @@ pub async fn verify_dir(
         let page = store
             .read(move |tx| {
                 let rows = tx.audit_entries(start, u64::MAX, 10_000)?;
-                let idx: Vec<u64> = rows
-                    .iter()
-                    .map(|r| tlog_tiles::stored_hash_index(0, r.index))
-                    .collect();
-                // The leaf hashes the log stored: a missing one is itself tampering.
-                let claimed = tx.audit_hashes(&idx).ok();
-                Ok((rows, claimed))
+                // The leaf hashes the log stored, in one range scan (a page's
+                // stored hashes are contiguous); a missing one is tampering.
+                let hashes = match (rows.first(), rows.last()) {
+                    (Some(f), Some(l)) => tx.audit_hash_range(
+                        tlog_tiles::stored_hash_index(0, f.index),
+                        tlog_tiles::stored_hash_index(0, l.index) + 1,
+                    )?,
+                    _ => Vec::new(),
+                };
+                Ok((rows, hashes))
             })
             .await?;
-        let (rows, claimed) = page;
+        let (rows, hashes) = page;
         let Some(last) = rows.last() else { break };
         next = last.index + 1;
-        for (i, row) in rows.iter().enumerate() {
-            let c = match &claimed {
-                Some(c) => c.get(i).copied(),
-                None => None,
-            };
-            if claimed.is_none() {
+        let stored: std::collections::HashMap<u64, [u8; 32]> = hashes.into_iter().collect();
+        for row in &rows {
+            let Some(claimed) = stored.get(&tlog_tiles::stored_hash_index(0, row.index)) else {
                 return Ok(Err(custos_audit::VerifyFailure {
-                    first_bad_index: first_missing_hash(&store, &rows).await?,
+                    first_bad_index: row.index,
                     reason: "the log's stored leaf hash is missing".into(),
                 }));
-            }
-            if let Err(f) = v.entry(row.index, &row.data, c) {
+            };
+            if let Err(f) = v.entry(row.index, &row.data, Some(*claimed)) {
                 return Ok(Err(f));
             }
             if let Some(o) = &opened {
@@ -356,26 +356,6 @@ fn rollback(key: &str, notes: &[Vec<u8>], what: &str) -> Option<custos_audit::Ve
         max = Some(max.map_or(c.size, |m| m.max(c.size)));
     }
     None
-}
-
-async fn first_missing_hash(
-    store: &Arc<dyn Store>,
-    rows: &[custos_store::AuditEntry],
-) -> anyhow::Result<u64> {
-    for r in rows {
-        let i = r.index;
-        let ok = store
-            .read(move |tx| {
-                Ok(tx
-                    .audit_hashes(&[tlog_tiles::stored_hash_index(0, i)])
-                    .is_ok())
-            })
-            .await?;
-        if !ok {
-            return Ok(i);
-        }
-    }
-    Ok(rows.first().map(|r| r.index).unwrap_or(0))
 }
 
 fn verify_export(file: &Path, key: &str, witnessed: Vec<Vec<u8>>) -> anyhow::Result<Outcome> {

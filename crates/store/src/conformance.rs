@@ -162,6 +162,16 @@ pub async fn audit_log_appends_and_hashes(store: Arc<dyn Store>) {
             .is_err(),
         "a missing hash is an error"
     );
+    let range = store.read(|tx| tx.audit_hash_range(3, 9)).await.unwrap();
+    let pointwise = store
+        .read(|tx| tx.audit_hashes(&[3, 4, 5, 6, 7, 8]))
+        .await
+        .unwrap();
+    assert_eq!(
+        range,
+        (3..9).zip(pointwise).collect::<Vec<_>>(),
+        "a range of stored hashes equals the hashes read one by one"
+    );
     let search = |q: AuditQuery| {
         let store = store.clone();
         async move {

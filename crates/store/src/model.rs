@@ -367,6 +367,9 @@ pub trait ReadTx {
     /// (leaf and interior nodes, see `tlog_tiles::stored_hash_index`), in the
     /// order asked. A missing hash is an error.
     fn audit_hashes(&mut self, indexes: &[u64]) -> StoreResult<Vec<[u8; 32]>>;
+    /// Every stored Merkle hash with `lo <= index < hi` (stored-hash
+    /// indexes), in order: one range scan, for verifying a whole log.
+    fn audit_hash_range(&mut self, lo: u64, hi: u64) -> StoreResult<Vec<(u64, [u8; 32])>>;
     /// Audit entries matching `q`.
     fn audit_search(&mut self, q: &AuditQuery) -> StoreResult<Vec<AuditEntry>>;
 }

@@ -1418,6 +1418,29 @@ impl ReadTx for SqliteTx<'_> {
         read_audit_hashes(self.conn, indexes)
     }
 
+    fn audit_hash_range(&mut self, lo: u64, hi: u64) -> StoreResult<Vec<(u64, [u8; 32])>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT n, hash FROM audit.audit_hash WHERE n >= ?1 AND n < ?2 ORDER BY n",
+            )
+            .map_err(backend_err)?;
+        let clamp = |x: u64| x.min(i64::MAX as u64) as i64;
+        let rows = stmt
+            .query_map(params![clamp(lo), clamp(hi)], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?))
+            })
+            .map_err(backend_err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (n, blob) = row.map_err(backend_err)?;
+            let hash = <[u8; 32]>::try_from(blob.as_slice())
+                .map_err(|_| StoreError::Backend(format!("audit hash {n} is malformed")))?;
+            out.push((n, hash));
+        }
+        Ok(out)
+    }
+
     fn audit_search(&mut self, q: &AuditQuery) -> StoreResult<Vec<AuditEntry>> {
         let mut sql = String::from("SELECT a.idx, a.at, a.data FROM audit.audit_log a");
         let mut args: Vec<SqlValue> = Vec::new();
