@@ -102,7 +102,10 @@ proptest! {
         }
         // A wrong leaf, a wrong root, a shortened or lengthened proof.
         prop_assert!(verify_inclusion(leaf_hash(b"x"), index, size, &proof, r).is_err());
-        prop_assert!(verify_inclusion(leaf, index, size, &proof, leaf).is_err());
+        // (Not the leaf hash as the wrong root: for one leaf that is the root.)
+        let mut wrong_root = r;
+        wrong_root[0] ^= mask;
+        prop_assert!(verify_inclusion(leaf, index, size, &proof, wrong_root).is_err());
         if let Some((_, shorter)) = proof.split_last() {
             prop_assert!(verify_inclusion(leaf, index, size, shorter, r).is_err());
         }
