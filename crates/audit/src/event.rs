@@ -124,6 +124,10 @@ pub struct AuditRecord {
     pub entities: Vec<Entity>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub decisions: Vec<Decision>,
+    /// How many resources the response carried (a search or history page,
+    /// an export), for detection of bulk reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub results: Option<u32>,
     /// Free text for security events (never PHI in clear: it is sealed too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,

@@ -1,0 +1,23 @@
+//! Custos threat detection.
+//!
+//! A source → transform → sink pipeline over the audit stream: committed
+//! audit events are read back from the Merkle log in order (`live.rs`,
+//! the source), distilled and enriched with what they wrote
+//! (`observe.rs`, `facts.rs`), judged by the detectors and the learned
+//! baselines (`engine.rs`, `hst.rs`), and their findings become cases,
+//! responses and signed webhook calls (`alerts.rs`, `live.rs`,
+//! `webhook.rs`, the sinks). No HTTP server here: the server crate exposes
+//! the cases through its admin API.
+
+pub mod alerts;
+pub mod config;
+pub mod engine;
+pub mod facts;
+pub mod hst;
+pub mod observe;
+
+pub use alerts::{Case, CaseStatus, Detector, Finding, Outcome, Severity};
+pub use config::{Action, DetectConfig, ResponseRule};
+pub use engine::{Engine, EngineState};
+pub use facts::{Facts, MemoryFacts, PatientFacts, PersonFacts, StaffFacts, Tokenizer};
+pub use observe::{Access, Kind, Observed, Written};
