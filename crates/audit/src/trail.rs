@@ -98,6 +98,8 @@ struct Inner {
     last: tokio::sync::Mutex<Option<Issued>>,
     /// When this process last signed one.
     signed_at: Mutex<Option<std::time::Instant>>,
+    /// Signalled after events commit (what the detection pipeline waits on).
+    committed: Arc<tokio::sync::Notify>,
 }
 
 /// The audit trail of one Custos deployment.
@@ -127,11 +129,24 @@ impl AuditTrail {
             wake: tokio::sync::Notify::new(),
             last: tokio::sync::Mutex::new(None),
             signed_at: Mutex::new(None),
+            committed: Arc::new(tokio::sync::Notify::new()),
         });
         let trail = AuditTrail { inner };
         trail.spawn_appender();
         trail.spawn_checkpointer();
         Ok(trail)
+    }
+
+    /// What is signalled after events commit: a consumer of the log (the
+    /// detection pipeline) waits on it, then reads from where it stopped.
+    pub fn commit_signal(&self) -> Arc<tokio::sync::Notify> {
+        self.inner.committed.clone()
+    }
+
+    /// Signal that events committed (a write's event commits with the write,
+    /// outside the trail's own appender).
+    pub fn signal_commit(&self) {
+        self.inner.committed.notify_one();
     }
 
     /// The public key that verifies checkpoints (a signed-note verifier key).
@@ -321,6 +336,9 @@ impl AuditTrail {
                     Ok(indexes) => {
                         for (done, i) in replies.into_iter().zip(indexes) {
                             let _ = done.send(Ok(i));
+                        }
+                        if let Some(inner) = weak.upgrade() {
+                            inner.committed.notify_one();
                         }
                     }
                     Err(e) => {
@@ -571,6 +589,40 @@ impl AuditTrail {
     ) -> Result<Vec<AuditEntry>, AuditError> {
         self.store()
             .read(move |tx| tx.audit_entries(start, end, limit))
+            .await
+            .map_err(store_err)
+    }
+
+    /// Events `start..end` (at most `limit`), opened, in log order: what a
+    /// consumer of the log (the detection pipeline) reads.
+    pub async fn events(
+        &self,
+        start: u64,
+        end: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, AuditRecord)>, AuditError> {
+        let r = self.inner.records.clone();
+        self.store()
+            .read(move |tx| {
+                let rows = tx.audit_entries(start, end, limit)?;
+                let mut out = Vec::with_capacity(rows.len());
+                for row in rows {
+                    let rec = open_in(&r, tx, &row.data).map_err(StoreError::abort)?;
+                    out.push((row.index, rec));
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(|e| match e.into_aborted::<AuditError>() {
+                Ok(a) => a,
+                Err(e) => store_err(e),
+            })
+    }
+
+    /// The number of entries in the log.
+    pub async fn size(&self) -> Result<u64, AuditError> {
+        self.store()
+            .read(|tx| tx.audit_size())
             .await
             .map_err(store_err)
     }

@@ -53,6 +53,8 @@ pub struct Principal {
     pub token_break_glass: Option<String>,
     /// The account may only read (a response to a threat).
     pub read_only: bool,
+    /// Every access to a patient needs a break-the-glass reason (a response to a threat).
+    pub require_break_glass: bool,
 }
 
 impl Principal {
@@ -681,6 +683,12 @@ impl RequestGuard {
             }
             return Ok(Some(out));
         }
+        if self.principal.require_break_glass && self.principal.role != Role::Patient {
+            // Only patients reached by breaking the glass (see `relationship_uncached`).
+            return Ok(Some(
+                self.policy.granted_patients(&self.principal.subject()),
+            ));
+        }
         match self.role_policy().relationship {
             Relationship::Any => Ok(None),
             Relationship::OwnRecord => Ok(Some(self.principal.patient.iter().cloned().collect())),
@@ -718,6 +726,11 @@ impl RequestGuard {
     async fn relationship_uncached(&self, ctx: Context, patient: &str) -> RelationshipAnswer {
         if ctx == Context::Patient && self.principal.launch_patient.as_deref() != Some(patient) {
             return Ok(Err("outside the launch patient".into()));
+        }
+        if self.principal.require_break_glass && self.principal.role != Role::Patient {
+            // A response to an alert: no relationship counts until the
+            // caller breaks the glass with a stated reason.
+            return Ok(Err("break-the-glass required".into()));
         }
         Ok(match self.role_policy().relationship {
             Relationship::Any => Ok(format!("role:{}", self.principal.role)),

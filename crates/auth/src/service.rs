@@ -338,6 +338,11 @@ impl AuthService {
     }
 
     /// The audit trail every request and security event is recorded in.
+    /// The sealed system records (other services keep their state there too).
+    pub fn vault(&self) -> &Vault {
+        &self.vault
+    }
+
     pub fn audit(&self) -> &AuditTrail {
         &self.audit
     }
@@ -453,6 +458,7 @@ impl AuthService {
             locked_reason: None,
             locked_until: 0,
             read_only: false,
+            require_break_glass: false,
             tokens_valid_after: 0,
             created: now_secs(),
             last_login: None,
@@ -613,6 +619,20 @@ impl AuthService {
         self.update_user(username, move |u| u.read_only = on)
             .await?;
         self.audit_admin("user-read-only", Some(username), true)
+            .await?;
+        Ok(())
+    }
+
+    /// Require (or stop requiring) a break-the-glass reason for every access
+    /// of a user to a patient.
+    pub async fn set_user_require_break_glass(
+        &self,
+        username: &str,
+        on: bool,
+    ) -> Result<(), AuthError> {
+        self.update_user(username, move |u| u.require_break_glass = on)
+            .await?;
+        self.audit_admin("user-require-break-glass", Some(username), true)
             .await?;
         Ok(())
     }
@@ -1545,10 +1565,12 @@ impl AuthService {
                 }
                 if user.role != verified.principal.role
                     || user.read_only != verified.principal.read_only
+                    || user.require_break_glass != verified.principal.require_break_glass
                 {
                     let mut p = (*verified.principal).clone();
                     p.role = user.role;
                     p.read_only = user.read_only;
+                    p.require_break_glass = user.require_break_glass;
                     return Ok((Arc::new(p), snap));
                 }
             }
@@ -1560,9 +1582,12 @@ impl AuthService {
                     if verified.iat < c.tokens_valid_after {
                         return Err(AuthError::InvalidToken("the token was revoked".into()));
                     }
-                    if c.read_only && !verified.principal.read_only {
+                    if (c.read_only && !verified.principal.read_only)
+                        || (c.require_break_glass && !verified.principal.require_break_glass)
+                    {
                         let mut p = (*verified.principal).clone();
-                        p.read_only = true;
+                        p.read_only |= c.read_only;
+                        p.require_break_glass |= c.require_break_glass;
                         return Ok((Arc::new(p), snap));
                     }
                 }
@@ -1596,6 +1621,7 @@ impl AuthService {
                 client_id: format!("oidc:{}", ext.issuer),
                 token_break_glass: None,
                 read_only: false,
+                require_break_glass: false,
             };
             return Ok(VerifiedToken {
                 token: token.to_string(),
@@ -1623,6 +1649,7 @@ impl AuthService {
                 client_id: claims.client_id.clone(),
                 token_break_glass: None,
                 read_only: false,
+                require_break_glass: false,
             }
         } else {
             let user = snap
@@ -1643,6 +1670,7 @@ impl AuthService {
                 client_id: claims.client_id.clone(),
                 token_break_glass: claims.btg.clone(),
                 read_only: user.read_only,
+                require_break_glass: user.require_break_glass,
             }
         };
         Ok(VerifiedToken {

@@ -43,6 +43,8 @@ pub struct PrincipalControl {
     #[serde(default)]
     pub read_only: bool,
     #[serde(default)]
+    pub require_break_glass: bool,
+    #[serde(default)]
     pub tokens_valid_after: i64,
 }
 

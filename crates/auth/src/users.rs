@@ -50,6 +50,10 @@ pub struct User {
     /// Only read interactions allowed.
     #[serde(default)]
     pub read_only: bool,
+    /// Every access to a patient needs a stated break-the-glass reason (a
+    /// response to an alert).
+    #[serde(default)]
+    pub require_break_glass: bool,
     /// Tokens issued before this time (UTC seconds) are refused.
     #[serde(default)]
     pub tokens_valid_after: i64,

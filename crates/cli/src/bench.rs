@@ -411,8 +411,19 @@ impl BenchServer {
             checkpoint_secs: 0,
             ..custos_audit::AuditConfig::default()
         });
-        let server =
-            EmbeddedServer::start(opened.records.clone(), auth_config, audit_config).await?;
+        // Detection runs as in production (its cost is part of the figures)
+        // but takes no response: the benchmark's own load is the storm.
+        let detect = custos_detect::DetectConfig {
+            responses: Vec::new(),
+            ..custos_detect::DetectConfig::default()
+        };
+        let server = EmbeddedServer::start_with(
+            opened.records.clone(),
+            auth_config,
+            audit_config,
+            Some(detect),
+        )
+        .await?;
         let mut client = FhirClient::new(&server.url());
         let mut token = None;
         if let Some(auth) = &server.auth {

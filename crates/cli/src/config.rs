@@ -20,6 +20,8 @@ pub struct FileConfig {
     pub auth: Option<custos_auth::AuthConfig>,
     /// The audit trail: checkpoint interval, witnesses.
     pub audit: Option<custos_audit::AuditConfig>,
+    /// Threat detection: thresholds, baselines, responses, the webhook.
+    pub detect: Option<custos_detect::DetectConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -141,9 +141,12 @@ pub async fn run(
     );
 
     // 3. Who may see what.
-    access_control(&auth, &anonymous, &c, &pref, &p, patients, &dir).await?;
+    let doctor = access_control(&auth, &anonymous, &c, &pref, &p, patients, &dir).await?;
 
-    // 4. What the database holds: ciphertext and blind indexes only.
+    // 4. Threat detection: snooping and a ransomware burst, contained.
+    threat_detection(&server, &auth, &anonymous, &c, &doctor, &pref, &p).await?;
+
+    // 5. What the database holds: ciphertext and blind indexes only.
     server_checkpoint(&store).await;
     let files = custos_store::Store::files(store.as_ref());
     let mut found = 0;
@@ -159,7 +162,7 @@ pub async fn run(
         files[0].display()
     );
 
-    // 5. Crypto-shredding.
+    // 6. Crypto-shredding.
     let pid = pref.trim_start_matches("Patient/");
     let n = opened
         .records
@@ -211,7 +214,8 @@ async fn sign_in(
 }
 
 /// A physician reads their own patient, is refused another, breaks the
-/// glass with a reason; a patient reads only their own record.
+/// glass with a reason; a patient reads only their own record. Returns the
+/// physician's signed-in client.
 async fn access_control(
     auth: &custos_auth::AuthService,
     anonymous: &FhirClient,
@@ -220,7 +224,7 @@ async fn access_control(
     patient: &Value,
     patients: usize,
     dir: &std::path::Path,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<FhirClient> {
     use custos_auth::{NewUser, Role};
     let gp = patient["generalPractitioner"][0]["reference"]
         .as_str()
@@ -388,6 +392,160 @@ async fn access_control(
             r.checkpoints
         ),
         Err(f) => anyhow::bail!("the audit log did not verify: {f}"),
+    }
+    Ok(doc)
+}
+
+/// Print the cases detection holds for `subject`.
+fn print_cases(d: &custos_detect::Detection, subject: &str) {
+    let mut cases = d.cases(None, 1000);
+    cases.retain(|c| c.subject.as_deref() == Some(subject));
+    cases.sort_by_key(|c| c.opened);
+    for c in cases {
+        let f = c.findings.last().expect("a case has a finding");
+        let taken: Vec<String> = c
+            .responses
+            .iter()
+            .map(|t| format!("{}{}", t.action, if t.ok { "" } else { " (failed)" }))
+            .collect();
+        println!(
+            "  alert    {} [{}] {} -- evidence: audit entries {:?}{}",
+            c.detector,
+            c.severity.name(),
+            f.summary,
+            f.evidence,
+            if taken.is_empty() {
+                String::new()
+            } else {
+                format!("; response: {}", taken.join(", "))
+            }
+        );
+    }
+}
+
+/// A nurse breaks the glass to read a relative's record (snooping, raised
+/// and answered); then the physician's account rewrites records into
+/// ciphertext, as ransomware does, and is switched to read-only within a
+/// handful of writes, every overwritten version still readable.
+async fn threat_detection(
+    server: &crate::embedded::EmbeddedServer,
+    auth: &custos_auth::AuthService,
+    anonymous: &FhirClient,
+    loader: &FhirClient,
+    doctor: &FhirClient,
+    pref: &str,
+    patient: &Value,
+) -> anyhow::Result<()> {
+    use custos_auth::{NewUser, Role};
+    let d = server
+        .detection
+        .as_ref()
+        .context("the demo server runs with threat detection")?;
+    // The nurse is family: same surname, same address and phone.
+    let nurse = serde_json::json!({
+        "resourceType": "Practitioner",
+        "name": [{"family": patient["name"][0]["family"], "given": ["Robin"]}],
+        "address": patient["address"],
+        "telecom": patient["telecom"],
+    });
+    let (s, created) = loader.json("POST", "Practitioner", Some(&nurse)).await?;
+    if s != 201 {
+        bail!("creating the nurse's Practitioner failed with HTTP {s}");
+    }
+    let nid = created["id"]
+        .as_str()
+        .context("no Practitioner id")?
+        .to_string();
+    let password = format!("demo-{}", custos_auth::random_token(12));
+    let user = auth
+        .add_user(NewUser {
+            username: "nurse.demo".into(),
+            password: password.clone(),
+            role: Role::Nurse,
+            practitioner: Some(nid),
+            patient: None,
+            organization: None,
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let nurse = sign_in(
+        anonymous,
+        "nurse.demo",
+        &password,
+        user.totp_secret.as_deref(),
+        "user/*.rs",
+    )
+    .await?;
+    let glass = [("x-break-glass-reason", "emergency review")];
+    let (s, _) = nurse.send_with("GET", pref, None, &glass).await?;
+    println!(
+        "snooping   nurse.demo (same surname and address as the patient) breaks the glass: GET /{pref} -> {s}"
+    );
+    d.caught_up(std::time::Duration::from_secs(10)).await;
+    print_cases(d, &format!("user:{}", user.user.id));
+
+    // Ransomware: the physician's session rewrites Observations into ciphertext.
+    let (_, b) = loader
+        .json(
+            "GET",
+            &format!("Observation?subject={pref}&_count=50"),
+            None,
+        )
+        .await?;
+    let originals: Vec<Value> = b["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| e["resource"].clone())
+        .collect();
+    let mut changed = Vec::new();
+    let mut refused = None;
+    for o in &originals {
+        let mut scrambled = o.clone();
+        scrambled["note"] = serde_json::json!([{ "text": custos_auth::random_token(48) }]);
+        let id = o["id"].as_str().context("an Observation without id")?;
+        let (s, _) = doctor
+            .json("PUT", &format!("Observation/{id}"), Some(&scrambled))
+            .await?;
+        if s == 200 {
+            changed.push(id.to_string());
+        } else {
+            refused = Some(s);
+            break;
+        }
+    }
+    println!(
+        "ransomware dr.demo's session rewrites Observations into encrypted-looking text: {} written, then {}",
+        changed.len(),
+        refused.map_or("never stopped".to_string(), |s| format!(
+            "HTTP {s} (read-only)"
+        ))
+    );
+    d.caught_up(std::time::Duration::from_secs(10)).await;
+    let doc_subject = d
+        .cases(None, 1000)
+        .into_iter()
+        .find(|c| c.detector == custos_detect::Detector::Ransomware)
+        .and_then(|c| c.subject);
+    if let Some(s) = &doc_subject {
+        print_cases(d, s);
+    }
+    let mut restorable = 0;
+    for (id, o) in changed.iter().zip(&originals) {
+        let v = o["meta"]["versionId"].as_str().unwrap_or("1");
+        let (s, old) = loader
+            .json("GET", &format!("Observation/{id}/_history/{v}"), None)
+            .await?;
+        if s == 200 && old["note"] == o["note"] {
+            restorable += 1;
+        }
+    }
+    println!(
+        "  recover  {restorable} of {} overwritten records read back unchanged from their previous version (versions are never destroyed)",
+        changed.len()
+    );
+    if refused.is_none() {
+        bail!("the ransomware burst was not contained");
     }
     Ok(())
 }

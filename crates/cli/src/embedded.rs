@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use custos_auth::{AuthConfig, AuthService};
+use custos_detect::DetectConfig;
 use custos_records::Records;
 use custos_server::{Access, AppState, ServerConfig};
 use tokio::sync::oneshot;
@@ -17,6 +18,8 @@ pub struct EmbeddedServer {
     pub auth: Option<Arc<AuthService>>,
     /// The audit trail (absent only in the benchmark's audit-off runs).
     pub audit: Option<custos_audit::AuditTrail>,
+    /// Threat detection (on whenever authentication is).
+    pub detection: Option<custos_detect::Detection>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -30,6 +33,16 @@ impl EmbeddedServer {
         records: Records,
         auth: Option<AuthConfig>,
         audit: Option<custos_audit::AuditConfig>,
+    ) -> anyhow::Result<EmbeddedServer> {
+        Self::start_with(records, auth, audit, Some(DetectConfig::default())).await
+    }
+
+    /// [`EmbeddedServer::start`] with detection settings (`None`: no detection).
+    pub async fn start_with(
+        records: Records,
+        auth: Option<AuthConfig>,
+        audit: Option<custos_audit::AuditConfig>,
+        detect: Option<DetectConfig>,
     ) -> anyhow::Result<EmbeddedServer> {
         let listener = std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
             .context("cannot bind a loopback port")?;
@@ -54,7 +67,16 @@ impl EmbeddedServer {
             )),
             _ => None,
         };
+        let detection = match (&auth, detect) {
+            (Some(a), Some(c)) if c.enabled => Some(
+                custos_detect::Detection::start(records.clone(), a.clone(), c)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("threat detection: {e}"))?,
+            ),
+            _ => None,
+        };
         let state = AppState {
+            detection: detection.clone(),
             audit: audit.clone(),
             records,
             access: match &auth {
@@ -74,6 +96,7 @@ impl EmbeddedServer {
             addr,
             auth,
             audit,
+            detection,
             stop: Some(stop_tx),
             task,
         })

@@ -205,7 +205,10 @@ fn main() {
     let cli = Cli::parse();
     // The demo and the benchmark print their own story; keep the log to warnings there.
     let default_filter = match cli.command {
-        Command::Demo { .. } | Command::Bench(_) => "warn",
+        // (Alerts and break-the-glass grants are shown by the story itself.)
+        Command::Demo { .. } | Command::Bench(_) => {
+            "warn,custos_detect=error,custos_auth::policy=error"
+        }
         _ => "info",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CUSTOS_LOG")
@@ -438,6 +441,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .unwrap_or_else(|| format!("{scheme}://{addr}"));
             let auth_config = file.auth.clone().unwrap_or_default();
             let audit_config = file.audit.clone().unwrap_or_default();
+            let detect_config = file.detect.clone().unwrap_or_default();
             let opened = open_data(file, dir, Arc::new(GcmSealer)).await?;
             let trail = custos_audit::AuditTrail::open(&opened.records, audit_config)
                 .await
@@ -460,15 +464,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 true,
             )
             .await?;
+            let detection = if detect_config.enabled {
+                Some(
+                    custos_detect::Detection::start(
+                        opened.records.clone(),
+                        auth.clone(),
+                        detect_config,
+                    )
+                    .await
+                    .map_err(|e| anyhow::anyhow!("threat detection: {e}"))?,
+                )
+            } else {
+                None
+            };
             let state = custos_server::AppState {
                 records: opened.records.clone(),
                 access: custos_server::Access::Enforced(auth.clone()),
                 audit: Some(trail.clone()),
+                detection: detection.clone(),
                 config: Arc::new(sc),
             };
             tracing::info!(%addr, tls, issuer, "custos listening");
             println!("custos listening on {scheme}://{addr}");
             custos_server::serve(listener, state, shutdown_signal()).await?;
+            if let Some(d) = &detection {
+                if !d.caught_up(std::time::Duration::from_secs(5)).await {
+                    tracing::warn!(
+                        "detection had not judged every event at shutdown; it resumes on start"
+                    );
+                }
+                if let Err(e) = d.flush().await {
+                    tracing::error!(error = %e, "the detection state could not be saved");
+                }
+            }
             audit_cmd::record_command(
                 &trail,
                 custos_audit::EventKind::Config,

@@ -12,6 +12,7 @@ pub type BlindToken = [u8; BLIND_LEN];
 /// A token is the first [`BLIND_LEN`] bytes of
 /// `HMAC-SHA256(index_key, len(p1) ‖ p1 ‖ len(p2) ‖ p2 ‖ …)`, each length a
 /// big-endian `u32`.
+#[derive(Clone)]
 pub struct BlindIndexer {
     /// The prepared HMAC key (ring keeps the padded key state, so each token
     /// costs only the message blocks).

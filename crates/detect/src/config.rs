@@ -90,8 +90,12 @@ pub struct DetectConfig {
     pub unusual_min_days: u32,
     /// Distinct patients denied to one user within an hour that count as probing.
     pub probing_denials: usize,
-    /// The response policy, first match wins per finding (all matches apply).
+    /// The response policy: every matching rule's action is taken.
     pub responses: Vec<ResponseRule>,
+    /// Whether responses act on systems (clients) too, not only on people.
+    /// Off by default: a hospital's integration engine locked by a false
+    /// positive stops admissions; its alerts still go out.
+    pub respond_to_systems: bool,
     /// A URL every new case and every escalation is POSTed to, signed.
     pub webhook_url: Option<String>,
     /// The HMAC-SHA256 key of the webhook signature (environment
@@ -142,15 +146,10 @@ impl Default for DetectConfig {
                 ),
                 rule(Ransomware, None, Severity::Critical, ReadOnly),
                 rule(BulkExfiltration, None, Severity::High, Lock),
-                rule(
-                    CredentialAttack,
-                    Some("revoked-token-reuse"),
-                    Severity::High,
-                    Lock,
-                ),
                 rule(RestrictedRecord, None, Severity::High, RequireBreakGlass),
                 rule(Snooping, None, Severity::High, RequireBreakGlass),
             ],
+            respond_to_systems: false,
             webhook_url: None,
             webhook_secret: None,
             save_secs: 5,

@@ -175,6 +175,8 @@ pub struct Engine {
     config: DetectConfig,
     forest: Forest,
     state: EngineState,
+    /// Principals whose state changed since [`Engine::take_dirty`].
+    dirty: HashSet<String>,
 }
 
 /// Seed of the shared Half-Space Trees structure (fixed: every model of
@@ -203,7 +205,41 @@ impl Engine {
             config,
             forest: Forest::new(FEATURES.len(), 25, 7, FOREST_SEED),
             state,
+            dirty: HashSet::new(),
         }
+    }
+
+    /// Restore from what [`Engine::global_state`] and [`Engine::take_dirty`] saved.
+    pub fn restore(
+        config: DetectConfig,
+        global: &[u8],
+        users: impl IntoIterator<Item = (String, Vec<u8>)>,
+    ) -> Result<Engine, serde_json::Error> {
+        let mut state: EngineState = serde_json::from_slice(global)?;
+        for (subject, bytes) in users {
+            state.users.insert(subject, serde_json::from_slice(&bytes)?);
+        }
+        Ok(Engine::with_state(config, state))
+    }
+
+    /// Everything but the principals' own state, serialized.
+    pub fn global_state(&mut self) -> Vec<u8> {
+        let users = std::mem::take(&mut self.state.users);
+        let out = serde_json::to_vec(&self.state).expect("detection state serializes");
+        self.state.users = users;
+        out
+    }
+
+    /// The state of each principal changed since the last call, serialized.
+    pub fn take_dirty(&mut self) -> Vec<(String, Vec<u8>)> {
+        let dirty = std::mem::take(&mut self.dirty);
+        dirty
+            .into_iter()
+            .filter_map(|s| {
+                let u = self.state.users.get(&s)?;
+                Some((s, serde_json::to_vec(u).expect("user state serializes")))
+            })
+            .collect()
     }
 
     pub fn config(&self) -> &DetectConfig {
@@ -258,6 +294,7 @@ impl Engine {
     /// is learned as normal.
     pub fn dismissed(&mut self, f: &Finding) {
         let Some(subject) = &f.subject else { return };
+        self.dirty.insert(subject.clone());
         let Some(u) = self.state.users.get_mut(subject) else {
             return;
         };
@@ -740,6 +777,7 @@ impl Engine {
             .count();
         u.hour.writes += writes as u32;
 
+        let reads = ev.is_read();
         for a in &ev.accesses {
             if !a.allowed {
                 u.hour.denied += 1;
@@ -761,10 +799,10 @@ impl Engine {
             let explained = care || dept_shared || u.explained.contains(&a.patient);
             let is_new = !u.seen.contains_key(&a.patient);
             u.seen.insert(a.patient.clone(), ev.at);
-            if u.hour.patients.insert(a.patient.clone()) && is_new {
+            if reads && u.hour.patients.insert(a.patient.clone()) && is_new {
                 u.hour.new_patients += 1;
             }
-            if u.day_patients.insert(a.patient.clone()) {
+            if reads && u.day_patients.insert(a.patient.clone()) {
                 push_evidence(&mut u.day_evidence, ev.index);
             }
             if !staff || role == "patient" {
@@ -1017,6 +1055,7 @@ impl Engine {
             }
         }
         self.state.users.insert(subject.to_string(), u);
+        self.dirty.insert(subject.to_string());
         out.extend(found);
     }
 
@@ -1025,6 +1064,7 @@ impl Engine {
         let Some(u) = self.state.users.get_mut(subject) else {
             return;
         };
+        self.dirty.insert(subject.to_string());
         let w = std::mem::take(&mut u.hour);
         let x = w.features();
         let n = w.patients.len() as f64;

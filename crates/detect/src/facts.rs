@@ -216,6 +216,10 @@ impl MemoryFacts {
         self.patients.write().remove(id);
     }
 
+    pub fn clear_patients(&self) {
+        self.patients.write().clear();
+    }
+
     pub fn has_patient(&self, id: &str) -> bool {
         self.patients.read().contains_key(id)
     }

@@ -121,7 +121,9 @@ pub struct Model {
     /// Points learned in all.
     pub seen: u64,
     in_window: u32,
+    #[serde(with = "sparse")]
     reference: Vec<u16>,
+    #[serde(with = "sparse")]
     latest: Vec<u16>,
     mean: Vec<f64>,
     var: Vec<f64>,
@@ -215,6 +217,40 @@ impl Model {
         out.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()));
         out.truncate(3);
         out
+    }
+}
+
+/// Mass counters are mostly zero: saved as `[len, index, count, …]`.
+mod sparse {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u16], s: S) -> Result<S::Ok, S::Error> {
+        let mut out: Vec<u32> = vec![v.len() as u32];
+        for (i, &c) in v.iter().enumerate() {
+            if c != 0 {
+                out.push(i as u32);
+                out.push(c as u32);
+            }
+        }
+        out.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u16>, D::Error> {
+        let raw = Vec::<u32>::deserialize(d)?;
+        let Some((&len, pairs)) = raw.split_first() else {
+            return Ok(Vec::new());
+        };
+        if len > 1 << 24 || !pairs.len().is_multiple_of(2) {
+            return Err(serde::de::Error::custom("malformed mass counters"));
+        }
+        let mut v = vec![0u16; len as usize];
+        for p in pairs.chunks(2) {
+            let slot = v
+                .get_mut(p[0] as usize)
+                .ok_or_else(|| serde::de::Error::custom("mass counter out of range"))?;
+            *slot = p[1].min(u16::MAX as u32) as u16;
+        }
+        Ok(v)
     }
 }
 

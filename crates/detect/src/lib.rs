@@ -14,10 +14,13 @@ pub mod config;
 pub mod engine;
 pub mod facts;
 pub mod hst;
+pub mod live;
 pub mod observe;
+pub mod webhook;
 
 pub use alerts::{Case, CaseStatus, Detector, Finding, Outcome, Severity};
 pub use config::{Action, DetectConfig, ResponseRule};
 pub use engine::{Engine, EngineState};
 pub use facts::{Facts, MemoryFacts, PatientFacts, PersonFacts, StaffFacts, Tokenizer};
+pub use live::{CaseUpdate, DetectError, Detection, Stats};
 pub use observe::{Access, Kind, Observed, Written};

@@ -189,6 +189,21 @@ impl Observed {
         }
     }
 
+    /// Whether the event read data (what bulk exfiltration counts).
+    pub fn is_read(&self) -> bool {
+        matches!(
+            self.interaction.as_str(),
+            "read"
+                | "vread"
+                | "search-type"
+                | "search-system"
+                | "history-instance"
+                | "history-type"
+                | "history-system"
+                | "operation"
+        ) || self.kind == Kind::Export
+    }
+
     /// The account the event is about: its subject, else the username tried.
     pub fn account(&self) -> Option<&str> {
         self.subject.as_deref().or(self.username.as_deref())

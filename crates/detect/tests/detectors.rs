@@ -2,8 +2,8 @@
 //! near miss it must not.
 use custos_detect::facts::Labels;
 use custos_detect::{
-    Access, DetectConfig, Detector, Engine, EngineState, Finding, Kind, MemoryFacts, Observed,
-    PatientFacts, PersonFacts, StaffFacts, Written,
+    Access, DetectConfig, Detector, Engine, Finding, Kind, MemoryFacts, Observed, PatientFacts,
+    PersonFacts, StaffFacts, Written,
 };
 
 const HOUR: i64 = 3_600_000_000;
@@ -731,10 +731,11 @@ fn state_survives_a_restart() {
         T0 + 3 * DAY + MIN,
         "password-failed",
     ));
-    let saved = serde_json::to_vec(w.engine.state()).unwrap();
-    let state: EngineState = serde_json::from_slice(&saved).unwrap();
+    let global = w.engine.global_state();
+    let users = w.engine.take_dirty();
+    assert!(!users.is_empty());
     let mut restarted = World::new();
-    restarted.engine = Engine::with_state(DetectConfig::default(), state);
+    restarted.engine = Engine::restore(DetectConfig::default(), &global, users).unwrap();
     restarted.next = w.next;
     for i in 2..5 {
         restarted.feed(login(

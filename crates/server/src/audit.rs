@@ -194,6 +194,19 @@ fn now_micros() -> i64 {
         .unwrap_or(0)
 }
 
+/// How many resources a response carried (recorded for the detection of bulk reads).
+#[derive(Debug, Clone, Copy)]
+pub struct ResultCount(pub u32);
+
+impl ResultCount {
+    /// The entries of a serialized Bundle: each carries one `"fullUrl"`
+    /// (counted in the bytes, so the page is never parsed again).
+    pub fn of_bundle(json: &[u8]) -> ResultCount {
+        let needle = b"\"fullUrl\"";
+        ResultCount(json.windows(needle.len()).filter(|w| w == needle).count() as u32)
+    }
+}
+
 /// Set on a response whose whole request was recorded by the event its
 /// write committed with (a transaction Bundle): no second event.
 #[derive(Debug, Clone, Copy)]
@@ -221,11 +234,16 @@ pub(crate) async fn finish(
     let status = resp.status();
     let covered = meta.single_write || resp.extensions().get::<CoveredByWrite>().is_some();
     if covered && status.is_success() && writes.is_some_and(|w| !w.appended().is_empty()) {
+        trail.signal_commit();
         return resp;
+    }
+    if writes.is_some_and(|w| !w.appended().is_empty()) {
+        trail.signal_commit();
     }
     rec.at = now_micros();
     rec.status = status.as_u16();
     rec.decisions = decisions;
+    rec.results = resp.extensions().get::<ResultCount>().map(|c| c.0);
     if meta.method == Method::HEAD {
         rec.interaction = rec.interaction.or(Some("read".into()));
     }

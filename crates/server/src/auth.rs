@@ -148,11 +148,18 @@ pub async fn authenticate(State(s): State<AppState>, req: Request, next: Next) -
     let (principal, snapshot) = match auth.authenticate(&token).await {
         Ok(p) => p,
         Err(e) => {
+            // A genuine token presented after its revocation or its
+            // account's lock is a signal for detection: name it.
+            let rule = match &e {
+                AuthError::InvalidToken(m) if m.contains("revoked") => "token-revoked",
+                AuthError::InvalidToken(m) if m.contains("locked") => "account-locked",
+                _ => "invalid-token",
+            };
             let resp = match e {
                 AuthError::Internal(_) => ApiError(auth_to_fhir(&e)).into_response(),
                 other => unauthorized(&other.to_string()),
             };
-            return crate::audit::refusal(&trail, &meta, "invalid-token", resp).await;
+            return crate::audit::refusal(&trail, &meta, rule, resp).await;
         }
     };
     let (purpose, break_glass) = {
@@ -557,7 +564,7 @@ pub async fn audit_admin_request(State(s): State<AppState>, req: Request, next: 
 }
 
 /// An authenticated caller of the admin API holding `right`.
-async fn admin(
+pub(crate) async fn admin(
     s: &AppState,
     headers: &HeaderMap,
     right: AdminRight,

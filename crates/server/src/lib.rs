@@ -4,6 +4,7 @@
 //! on [`custos_records::Records`] and results into FHIR JSON responses;
 //! every error becomes an OperationOutcome with its HTTP status.
 
+pub mod alerts;
 pub mod audit;
 pub mod auth;
 mod error;
@@ -53,6 +54,8 @@ pub struct AppState {
     /// The audit trail every request is recorded in (`None` only in the
     /// benchmark's audit-off runs).
     pub audit: Option<custos_audit::AuditTrail>,
+    /// Threat detection over the audit stream (its cases back the alert API).
+    pub detection: Option<custos_detect::Detection>,
     pub config: Arc<ServerConfig>,
 }
 

@@ -95,6 +95,11 @@ pub fn router(state: AppState) -> Router {
             "/admin/signing-key/rotate",
             post(auth::admin_rotate_signing_key),
         )
+        .route("/admin/alerts", get(crate::alerts::list))
+        .route(
+            "/admin/alerts/{id}",
+            get(crate::alerts::show).post(crate::alerts::update),
+        )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::audit_admin_request,
@@ -347,9 +352,11 @@ async fn search(
         .records
         .search_json(&rtype, p, prefer_handling(&headers), &base)
         .await?;
+    let returned = audit::ResultCount::of_bundle(&bundle);
     let mut resp = (StatusCode::OK, bundle).into_response();
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    resp.extensions_mut().insert(returned);
     Ok(resp)
 }
 

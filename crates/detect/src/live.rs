@@ -1,0 +1,864 @@
+//! The live pipeline of one Custos process.
+//!
+//! - **Source**: the audit log itself. The pipeline keeps a cursor (the
+//!   next leaf index), wakes when the trail signals a commit (or every
+//!   250 ms), and reads the committed events from the cursor on, opened, in
+//!   log order. Requests never wait for it; a restart resumes from the
+//!   saved cursor, so nothing is lost and nothing is judged twice.
+//! - **Transform**: each event is distilled ([`Observed`]), enriched with
+//!   facts read through the unrestricted record service (demographics as
+//!   keyed tokens, labels, departments, what a write changed), and run
+//!   through the [`Engine`].
+//! - **Sinks**: findings join cases (de-duplicated, sealed in the store),
+//!   the response policy acts through the account controls of
+//!   `custos-auth` (each response audited), and the signed webhook is
+//!   called.
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use custos_audit::{Agent, AuditRecord, AuditTrail, Decision, EventKind};
+use custos_auth::AuthService;
+use custos_fhir::Handling;
+use custos_records::Records;
+use custos_store::StoreExt;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::alerts::{Case, CaseStatus, Finding, Note, Outcome, Taken};
+use crate::config::{Action, DetectConfig};
+use crate::engine::Engine;
+use crate::facts::{MemoryFacts, StaffFacts, Tokenizer, rewritten_to_high_entropy};
+use crate::observe::Observed;
+use crate::webhook::Webhook;
+
+/// System records of detection.
+const CASE_KIND: &str = "detect-case";
+const STATE_KIND: &str = "detect-state";
+const USER_STATE_KIND: &str = "detect-user";
+/// Events read per batch.
+const BATCH: usize = 1024;
+/// Patients' facts kept in memory at most (then the cache starts over).
+const FACTS_CAP: usize = 200_000;
+
+/// Errors of detection.
+#[derive(Debug, thiserror::Error)]
+pub enum DetectError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("detection store: {0}")]
+    Store(String),
+}
+
+/// A change to a case by a security officer.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaseUpdate {
+    pub status: Option<String>,
+    pub assignee: Option<String>,
+    pub note: Option<String>,
+    pub outcome: Option<String>,
+}
+
+/// Figures of the pipeline.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stats {
+    /// Events judged since the start.
+    pub processed: u64,
+    /// The next audit index to judge.
+    pub cursor: u64,
+    pub findings: u64,
+    pub cases: usize,
+    /// Commit-to-alert latency of recent findings (µs), p50 and p99.
+    pub alert_latency_p50_us: u64,
+    pub alert_latency_p99_us: u64,
+    /// Commit-to-judged latency of recent events (µs), p99.
+    pub event_latency_p99_us: u64,
+}
+
+#[derive(Default)]
+struct Cases {
+    by_id: HashMap<String, Case>,
+    /// Case key → id of the active case with that key.
+    active: HashMap<String, String>,
+}
+
+struct Inner {
+    records: Records,
+    trail: AuditTrail,
+    auth: Arc<AuthService>,
+    config: DetectConfig,
+    tokenizer: Tokenizer,
+    facts: MemoryFacts,
+    engine: Mutex<Engine>,
+    cases: Mutex<Cases>,
+    alerts: tokio::sync::broadcast::Sender<Case>,
+    webhook: Option<Webhook>,
+    processed: Mutex<(u64, u64)>,
+    alert_latency: Mutex<VecDeque<u64>>,
+    event_latency: Mutex<VecDeque<u64>>,
+    /// When the staff list was last read, and the subjects looked for since.
+    staff_loaded: Mutex<(Instant, std::collections::HashSet<String>)>,
+}
+
+/// The detection service of one process.
+#[derive(Clone)]
+pub struct Detection {
+    inner: Arc<Inner>,
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+fn store_err(e: impl std::fmt::Display) -> DetectError {
+    DetectError::Store(e.to_string())
+}
+
+fn bare(reference: &str) -> &str {
+    reference.rsplit('/').next().unwrap_or(reference)
+}
+
+fn percentile(v: &VecDeque<u64>, p: f64) -> u64 {
+    if v.is_empty() {
+        return 0;
+    }
+    let mut s: Vec<u64> = v.iter().copied().collect();
+    s.sort_unstable();
+    s[((s.len() - 1) as f64 * p).round() as usize]
+}
+
+fn push_sample(v: &Mutex<VecDeque<u64>>, x: u64) {
+    let mut v = v.lock();
+    if v.len() >= 10_000 {
+        v.pop_front();
+    }
+    v.push_back(x);
+}
+
+impl Detection {
+    /// Load the saved state and cases and start the pipeline. `records`
+    /// must be the unrestricted handle (detection reads facts).
+    pub async fn start(
+        records: Records,
+        auth: Arc<AuthService>,
+        config: DetectConfig,
+    ) -> Result<Detection, DetectError> {
+        let vault = auth.vault().clone();
+        let store = records.store().clone();
+        let global = {
+            let v = vault.clone();
+            store
+                .read(|tx| tx.sys_get(STATE_KIND, "global"))
+                .await
+                .map_err(store_err)?
+                .map(|r| v.open_bytes(&r))
+                .transpose()
+                .map_err(store_err)?
+        };
+        let users: Vec<(String, Vec<u8>)> = {
+            let rows = store
+                .read(|tx| tx.sys_list(USER_STATE_KIND))
+                .await
+                .map_err(store_err)?;
+            rows.iter()
+                .map(|r| {
+                    let bytes = vault.open_bytes(r).map_err(store_err)?;
+                    // The key is a blind token of the subject; the subject
+                    // itself is inside the sealed value.
+                    let (subject, state): (String, Box<serde_json::value::RawValue>) =
+                        serde_json::from_slice(&bytes).map_err(store_err)?;
+                    Ok((subject, state.get().as_bytes().to_vec()))
+                })
+                .collect::<Result<_, DetectError>>()?
+        };
+        let engine = match global {
+            Some(g) => Engine::restore(config.clone(), &g, users).map_err(|e| {
+                DetectError::Store(format!("the saved detection state does not decode: {e}"))
+            })?,
+            None => Engine::new(config.clone()),
+        };
+        let mut cases = Cases::default();
+        for (_, _, case) in vault.list::<Case>(CASE_KIND).await.map_err(store_err)? {
+            if case.status.is_active() {
+                cases.active.insert(case.key.clone(), case.id.clone());
+            }
+            cases.by_id.insert(case.id.clone(), case);
+        }
+        let secret = std::env::var("CUSTOS_DETECT_WEBHOOK_SECRET")
+            .ok()
+            .or_else(|| config.webhook_secret.clone());
+        let webhook = match (&config.webhook_url, secret) {
+            (Some(url), Some(secret)) => Some(Webhook::new(url.clone(), secret.as_bytes())),
+            (Some(_), None) => {
+                return Err(DetectError::Invalid(
+                    "detect.webhook_url needs a webhook secret (detect.webhook_secret or CUSTOS_DETECT_WEBHOOK_SECRET)".into(),
+                ));
+            }
+            _ => None,
+        };
+        let tokenizer = Tokenizer::new(Arc::new(records.keys().blind().clone()));
+        let trail = auth.audit().clone();
+        let inner = Arc::new(Inner {
+            records,
+            trail,
+            auth,
+            config,
+            tokenizer,
+            facts: MemoryFacts::default(),
+            engine: Mutex::new(engine),
+            cases: Mutex::new(cases),
+            alerts: tokio::sync::broadcast::channel(1024).0,
+            webhook,
+            processed: Mutex::new((0, 0)),
+            alert_latency: Mutex::new(VecDeque::new()),
+            event_latency: Mutex::new(VecDeque::new()),
+            staff_loaded: Mutex::new((
+                Instant::now() - Duration::from_secs(3600),
+                Default::default(),
+            )),
+        });
+        let d = Detection { inner };
+        d.load_staff(None).await;
+        d.spawn();
+        Ok(d)
+    }
+
+    /// New and updated cases, as they happen.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Case> {
+        self.inner.alerts.subscribe()
+    }
+
+    /// The pipeline's figures.
+    pub fn stats(&self) -> Stats {
+        let (processed, findings) = *self.inner.processed.lock();
+        let a = self.inner.alert_latency.lock();
+        let e = self.inner.event_latency.lock();
+        Stats {
+            processed,
+            cursor: self.inner.engine.lock().state().cursor,
+            findings,
+            cases: self.inner.cases.lock().by_id.len(),
+            alert_latency_p50_us: percentile(&a, 0.5),
+            alert_latency_p99_us: percentile(&a, 0.99),
+            event_latency_p99_us: percentile(&e, 0.99),
+        }
+    }
+
+    /// Cases, most recently updated first, optionally of one status.
+    pub fn cases(&self, status: Option<CaseStatus>, limit: usize) -> Vec<Case> {
+        let c = self.inner.cases.lock();
+        let mut out: Vec<Case> = c
+            .by_id
+            .values()
+            .filter(|k| status.is_none_or(|s| k.status == s))
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| b.updated.cmp(&a.updated).then(b.id.cmp(&a.id)));
+        out.truncate(limit);
+        out
+    }
+
+    pub fn case(&self, id: &str) -> Option<Case> {
+        self.inner.cases.lock().by_id.get(id).cloned()
+    }
+
+    /// Work a case: status, assignee, a note, the outcome. Dismissing it as
+    /// a false positive teaches the baselines. Audited.
+    pub async fn update_case(
+        &self,
+        id: &str,
+        update: CaseUpdate,
+        by: &str,
+    ) -> Result<Case, DetectError> {
+        let status = update
+            .status
+            .as_deref()
+            .map(|s| {
+                CaseStatus::parse(s).ok_or_else(|| {
+                    DetectError::Invalid(format!(
+                        "unknown status '{s}' (open, investigating, confirmed, dismissed)"
+                    ))
+                })
+            })
+            .transpose()?;
+        let outcome = update
+            .outcome
+            .as_deref()
+            .map(|s| {
+                Outcome::parse(s).ok_or_else(|| {
+                    DetectError::Invalid(format!(
+                        "unknown outcome '{s}' (educated, sanctioned, reported, no-action)"
+                    ))
+                })
+            })
+            .transpose()?;
+        if update.note.as_deref().is_some_and(|n| n.len() > 10_000) {
+            return Err(DetectError::Invalid(
+                "a note is at most 10,000 characters".into(),
+            ));
+        }
+        let (case, dismissed) = {
+            let mut c = self.inner.cases.lock();
+            let case = c
+                .by_id
+                .get_mut(id)
+                .ok_or_else(|| DetectError::NotFound(format!("no case {id}")))?;
+            let was = case.status;
+            if let Some(s) = status {
+                case.status = s;
+            }
+            if let Some(a) = update.assignee {
+                case.assignee = Some(a).filter(|a| !a.is_empty());
+            }
+            if let Some(n) = update.note {
+                case.notes.push(Note {
+                    at: now_micros(),
+                    by: by.to_string(),
+                    text: n,
+                });
+            }
+            if outcome.is_some() {
+                case.outcome = outcome;
+            }
+            case.updated = now_micros();
+            let case = case.clone();
+            if !case.status.is_active() {
+                c.active.remove(&case.key);
+            } else {
+                c.active.insert(case.key.clone(), case.id.clone());
+            }
+            let dismissed = was != CaseStatus::Dismissed && case.status == CaseStatus::Dismissed;
+            (case, dismissed)
+        };
+        if dismissed {
+            let mut e = self.inner.engine.lock();
+            for f in &case.findings {
+                e.dismissed(f);
+            }
+        }
+        self.save_case(&case).await?;
+        self.audit(
+            "detect-case-update",
+            by,
+            &format!(
+                "case {} → {:?}{}",
+                case.id,
+                case.status,
+                case.outcome
+                    .map(|o| format!(", outcome {o:?}"))
+                    .unwrap_or_default()
+            ),
+            true,
+        )
+        .await;
+        let _ = self.inner.alerts.send(case.clone());
+        Ok(case)
+    }
+
+    /// Wait until every event committed so far has been judged (for tests
+    /// and the simulator's scorecard).
+    pub async fn caught_up(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let Ok(size) = self.inner.trail.size().await else {
+            return false;
+        };
+        self.inner.trail.signal_commit();
+        while Instant::now() < deadline {
+            if self.inner.engine.lock().state().cursor >= size {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    // ------------------------------------------------------------ pipeline
+
+    fn spawn(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let signal = self.inner.trail.commit_signal();
+        tokio::spawn(async move {
+            let mut last_save = Instant::now();
+            let mut last_global = Instant::now();
+            loop {
+                let _ = tokio::time::timeout(Duration::from_millis(250), signal.notified()).await;
+                let Some(inner) = weak.upgrade() else { break };
+                let d = Detection { inner };
+                if let Err(e) = d.run_once().await {
+                    tracing::error!(error = %e, "detection could not read the audit log");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                let save_every = Duration::from_secs(d.inner.config.save_secs.max(1));
+                if last_save.elapsed() >= save_every {
+                    let global = last_global.elapsed() >= save_every * 6;
+                    if let Err(e) = d.save_state(global).await {
+                        tracing::error!(error = %e, "detection state could not be saved");
+                    }
+                    last_save = Instant::now();
+                    if global {
+                        last_global = Instant::now();
+                    }
+                }
+            }
+        });
+    }
+
+    /// Judge every committed event after the cursor.
+    async fn run_once(&self) -> Result<(), DetectError> {
+        let size = self.inner.trail.size().await.map_err(store_err)?;
+        loop {
+            let cursor = self.inner.engine.lock().state().cursor;
+            if cursor >= size {
+                break;
+            }
+            let events = self
+                .inner
+                .trail
+                .events(cursor, size, BATCH)
+                .await
+                .map_err(store_err)?;
+            if events.is_empty() {
+                break;
+            }
+            for (index, rec) in events {
+                let mut ev = Observed::from_record(index, &rec);
+                self.enrich(&mut ev, &rec).await;
+                let mut found = Vec::new();
+                self.inner
+                    .engine
+                    .lock()
+                    .process(&ev, &self.inner.facts, &mut found);
+                let now = now_micros();
+                push_sample(&self.inner.event_latency, (now - ev.at).max(0) as u64);
+                {
+                    let mut p = self.inner.processed.lock();
+                    p.0 += 1;
+                    p.1 += found.len() as u64;
+                }
+                for f in found {
+                    push_sample(&self.inner.alert_latency, (now - f.at).max(0) as u64);
+                    self.sink(f).await;
+                }
+            }
+        }
+        let mut found = Vec::new();
+        self.inner.engine.lock().tick(now_micros(), &mut found);
+        for f in found {
+            self.sink(f).await;
+        }
+        Ok(())
+    }
+
+    async fn save_state(&self, global: bool) -> Result<(), DetectError> {
+        let (dirty, g) = {
+            let mut e = self.inner.engine.lock();
+            let dirty = e.take_dirty();
+            (dirty, global.then(|| e.global_state()))
+        };
+        if dirty.is_empty() && g.is_none() {
+            return Ok(());
+        }
+        let vault = self.inner.auth.vault().clone();
+        let rows: Vec<(String, Vec<u8>)> = dirty
+            .into_iter()
+            .map(|(subject, state)| {
+                let key = vault.blind_key("detect-user", &subject);
+                let raw = serde_json::value::RawValue::from_string(
+                    String::from_utf8(state).expect("JSON is UTF-8"),
+                )
+                .expect("valid JSON");
+                let value = serde_json::to_vec(&(subject, raw)).expect("serializes");
+                (key, value)
+            })
+            .collect();
+        vault
+            .write(move |tx, v| {
+                for (key, value) in &rows {
+                    tx.sys_put(
+                        USER_STATE_KIND,
+                        key,
+                        &v.seal_bytes(USER_STATE_KIND, key, value),
+                        None,
+                    )
+                    .map_err(|e| custos_auth::AuthError::Internal(e.to_string()))?;
+                }
+                if let Some(g) = &g {
+                    tx.sys_put(
+                        STATE_KIND,
+                        "global",
+                        &v.seal_bytes(STATE_KIND, "global", g),
+                        None,
+                    )
+                    .map_err(|e| custos_auth::AuthError::Internal(e.to_string()))?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(store_err)
+    }
+
+    /// Save everything now (on shutdown).
+    pub async fn flush(&self) -> Result<(), DetectError> {
+        self.save_state(true).await
+    }
+
+    // ------------------------------------------------------------- enrich
+
+    /// Read the staff list (again): at start, and when an unknown subject
+    /// appears (each unknown subject once; otherwise at most every 5 s).
+    async fn load_staff(&self, missing: Option<&str>) {
+        {
+            let mut l = self.inner.staff_loaded.lock();
+            let new_subject = missing.is_some_and(|s| l.1.insert(s.to_string()));
+            if !new_subject && l.0.elapsed() < Duration::from_secs(5) {
+                return;
+            }
+            l.0 = Instant::now();
+        }
+        let Ok(snap) = self.inner.auth.snapshot().await else {
+            return;
+        };
+        for (id, user) in snap.users.iter() {
+            let subject = format!("user:{id}");
+            if self.inner.facts.has_staff(&subject) {
+                continue;
+            }
+            let person = match &user.practitioner {
+                Some(p) => match self.inner.records.read("Practitioner", p).await {
+                    Ok(o) => self.inner.tokenizer.person(&o.resource),
+                    Err(_) => Default::default(),
+                },
+                None => Default::default(),
+            };
+            self.inner.facts.set_staff(
+                &subject,
+                StaffFacts {
+                    person,
+                    department: user.organization.as_deref().map(|o| bare(o).to_string()),
+                    patient: user.patient.clone(),
+                },
+            );
+        }
+    }
+
+    async fn enrich(&self, ev: &mut Observed, _rec: &AuditRecord) {
+        if let Some(s) = &ev.subject
+            && s.starts_with("user:")
+            && !self.inner.facts.has_staff(s)
+        {
+            self.load_staff(Some(s)).await;
+        }
+        let records = &self.inner.records;
+        for w in &mut ev.writes {
+            match w.rtype.as_str() {
+                "Patient" => self.inner.facts.forget_patient(&w.id),
+                "Encounter" | "CareTeam" => {
+                    if let Some(p) = &w.patient {
+                        self.inner.facts.forget_patient(p);
+                    }
+                }
+                _ => {}
+            }
+            if w.interaction == "delete" {
+                continue;
+            }
+            let needs_body = matches!(w.rtype.as_str(), "Patient" | "Coverage" | "Encounter")
+                || (w.interaction == "update" && w.version > 1);
+            if !needs_body {
+                continue;
+            }
+            let Ok(new) = records.vread(&w.rtype, &w.id, &w.version.to_string()).await else {
+                continue;
+            };
+            let r = &new.resource;
+            match w.rtype.as_str() {
+                "Patient" => {
+                    w.identity = self.inner.tokenizer.person(r).identity;
+                    w.identifiers = self.inner.tokenizer.identifiers(r);
+                }
+                "Coverage" => w.identifiers = self.inner.tokenizer.identifiers(r),
+                "Encounter" => {
+                    w.site = r["serviceProvider"]["reference"]
+                        .as_str()
+                        .map(|s| bare(s).to_string());
+                    w.site_at = r["period"]["start"].as_str().and_then(parse_instant);
+                }
+                _ => {}
+            }
+            if w.interaction == "update"
+                && w.version > 1
+                && let Ok(old) = records
+                    .vread(&w.rtype, &w.id, &(w.version - 1).to_string())
+                    .await
+            {
+                w.high_entropy = rewritten_to_high_entropy(&old.resource, r);
+            }
+        }
+        let patients: Vec<String> = ev.accesses.iter().map(|a| a.patient.clone()).collect();
+        for p in patients {
+            if !self.inner.facts.has_patient(&p) {
+                self.load_patient(&p).await;
+            }
+        }
+    }
+
+    async fn load_patient(&self, id: &str) {
+        if self.inner.facts.patients_len() > FACTS_CAP {
+            // Forget everything rather than grow without bound.
+            self.inner.facts.clear_patients();
+        }
+        let records = &self.inner.records;
+        let Ok(p) = records.read("Patient", id).await else {
+            self.inner
+                .facts
+                .set_patient(id, crate::facts::PatientFacts::default());
+            return;
+        };
+        let mut facts = self.inner.tokenizer.patient(&p.resource);
+        let params = vec![
+            ("patient".to_string(), format!("Patient/{id}")),
+            ("_count".to_string(), "100".to_string()),
+            ("_total".to_string(), "none".to_string()),
+        ];
+        if let Ok(b) = records
+            .search("Encounter", params, Handling::Lenient, "urn:custos")
+            .await
+        {
+            for e in b["entry"].as_array().into_iter().flatten() {
+                if let Some(org) = e["resource"]["serviceProvider"]["reference"].as_str() {
+                    let org = bare(org).to_string();
+                    if !facts.departments.contains(&org) {
+                        facts.departments.push(org);
+                    }
+                }
+            }
+        }
+        self.inner.facts.set_patient(id, facts);
+    }
+
+    // -------------------------------------------------------------- sinks
+
+    async fn sink(&self, f: Finding) {
+        let (case, opened, escalated) = {
+            let mut c = self.inner.cases.lock();
+            let key = f.case_key();
+            match c.active.get(&key).cloned() {
+                Some(id) => {
+                    let case = c.by_id.get_mut(&id).expect("active cases exist");
+                    // At-least-once delivery: a finding judged again after a
+                    // restart is the same finding.
+                    if case
+                        .findings
+                        .iter()
+                        .any(|g| g.kind == f.kind && g.evidence.first() == f.evidence.first())
+                    {
+                        return;
+                    }
+                    let before = case.severity;
+                    case.join(f.clone());
+                    (case.clone(), false, case.severity > before)
+                }
+                None => {
+                    let id = uuid::Uuid::new_v4().to_string();
+                    let case = Case::open(id.clone(), f.clone());
+                    c.active.insert(key, id.clone());
+                    c.by_id.insert(id, case.clone());
+                    (case, true, false)
+                }
+            }
+        };
+        tracing::warn!(
+            detector = %case.detector,
+            severity = case.severity.name(),
+            case = %case.id,
+            "detection raised an alert"
+        );
+        let mut case = case;
+        if opened || escalated {
+            let mut actions = self
+                .inner
+                .config
+                .actions_for(f.detector, &f.kind, case.severity);
+            let system = case
+                .subject
+                .as_deref()
+                .is_some_and(|s| !s.starts_with("user:"));
+            if system && !self.inner.config.respond_to_systems {
+                actions.retain(|a| *a == Action::ServerReadOnly);
+            }
+            for a in actions {
+                if case.responses.iter().any(|t| t.action == a.name() && t.ok) {
+                    continue;
+                }
+                let taken = self.respond(a, &case, &f).await;
+                case.responses.push(taken);
+            }
+            if let Some(stored) = self.inner.cases.lock().by_id.get_mut(&case.id) {
+                stored.responses = case.responses.clone();
+            }
+            if let Some(w) = &self.inner.webhook {
+                w.send(
+                    if opened {
+                        "case-opened"
+                    } else {
+                        "case-escalated"
+                    },
+                    json!({
+                        "event": if opened { "case-opened" } else { "case-escalated" },
+                        "sent": now_micros(),
+                        "case": case,
+                        "finding": f,
+                    }),
+                );
+            }
+        }
+        if let Err(e) = self.save_case(&case).await {
+            tracing::error!(error = %e, "a detection case could not be saved");
+        }
+        let _ = self.inner.alerts.send(case);
+    }
+
+    async fn save_case(&self, case: &Case) -> Result<(), DetectError> {
+        self.inner
+            .auth
+            .vault()
+            .put(CASE_KIND, &case.id, case, None)
+            .await
+            .map(|_| ())
+            .map_err(store_err)
+    }
+
+    /// Take one response; the account controls audit themselves, and the
+    /// response is recorded with its case.
+    async fn respond(&self, action: Action, case: &Case, f: &Finding) -> Taken {
+        let auth = &self.inner.auth;
+        let reason = format!("detection case {} ({})", case.id, case.detector);
+        let subject = case.subject.clone();
+        let username = match (&case.username, &subject) {
+            (Some(u), _) => Some(u.clone()),
+            (None, Some(s)) if s.starts_with("user:") => auth
+                .snapshot()
+                .await
+                .ok()
+                .and_then(|snap| snap.users.get(&s[5..]).map(|u| u.username.clone())),
+            _ => None,
+        };
+        let result: Result<(), String> = match (action, &username, &subject) {
+            (Action::Notify, _, _) => Ok(()),
+            (Action::ServerReadOnly, _, _) => auth
+                .set_server_read_only(true, Some(reason.clone()))
+                .await
+                .map_err(|e| e.to_string()),
+            (Action::Lock, Some(u), _) => {
+                auth.lock_user(u, &reason).await.map_err(|e| e.to_string())
+            }
+            (Action::ReadOnly, Some(u), _) => auth
+                .set_user_read_only(u, true)
+                .await
+                .map_err(|e| e.to_string()),
+            (Action::RequireBreakGlass, Some(u), _) => auth
+                .set_user_require_break_glass(u, true)
+                .await
+                .map_err(|e| e.to_string()),
+            (a, None, Some(s)) if !s.starts_with("user:") => {
+                let now = custos_auth::now_secs() + 1;
+                auth.control_principal(s, move |c| match a {
+                    Action::Lock => {
+                        c.locked = true;
+                        c.tokens_valid_after = now;
+                    }
+                    Action::ReadOnly => c.read_only = true,
+                    Action::RequireBreakGlass => c.require_break_glass = true,
+                    _ => {}
+                })
+                .await
+                .map_err(|e| e.to_string())
+            }
+            _ => Err("the finding names no principal to act on".into()),
+        };
+        let ok = result.is_ok();
+        if let Err(e) = &result {
+            tracing::error!(action = action.name(), error = %e, "a detection response failed");
+        }
+        self.audit(
+            "detect-response",
+            "system:detect",
+            &format!(
+                "case {}: {} {} ({}: {})",
+                case.id,
+                action.name(),
+                subject.as_deref().unwrap_or("server"),
+                f.detector,
+                f.kind
+            ),
+            ok,
+        )
+        .await;
+        Taken {
+            at: now_micros(),
+            action: action.name().to_string(),
+            ok,
+            error: result.err(),
+        }
+    }
+
+    async fn audit(&self, what: &str, by: &str, detail: &str, ok: bool) {
+        let rec = AuditRecord {
+            kind: EventKind::Admin,
+            action: format!("detect:{what}"),
+            interaction: Some(what.to_string()),
+            status: if ok { 200 } else { 500 },
+            agent: Agent {
+                subject: Some(by.to_string()),
+                ..Agent::default()
+            },
+            detail: Some(detail.to_string()),
+            decisions: vec![Decision {
+                interaction: "admin".into(),
+                rtype: None,
+                id: None,
+                patient: None,
+                allowed: ok,
+                rule: what.to_string().into(),
+            }],
+            ..AuditRecord::default()
+        };
+        if let Err(e) = self.inner.auth.record(rec).await {
+            tracing::error!(error = %e, "a detection action could not be audited");
+        }
+    }
+}
+
+/// An ISO 8601 instant or date as UTC microseconds.
+fn parse_instant(s: &str) -> Option<i64> {
+    use time::format_description::well_known::Rfc3339;
+    if let Ok(t) = time::OffsetDateTime::parse(s, &Rfc3339) {
+        return Some((t.unix_timestamp_nanos() / 1000) as i64);
+    }
+    let d = time::Date::parse(
+        s.get(..10)?,
+        &time::macros::format_description!("[year]-[month]-[day]"),
+    )
+    .ok()?;
+    Some(d.midnight().assume_utc().unix_timestamp() * 1_000_000)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn instants() {
+        assert_eq!(
+            super::parse_instant("1970-01-01T00:00:01Z"),
+            Some(1_000_000)
+        );
+        assert_eq!(super::parse_instant("1970-01-02"), Some(86_400_000_000));
+        assert_eq!(super::parse_instant("soon"), None);
+    }
+}
