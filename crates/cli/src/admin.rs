@@ -412,3 +412,147 @@ pub async fn login(
     println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(())
 }
+
+/// `custos alerts`: the security officer's cases on a running server,
+/// through its admin API, with a token of `custos login` (CUSTOS_TOKEN).
+#[derive(Subcommand)]
+pub enum AlertsAction {
+    /// Cases, most recently updated first.
+    List {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// open, investigating, confirmed or dismissed.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        count: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One case: its findings (with the audit entries that prove them) and responses.
+    Show {
+        #[command(flatten)]
+        server: ServerArgs,
+        id: String,
+    },
+    /// Work a case: status, assignee, a note, the outcome.
+    Update {
+        #[command(flatten)]
+        server: ServerArgs,
+        id: String,
+        /// open, investigating, confirmed, dismissed (a false positive: the baseline learns it).
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        assignee: Option<String>,
+        #[arg(long)]
+        note: Option<String>,
+        /// educated, sanctioned, reported, no-action.
+        #[arg(long)]
+        outcome: Option<String>,
+    },
+}
+
+/// Where the server is and the bearer token to use.
+#[derive(clap::Args)]
+pub struct ServerArgs {
+    /// The server's base URL.
+    #[arg(long, env = "CUSTOS_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// An access token of `custos login` (a security officer or admin).
+    #[arg(long, env = "CUSTOS_TOKEN", hide_env_values = true)]
+    pub token: String,
+}
+
+async fn admin_call(
+    server: &ServerArgs,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    let c = crate::client::FhirClient::new(&server.url).with_token(&server.token);
+    let (status, v) = c.json(method, path, body).await?;
+    if !(200..300).contains(&status) {
+        let why = v["issue"][0]["diagnostics"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| v.to_string());
+        bail!("the server answered HTTP {status}: {why}");
+    }
+    Ok(v)
+}
+
+pub async fn alerts(action: AlertsAction) -> anyhow::Result<()> {
+    match action {
+        AlertsAction::List {
+            server,
+            status,
+            count,
+            json,
+        } => {
+            let mut path = format!("admin/alerts?_count={count}");
+            if let Some(s) = status {
+                path.push_str(&format!("&status={s}"));
+            }
+            let v = admin_call(&server, "GET", &path, None).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            let cases = v["cases"].as_array().cloned().unwrap_or_default();
+            println!(
+                "{:<36} {:<9} {:<13} {:<20} {:>5}  summary",
+                "case", "severity", "status", "detector", "count"
+            );
+            for c in &cases {
+                let summary = c["findings"]
+                    .as_array()
+                    .and_then(|f| f.last())
+                    .and_then(|f| f["summary"].as_str())
+                    .unwrap_or("");
+                println!(
+                    "{:<36} {:<9} {:<13} {:<20} {:>5}  {}",
+                    c["id"].as_str().unwrap_or(""),
+                    c["severity"].as_str().unwrap_or(""),
+                    c["status"].as_str().unwrap_or(""),
+                    c["detector"].as_str().unwrap_or(""),
+                    c["count"],
+                    summary
+                );
+            }
+            println!(
+                "{} case(s); pipeline: {} events judged, commit-to-alert p99 {} µs",
+                cases.len(),
+                v["stats"]["processed"],
+                v["stats"]["alert_latency_p99_us"]
+            );
+        }
+        AlertsAction::Show { server, id } => {
+            let v = admin_call(&server, "GET", &format!("admin/alerts/{id}"), None).await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        AlertsAction::Update {
+            server,
+            id,
+            status,
+            assignee,
+            note,
+            outcome,
+        } => {
+            let body = serde_json::json!({
+                "status": status, "assignee": assignee, "note": note, "outcome": outcome,
+            });
+            let v = admin_call(&server, "POST", &format!("admin/alerts/{id}"), Some(&body)).await?;
+            println!(
+                "case {} is {}{}",
+                v["id"].as_str().unwrap_or(&id),
+                v["status"].as_str().unwrap_or("?"),
+                v["outcome"]
+                    .as_str()
+                    .map(|o| format!(" (outcome: {o})"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}

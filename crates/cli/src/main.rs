@@ -8,6 +8,7 @@ mod client;
 mod config;
 mod demo;
 mod embedded;
+mod simulate;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -155,6 +156,13 @@ enum Command {
     },
     /// Measure ingest, reads, searches and the cost of sealing on this machine.
     Bench(bench::BenchArgs),
+    /// Run a simulated hospital with labelled attacks against detection and print a scorecard.
+    Simulate(simulate::SimulateArgs),
+    /// Work the alert cases of a running server (security officer).
+    Alerts {
+        #[command(subcommand)]
+        action: admin::AlertsAction,
+    },
 }
 
 #[derive(Subcommand)]
@@ -206,7 +214,7 @@ fn main() {
     // The demo and the benchmark print their own story; keep the log to warnings there.
     let default_filter = match cli.command {
         // (Alerts and break-the-glass grants are shown by the story itself.)
-        Command::Demo { .. } | Command::Bench(_) => {
+        Command::Demo { .. } | Command::Bench(_) | Command::Simulate(_) => {
             "warn,custos_detect=error,custos_auth::policy=error"
         }
         _ => "info",
@@ -598,6 +606,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => admin::login(url, username, totp, scope, patient).await?,
         Command::Audit { action } => audit_cmd::run(action).await?,
         Command::Bench(args) => bench::run(args).await?,
+        Command::Simulate(args) => simulate::run(args).await?,
+        Command::Alerts { action } => admin::alerts(action).await?,
     }
     Ok(())
 }

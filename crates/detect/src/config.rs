@@ -58,6 +58,8 @@ pub struct DetectConfig {
     pub bulk_min_patients_day: f64,
     /// How many standard deviations above a baseline is "far above".
     pub bulk_sigmas: f64,
+    /// The same for a user-day against the daily baselines.
+    pub bulk_sigmas_day: f64,
     /// A single response carrying this many resources is a huge search.
     pub huge_search_results: u32,
     /// What a new role expects per user-hour before it has learned (patients).
@@ -120,6 +122,7 @@ impl Default for DetectConfig {
             bulk_min_patients_hour: 40.0,
             bulk_min_patients_day: 120.0,
             bulk_sigmas: 6.0,
+            bulk_sigmas_day: 4.0,
             huge_search_results: 1000,
             role_prior_patients_hour: 15.0,
             role_prior_patients_day: 60.0,

@@ -53,7 +53,7 @@ impl Ewm {
         Ewm {
             n: 1,
             mean,
-            var: (mean / 2.0).powi(2),
+            var: (mean / 3.0).powi(2),
         }
     }
 
@@ -845,6 +845,7 @@ impl Engine {
             if let Some(p) = &pf {
                 if (p.labels.vip || p.labels.restricted)
                     && !care
+                    && !dept_shared
                     && u.fired.insert(format!("restricted|{}", a.patient))
                 {
                     found.push(self.finding(
@@ -920,10 +921,11 @@ impl Engine {
                 .hourly
                 .filter(|e| e.n >= 8)
                 .map(|e| e.limit(cfg.bulk_sigmas));
+            // Days vary less than hours (more events each): fewer sigmas.
             let role_day = r
                 .daily
                 .filter(|e| e.n >= 5)
-                .map(|e| e.limit(cfg.bulk_sigmas));
+                .map(|e| e.limit(cfg.bulk_sigmas_day));
             let own_hour = u
                 .hourly
                 .filter(|e| e.n >= 8)
@@ -931,7 +933,7 @@ impl Engine {
             let own_day = u
                 .daily
                 .filter(|e| e.n >= 5)
-                .map(|e| e.limit(cfg.bulk_sigmas) + 10.0);
+                .map(|e| e.limit(cfg.bulk_sigmas_day) + 10.0);
             // Far above both the user's own baseline and the role's; until
             // the user's own is learned, the role's and a floor.
             let limit = |own: Option<f64>, role: Option<f64>, floor: f64| match own {
@@ -1085,12 +1087,27 @@ impl Engine {
             (&*role_model, "the role's baseline (new user)")
         };
         if model.ready() && w.events >= 3 {
-            let score = model.score(&self.forest, &x);
+            // Two views of one learned baseline: the trees' novelty of the
+            // whole window, and the largest deviation of one feature from
+            // the user's (or role's) own running mean, which the trees
+            // resolve only coarsely on eight features; the higher decides.
+            let novelty = model.score(&self.forest, &x);
+            // A quieter hour than usual is no threat: volumes count upwards
+            // only; the hour of day both ways.
+            let why_raw: Vec<(usize, f64)> = model
+                .explain(&x)
+                .into_iter()
+                .filter(|(d, z)| *z > 0.0 || *d == 4 || *d == 5)
+                .collect();
+            let deviation = why_raw
+                .first()
+                .map(|(_, z)| ((z.abs() - 3.0) / 6.0).clamp(0.0, 1.0))
+                .unwrap_or(0.0);
+            let score = novelty.max(deviation);
             if score >= self.config.anomaly_threshold {
-                let why: Vec<String> = model
-                    .explain(&x)
-                    .into_iter()
-                    .map(|(d, z)| format!("{} {z:+.1}σ", FEATURES[d]))
+                let why: Vec<String> = why_raw
+                    .iter()
+                    .map(|(d, z)| format!("{} {z:+.1}σ", FEATURES[*d]))
                     .collect();
                 if !why.is_empty() {
                     out.push(Finding {
