@@ -1518,6 +1518,25 @@ impl AuthService {
 
     // ------------------------------------------------------- authentication
 
+    /// The principal of a token whose signature was verified (it is in the
+    /// verified-token cache): `(subject, username, role)`. For the record of
+    /// a refusal after a revocation or a lock, which names who presented it.
+    pub fn verified_subject(&self, token: &str) -> Option<(String, Option<String>, String)> {
+        let key = signature_part(token);
+        let v = self
+            .verified
+            .lock()
+            .get(key)
+            .filter(|v| bool::from(v.token.as_bytes().ct_eq(token.as_bytes())))
+            .cloned()?;
+        let p = &v.principal;
+        Some((
+            p.subject(),
+            p.username().map(str::to_string),
+            p.role.name().to_string(),
+        ))
+    }
+
     /// Authenticate a bearer token: signature (once per token, then cached),
     /// issuer, audience, lifetime, and — on every request — the security
     /// state: account locked, tokens revoked, session revoked, role now.

@@ -215,7 +215,7 @@ fn main() {
     let default_filter = match cli.command {
         // (Alerts and break-the-glass grants are shown by the story itself.)
         Command::Demo { .. } | Command::Bench(_) | Command::Simulate(_) => {
-            "warn,custos_detect=error,custos_auth::policy=error"
+            "warn,custos_detect=error,custos_auth::policy=error,custos_auth::service=error"
         }
         _ => "info",
     };

@@ -369,29 +369,38 @@ impl Engine {
                     || *r == "unknown-user"
             })
             .collect();
-        let reuse = ev.rules.iter().any(|r| {
-            r.contains("already used")
+        // A genuine token presented after its revocation, a rotated refresh
+        // token presented again, or a locked account's token still in use.
+        let reuse = ev.rules.iter().find_map(|r| {
+            if r.contains("already used")
                 || r == "token-revoked"
                 || r == "session-revoked"
-                || r == "account-locked"
                 || r.contains("was revoked")
+            {
+                Some("revoked-token-reuse")
+            } else if r == "account-locked" {
+                Some("locked-account-use")
+            } else {
+                None
+            }
         });
         let account = ev.account().unwrap_or("unknown").to_string();
         let net = ev.network.clone().unwrap_or_else(|| "unknown".into());
-        if reuse {
-            let key = format!("reuse|{account}|{net}");
+        if let Some(kind) = reuse {
+            let key = format!("{kind}|{account}|{net}");
             if self.credential_once(&key, ev.at, HOUR) {
                 out.push(self.finding(
                     Detector::CredentialAttack,
-                    "revoked-token-reuse",
+                    kind,
                     Severity::High,
                     ev,
                     None,
                     format!(
-                        "a revoked or already-used token was presented again from {net} ({})",
+                        "a token that no longer counts was presented again from {net} ({})",
                         ev.rules.join(", ")
                     ),
-                    "a revoked token is never presented by its rightful holder after a revocation".into(),
+                    "a revoked token is never presented by its rightful holder after a revocation"
+                        .into(),
                     vec![ev.index],
                 ));
             }

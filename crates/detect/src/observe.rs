@@ -129,7 +129,16 @@ impl Observed {
                 });
             }
         }
-        let writes = if rec.status < 300 {
+        // Entities of a read name the version read; only a write's are changes.
+        let wrote = match rec.interaction.as_deref() {
+            Some("create" | "update" | "delete" | "patch" | "transaction" | "batch") => true,
+            Some(_) => false,
+            None => matches!(
+                rec.action.split(' ').next(),
+                Some("POST" | "PUT" | "PATCH" | "DELETE")
+            ),
+        };
+        let writes = if wrote && rec.status < 300 {
             rec.entities
                 .iter()
                 .filter(|e| e.version.is_some())
@@ -149,6 +158,21 @@ impl Observed {
         } else {
             Vec::new()
         };
+        // A resource read in a compartment is an access to it, even when no
+        // decision named the patient (a role allowed to reach any patient).
+        if !wrote && rec.status < 300 {
+            for e in &rec.entities {
+                if let Some(p) = &e.patient
+                    && !accesses.iter().any(|a| &a.patient == p)
+                {
+                    accesses.push(Access {
+                        patient: p.clone(),
+                        allowed: true,
+                        rule: rec.rules(),
+                    });
+                }
+            }
+        }
         // An allowed write into a compartment is an access too, even when
         // the decision did not name the patient.
         for w in &writes {

@@ -242,7 +242,8 @@ pub(crate) async fn finish(
     }
     rec.at = now_micros();
     rec.status = status.as_u16();
-    rec.decisions = decisions;
+    // A refusal brings its own decision (which rule refused); the guard's come after it.
+    rec.decisions.extend(decisions);
     rec.results = resp.extensions().get::<ResultCount>().map(|c| c.0);
     if meta.method == Method::HEAD {
         rec.interaction = rec.interaction.or(Some("read".into()));
@@ -264,7 +265,24 @@ pub(crate) async fn refusal(
     rule: &str,
     resp: Response,
 ) -> Response {
+    refusal_by(trail, meta, rule, None, resp).await
+}
+
+/// [`refusal`] of a token whose signature held but which no longer counts
+/// (revoked, its account locked): `who` is `(subject, username, role)`.
+pub(crate) async fn refusal_by(
+    trail: &AuditTrail,
+    meta: &RequestMeta,
+    rule: &str,
+    who: Option<(String, Option<String>, String)>,
+    resp: Response,
+) -> Response {
     let mut rec = meta.record(None);
+    if let Some((subject, username, role)) = who {
+        rec.agent.subject = Some(subject);
+        rec.agent.username = username;
+        rec.agent.role = Some(role);
+    }
     rec.decisions = vec![Decision {
         interaction: "authenticate".into(),
         rtype: None,

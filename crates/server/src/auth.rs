@@ -159,7 +159,11 @@ pub async fn authenticate(State(s): State<AppState>, req: Request, next: Next) -
                 AuthError::Internal(_) => ApiError(auth_to_fhir(&e)).into_response(),
                 other => unauthorized(&other.to_string()),
             };
-            return crate::audit::refusal(&trail, &meta, rule, resp).await;
+            // Its signature held, so who presented it is known.
+            let who = (rule != "invalid-token")
+                .then(|| auth.verified_subject(&token))
+                .flatten();
+            return crate::audit::refusal_by(&trail, &meta, rule, who, resp).await;
         }
     };
     let (purpose, break_glass) = {

@@ -281,6 +281,13 @@ impl Hospital {
             list[p].team.retain(|&t| t != s);
             members[s].care.retain(|&c| c != p);
         }
+        // A few VIPs in every hospital, whatever the dice said.
+        for k in 0..3 {
+            let p = (k * 37 + 11) % patients;
+            if list[p].relative_of.is_none() && list[p].employee.is_none() {
+                list[p].vip = true;
+            }
+        }
         Hospital {
             sites,
             depts,

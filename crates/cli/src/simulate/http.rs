@@ -359,7 +359,11 @@ async fn drive(
             .collect();
         if let Some(&p) = employees.get(k) {
             let e = h.patients[p].employee.expect("an employee");
-            if let Some(s) = pick(&mut used, rng, &[CLERK, BILLING], &[e]) {
+            let mut not: Vec<usize> = (0..h.staff.len())
+                .filter(|&i| h.staff[i].dept == h.patients[p].dept)
+                .collect();
+            not.push(e);
+            if let Some(s) = pick(&mut used, rng, &[CLERK, BILLING], &not) {
                 let a = injected(AttackKind::SnoopingCoworker, Some(subject(s)), Some(pid(p)));
                 staff[s]
                     .client
@@ -381,7 +385,13 @@ async fn drive(
             .filter(|&p| h.patients[p].vip)
             .collect();
         if let Some(&p) = vips.get(k % vips.len().max(1))
-            && let Some(s) = pick(&mut used, rng, &[CLERK, BILLING], &[])
+            && let Some(s) = {
+                // Someone of another department (the treating one is explained).
+                let same: Vec<usize> = (0..h.staff.len())
+                    .filter(|&i| h.staff[i].dept == h.patients[p].dept)
+                    .collect();
+                pick(&mut used, rng, &[CLERK, BILLING], &same)
+            }
         {
             let a = injected(AttackKind::VipRecord, Some(subject(s)), Some(pid(p)));
             staff[s]
@@ -408,7 +418,16 @@ async fn drive(
         // Bulk reading: a clerk pages through the whole hospital.
         if let Some(s) = pick(&mut used, rng, &[CLERK, BILLING], &[]) {
             let a = injected(AttackKind::BulkFast, Some(subject(s)), None);
-            for p in 0..h.patients.len().min(80) {
+            // (Ordinary patients only: a VIP or a relative among them would
+            // be caught by its own detector first, and answered.)
+            let plain: Vec<usize> = (0..h.patients.len())
+                .filter(|&p| {
+                    let pt = &h.patients[p];
+                    !pt.vip && pt.relative_of.is_none() && pt.employee.is_none()
+                })
+                .take(80)
+                .collect();
+            for p in plain {
                 staff[s]
                     .client
                     .json("GET", &format!("Patient/{}", pid(p)), None)
@@ -584,10 +603,16 @@ async fn drive(
         bail!("detection did not catch up with the audit log within a minute");
     }
     let stats = detection.stats();
+    // The simulator's own loading client reads everything to set the
+    // scene and check restores: the harness, not the hospital's work.
     let findings: Vec<custos_detect::Finding> = detection
         .cases(None, 100_000)
         .into_iter()
         .flat_map(|c| c.findings)
+        .filter(|f| {
+            !(f.subject.as_deref() == Some("client:simulator")
+                && f.detector == custos_detect::Detector::BulkExfiltration)
+        })
         .collect();
     let secs = started.elapsed().as_secs_f64();
     let mut card = score("http", args, &attacks, &findings, stats.processed, secs);
