@@ -18,6 +18,8 @@
 //! the server's one-line-per-request log does not flood the output.
 #[path = "bench_audit.rs"]
 mod audit;
+#[path = "bench_detect.rs"]
+mod detect;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -1077,6 +1079,7 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
     // best time of each, so that neither the order nor a passing burst of
     // other work on the machine decides the ratio. Reads run after the first
     // ingest of each.
+    let mut live_detect: Option<custos_detect::Stats> = None;
     let mut best: [Option<f64>; 2] = [None, None];
     let mut best_cpu: [Option<f64>; 2] = [None, None];
     let mut reads: [Option<ReadResult>; 2] = [None, None];
@@ -1197,6 +1200,12 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
             } else {
                 reads[k] = Some(read);
             }
+        }
+        if k == 0
+            && let Some(d) = &server.server.detection
+        {
+            d.caught_up(Duration::from_secs(120)).await;
+            live_detect = Some(d.stats());
         }
         server.stop().await?;
     }
@@ -1480,6 +1489,16 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
             s.failures.count
         ));
     }
+
+    // 6. Detection.
+    detect::run(
+        plan.quick,
+        plan.seed,
+        sealed_read.rate,
+        live_detect,
+        &mut rows,
+    )
+    .await?;
 
     print_table(&rows);
     let missed = rows.iter().filter(|r| r.verdict == "MISS").count();

@@ -77,6 +77,9 @@ pub struct Stats {
     pub alert_latency_p99_us: u64,
     /// Commit-to-judged latency of recent events (µs), p99.
     pub event_latency_p99_us: u64,
+    /// Time spent judging (reading the log, opening, enriching, the
+    /// detectors, the sinks), in µs: `processed / busy` is the pipeline's rate.
+    pub busy_us: u64,
 }
 
 #[derive(Default)]
@@ -98,6 +101,7 @@ struct Inner {
     alerts: tokio::sync::broadcast::Sender<Case>,
     webhook: Option<Webhook>,
     processed: Mutex<(u64, u64)>,
+    busy_us: Mutex<u64>,
     alert_latency: Mutex<VecDeque<u64>>,
     event_latency: Mutex<VecDeque<u64>>,
     /// When the staff list was last read, and the subjects looked for since.
@@ -217,6 +221,7 @@ impl Detection {
             alerts: tokio::sync::broadcast::channel(1024).0,
             webhook,
             processed: Mutex::new((0, 0)),
+            busy_us: Mutex::new(0),
             alert_latency: Mutex::new(VecDeque::new()),
             event_latency: Mutex::new(VecDeque::new()),
             staff_loaded: Mutex::new((
@@ -248,6 +253,7 @@ impl Detection {
             alert_latency_p50_us: percentile(&a, 0.5),
             alert_latency_p99_us: percentile(&a, 0.99),
             event_latency_p99_us: percentile(&e, 0.99),
+            busy_us: *self.inner.busy_us.lock(),
         }
     }
 
@@ -418,6 +424,7 @@ impl Detection {
             if cursor >= size {
                 break;
             }
+            let started = Instant::now();
             let events = self
                 .inner
                 .trail
@@ -447,6 +454,7 @@ impl Detection {
                     self.sink(f).await;
                 }
             }
+            *self.inner.busy_us.lock() += started.elapsed().as_micros() as u64;
         }
         let mut found = Vec::new();
         self.inner.engine.lock().tick(now_micros(), &mut found);

@@ -779,30 +779,3 @@ fn dismissing_a_false_positive_teaches_the_baseline() {
     ));
     assert!(w.raised(Detector::UnexplainedAccess).is_empty());
 }
-
-#[test]
-#[ignore]
-fn debug_scores() {
-    for extra in [0usize, 6, 12, 24] {
-        let mut w = World::new();
-        routine(&mut w, 12, 4);
-        let day = T0 + 12 * DAY;
-        for i in 0..(4 + extra) {
-            w.feed(read(
-                "user:nurse",
-                "nurse",
-                day + 9 * HOUR + i as i64 * MIN,
-                &format!("p{}", i % 40),
-                "care-team",
-            ));
-        }
-        let mut out = Vec::new();
-        w.engine.tick(day + 11 * HOUR, &mut out);
-        eprintln!(
-            "extra {extra}: {:?}",
-            out.iter()
-                .map(|f| (f.detector, f.score))
-                .collect::<Vec<_>>()
-        );
-    }
-}

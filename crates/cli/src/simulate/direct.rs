@@ -768,3 +768,37 @@ pub fn run(args: &SimulateArgs, config: DetectConfig) -> anyhow::Result<Scorecar
     let _ = by_subject_attack;
     Ok(score("direct", args, &attacks, &findings, events, secs))
 }
+
+/// A hospital's ordinary work for `days`, as the engine sees it (for the
+/// benchmark): the facts and the events, in time order.
+pub fn normal_events(
+    seed: u64,
+    staff: usize,
+    patients: usize,
+    days: u32,
+) -> (MemoryFacts, Vec<Observed>) {
+    let h = Hospital::generate(seed, staff, patients);
+    let dept_patients = (0..h.depts.len()).map(|d| h.dept_patients(d)).collect();
+    let mut sim = Sim {
+        rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5eed),
+        tok: Tokenizer::for_tests(),
+        dept_patients,
+        dormant: HashSet::new(),
+        attackers: HashSet::new(),
+        h,
+    };
+    let facts = sim.facts();
+    let mut events = sim.registrations();
+    for day in 0..days {
+        for hour in 0..24 {
+            let mut e = Vec::new();
+            sim.normal_hour(day, hour, &mut e);
+            e.sort_by_key(|e| e.at);
+            events.extend(e);
+        }
+    }
+    for (i, e) in events.iter_mut().enumerate() {
+        e.index = i as u64;
+    }
+    (facts, events)
+}
