@@ -1201,7 +1201,9 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
                 reads[k] = Some(read);
             }
         }
+        // The first sealed round is the one with the read runs.
         if k == 0
+            && live_detect.is_none()
             && let Some(d) = &server.server.detection
         {
             d.caught_up(Duration::from_secs(120)).await;

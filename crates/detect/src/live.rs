@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use custos_audit::{Agent, AuditRecord, AuditTrail, Decision, EventKind};
-use custos_auth::AuthService;
+use custos_auth::{AuthService, now_micros};
 use custos_fhir::Handling;
 use custos_records::Records;
 use custos_store::StoreExt;
@@ -112,13 +112,6 @@ struct Inner {
 #[derive(Clone)]
 pub struct Detection {
     inner: Arc<Inner>,
-}
-
-fn now_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
 }
 
 fn store_err(e: impl std::fmt::Display) -> DetectError {
