@@ -1080,6 +1080,7 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
     // other work on the machine decides the ratio. Reads run after the first
     // ingest of each.
     let mut live_detect: Option<custos_detect::Stats> = None;
+    let mut replay_detect: Option<custos_detect::Stats> = None;
     let mut best: [Option<f64>; 2] = [None, None];
     let mut best_cpu: [Option<f64>; 2] = [None, None];
     let mut reads: [Option<ReadResult>; 2] = [None, None];
@@ -1208,6 +1209,18 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
         {
             d.caught_up(Duration::from_secs(120)).await;
             live_detect = Some(d.stats());
+            // The same log judged again from the start, alone: the
+            // pipeline's own rate, without the read load competing.
+            if let Some(auth) = &server.server.auth {
+                let quiet = custos_detect::DetectConfig {
+                    responses: Vec::new(),
+                    ..custos_detect::DetectConfig::default()
+                };
+                replay_detect =
+                    custos_detect::Detection::replay(server.records.clone(), auth.clone(), quiet)
+                        .await
+                        .ok();
+            }
         }
         server.stop().await?;
     }
@@ -1498,6 +1511,7 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
         plan.seed,
         sealed_read.rate,
         live_detect,
+        replay_detect,
         &mut rows,
     )
     .await?;

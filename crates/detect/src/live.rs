@@ -147,6 +147,31 @@ impl Detection {
         auth: Arc<AuthService>,
         config: DetectConfig,
     ) -> Result<Detection, DetectError> {
+        let d = Self::open(records, auth, config, true).await?;
+        d.spawn();
+        Ok(d)
+    }
+
+    /// Judge the whole log once, from index 0, with a fresh state, and
+    /// return the figures (the benchmark's measure of the whole pipeline:
+    /// log read, open, enrich, detectors, sinks). Its cases are stored like
+    /// any: run it on a throwaway data dir, with responses off.
+    pub async fn replay(
+        records: Records,
+        auth: Arc<AuthService>,
+        config: DetectConfig,
+    ) -> Result<Stats, DetectError> {
+        let d = Self::open(records, auth, config, false).await?;
+        d.run_once().await?;
+        Ok(d.stats())
+    }
+
+    async fn open(
+        records: Records,
+        auth: Arc<AuthService>,
+        config: DetectConfig,
+        restore: bool,
+    ) -> Result<Detection, DetectError> {
         let vault = auth.vault().clone();
         let store = records.store().clone();
         let global = {
@@ -175,14 +200,19 @@ impl Detection {
                 })
                 .collect::<Result<_, DetectError>>()?
         };
-        let engine = match global {
+        let engine = match global.filter(|_| restore) {
             Some(g) => Engine::restore(config.clone(), &g, users).map_err(|e| {
                 DetectError::Store(format!("the saved detection state does not decode: {e}"))
             })?,
             None => Engine::new(config.clone()),
         };
         let mut cases = Cases::default();
-        for (_, _, case) in vault.list::<Case>(CASE_KIND).await.map_err(store_err)? {
+        let saved = if restore {
+            vault.list::<Case>(CASE_KIND).await.map_err(store_err)?
+        } else {
+            Vec::new()
+        };
+        for (_, _, case) in saved {
             if case.status.is_active() {
                 cases.active.insert(case.key.clone(), case.id.clone());
             }
@@ -224,7 +254,6 @@ impl Detection {
         });
         let d = Detection { inner };
         d.load_staff(None).await;
-        d.spawn();
         Ok(d)
     }
 
