@@ -101,6 +101,9 @@ pub struct UserSummary {
     pub locked_reason: Option<String>,
     pub locked_until: Option<i64>,
     pub read_only: bool,
+    /// Every access to a patient needs a stated break-the-glass reason.
+    #[serde(default)]
+    pub require_break_glass: bool,
     pub failed_attempts: u32,
     pub last_login: Option<i64>,
 }
@@ -119,6 +122,7 @@ impl From<&User> for UserSummary {
             locked_reason: u.locked_reason.clone(),
             locked_until: (u.locked_until > now_secs()).then_some(u.locked_until),
             read_only: u.read_only,
+            require_break_glass: u.require_break_glass,
             failed_attempts: u.failed_attempts,
             last_login: u.last_login,
         }

@@ -80,6 +80,15 @@ pub enum UserAction {
         /// on or off
         state: String,
     },
+    /// Require (`on`) a stated break-the-glass reason for every access of
+    /// the user to a patient, or lift it (`off`, after a review).
+    RequireBreakGlass {
+        #[command(flatten)]
+        data: DataArgs,
+        username: String,
+        /// on or off
+        state: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -306,6 +315,21 @@ pub async fn user(action: UserAction) -> anyhow::Result<()> {
             finish(opened, auth).await;
             r?;
             println!("{username} read-only: {state}");
+        }
+        UserAction::RequireBreakGlass {
+            data,
+            username,
+            state,
+        } => {
+            let on = on_off(&state)?;
+            let (opened, auth) = open_auth(&data).await?;
+            let r = auth
+                .set_user_require_break_glass(&username, on)
+                .await
+                .map_err(auth_err);
+            finish(opened, auth).await;
+            r?;
+            println!("{username} must break the glass: {state}");
         }
     }
     Ok(())

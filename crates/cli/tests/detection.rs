@@ -286,3 +286,73 @@ async fn detection_resumes_after_sigkill_without_losing_what_it_saw() {
     assert_eq!(cases[0]["findings"][0]["kind"], "password-guessing");
     assert_eq!(cases[0]["count"], 1, "the finding was raised once");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn require_break_glass_holds_a_clinician_until_lifted() {
+    let mut s = Server::start();
+    let system = s.sign_in_system().await;
+    let (pr, _) = practitioner_and_patient(&s, &system).await;
+    let own = s
+        .call(
+            Some(&system),
+            "POST",
+            "Patient",
+            Some(json!({"resourceType": "Patient",
+                "generalPractitioner": [{"reference": format!("Practitioner/{pr}")}]})),
+            &[],
+        )
+        .await;
+    let own = own.body["id"].as_str().unwrap().to_string();
+    let doc = s.add_user("dr.k", "physician", &[("--practitioner", &pr)]);
+    let token = doc.token(&s.base, "user/*.rs").await;
+    let path = format!("Patient/{own}");
+    assert_eq!(
+        s.call(Some(&token), "GET", &path, None, &[]).await.status,
+        200
+    );
+    // The response a snooping or VIP alert takes, here set by hand.
+    custos_ok(&[
+        "user",
+        "require-break-glass",
+        "--data-dir",
+        &s.data(),
+        "dr.k",
+        "on",
+    ]);
+    let r = s.call(Some(&token), "GET", &path, None, &[]).await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    let found = s
+        .call(Some(&token), "GET", "Patient?_summary=count", None, &[])
+        .await;
+    assert_eq!(found.body["total"], 0, "{}", found.text);
+    let glass = [("x-break-glass-reason", "patient deteriorating")];
+    assert_eq!(
+        s.call(Some(&token), "GET", &path, None, &glass)
+            .await
+            .status,
+        200
+    );
+    // Lifted after review: the care relationship counts again.
+    custos_ok(&[
+        "user",
+        "require-break-glass",
+        "--data-dir",
+        &s.data(),
+        "dr.k",
+        "off",
+    ]);
+    let other = s
+        .call(Some(&token), "GET", "Patient?_summary=count", None, &[])
+        .await;
+    assert!(other.body["total"].as_u64().unwrap() >= 1, "{}", other.text);
+    // Bad input: a one-line error.
+    let out = custos(&[
+        "user",
+        "require-break-glass",
+        "--data-dir",
+        &s.data(),
+        "dr.k",
+        "maybe",
+    ]);
+    assert!(!out.status.success());
+}

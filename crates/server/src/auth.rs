@@ -624,7 +624,8 @@ pub struct UserAction {
     on: Option<bool>,
 }
 
-/// `POST /admin/users/{username}/{action}`: lock, unlock, revoke, role, read-only.
+/// `POST /admin/users/{username}/{action}`: lock, unlock, revoke, role,
+/// read-only, require-break-glass.
 pub async fn admin_user_action(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -651,6 +652,10 @@ pub async fn admin_user_action(
         "revoke" => auth.revoke_user_tokens(&username).await?,
         "read-only" => {
             auth.set_user_read_only(&username, body.on.unwrap_or(true))
+                .await?
+        }
+        "require-break-glass" => {
+            auth.set_user_require_break_glass(&username, body.on.unwrap_or(true))
                 .await?
         }
         "role" => {
