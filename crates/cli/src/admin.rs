@@ -169,6 +169,23 @@ pub async fn open_auth(data: &DataArgs) -> anyhow::Result<(crate::Opened, AuthSe
     Ok((opened, auth))
 }
 
+/// Switch a response control of a user on or off (`state`), and say so.
+async fn switch(
+    data: &DataArgs,
+    username: &str,
+    state: &str,
+    label: &str,
+    set: impl AsyncFn(&AuthService, &str, bool) -> Result<(), custos_auth::AuthError>,
+) -> anyhow::Result<()> {
+    let on = on_off(state)?;
+    let (opened, auth) = open_auth(data).await?;
+    let r = set(&auth, username, on).await.map_err(auth_err);
+    finish(opened, auth).await;
+    r?;
+    println!("{username} {label}: {state}");
+    Ok(())
+}
+
 async fn finish(opened: crate::Opened, auth: AuthService) {
     // Cover what this command recorded by a signed checkpoint.
     if let Err(e) = auth.audit().checkpoint().await {
@@ -306,30 +323,24 @@ pub async fn user(action: UserAction) -> anyhow::Result<()> {
             username,
             state,
         } => {
-            let on = on_off(&state)?;
-            let (opened, auth) = open_auth(&data).await?;
-            let r = auth
-                .set_user_read_only(&username, on)
-                .await
-                .map_err(auth_err);
-            finish(opened, auth).await;
-            r?;
-            println!("{username} read-only: {state}");
+            switch(&data, &username, &state, "read-only", async |a, u, on| {
+                a.set_user_read_only(u, on).await
+            })
+            .await?
         }
         UserAction::RequireBreakGlass {
             data,
             username,
             state,
         } => {
-            let on = on_off(&state)?;
-            let (opened, auth) = open_auth(&data).await?;
-            let r = auth
-                .set_user_require_break_glass(&username, on)
-                .await
-                .map_err(auth_err);
-            finish(opened, auth).await;
-            r?;
-            println!("{username} must break the glass: {state}");
+            switch(
+                &data,
+                &username,
+                &state,
+                "must break the glass",
+                async |a, u, on| a.set_user_require_break_glass(u, on).await,
+            )
+            .await?
         }
     }
     Ok(())
