@@ -102,6 +102,8 @@ struct Inner {
     webhook: Option<Webhook>,
     processed: Mutex<(u64, u64)>,
     busy_us: Mutex<u64>,
+    /// The next audit index whose findings have all reached the sinks.
+    sunk: std::sync::atomic::AtomicU64,
     alert_latency: Mutex<VecDeque<u64>>,
     event_latency: Mutex<VecDeque<u64>>,
     /// When the staff list was last read, and the subjects looked for since.
@@ -206,6 +208,7 @@ impl Detection {
             })?,
             None => Engine::new(config.clone()),
         };
+        let restored_cursor = engine.state().cursor;
         let mut cases = Cases::default();
         let saved = if restore {
             vault.list::<Case>(CASE_KIND).await.map_err(store_err)?
@@ -245,6 +248,7 @@ impl Detection {
             webhook,
             processed: Mutex::new((0, 0)),
             busy_us: Mutex::new(0),
+            sunk: std::sync::atomic::AtomicU64::new(restored_cursor),
             alert_latency: Mutex::new(VecDeque::new()),
             event_latency: Mutex::new(VecDeque::new()),
             staff_loaded: Mutex::new((
@@ -399,7 +403,7 @@ impl Detection {
         };
         self.inner.trail.signal_commit();
         while Instant::now() < deadline {
-            if self.inner.engine.lock().state().cursor >= size {
+            if self.inner.sunk.load(std::sync::atomic::Ordering::Acquire) >= size {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -475,6 +479,9 @@ impl Detection {
                     push_sample(&self.inner.alert_latency, (now - f.at).max(0) as u64);
                     self.sink(f).await;
                 }
+                self.inner
+                    .sunk
+                    .store(index + 1, std::sync::atomic::Ordering::Release);
             }
             *self.inner.busy_us.lock() += started.elapsed().as_micros() as u64;
         }
