@@ -100,7 +100,15 @@ struct Inner {
     signed_at: Mutex<Option<std::time::Instant>>,
     /// Signalled after events commit (what the detection pipeline waits on).
     committed: Arc<tokio::sync::Notify>,
+    /// The `audit-leader` role, while this process holds it (see [`AuditTrail::lead`]).
+    lease: tokio::sync::Mutex<Option<Arc<dyn custos_store::Lease>>>,
+    leader: tokio::sync::watch::Sender<bool>,
 }
+
+/// The role whose holder signs checkpoints (and, in `custos serve`, publishes
+/// the audit stream and runs detection): one process at a time among all
+/// that share the store.
+pub const LEADER_ROLE: &str = "audit-leader";
 
 /// The audit trail of one Custos deployment.
 #[derive(Clone)]
@@ -130,11 +138,67 @@ impl AuditTrail {
             last: tokio::sync::Mutex::new(None),
             signed_at: Mutex::new(None),
             committed: Arc::new(tokio::sync::Notify::new()),
+            lease: tokio::sync::Mutex::new(None),
+            leader: tokio::sync::watch::channel(false).0,
         });
         let trail = AuditTrail { inner };
         trail.spawn_appender();
         trail.spawn_checkpointer();
         Ok(trail)
+    }
+
+    /// Whether this process holds the leader role, campaigning for it if
+    /// not. On a backend shared by several nodes only one wins; when its
+    /// holder dies the role is free for the next campaign. Winning it
+    /// reloads the last stored checkpoint (another node may have signed
+    /// since), so a new leader signs only an extension of it.
+    pub async fn lead(&self) -> bool {
+        let mut lease = self.inner.lease.lock().await;
+        if lease.as_ref().is_some_and(|l| l.held()) {
+            return true;
+        }
+        let was = lease.take().is_some();
+        let won = match self.store().campaign(LEADER_ROLE).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "campaign for audit leadership failed");
+                None
+            }
+        };
+        let now = won.is_some();
+        *lease = won;
+        if now {
+            *self.inner.last.lock().await = None;
+        }
+        if now != was || now != *self.inner.leader.borrow() {
+            if now {
+                tracing::info!("this node now leads: it signs audit checkpoints");
+            } else if was {
+                tracing::warn!("this node lost audit leadership");
+            }
+            self.inner.leader.send_replace(now);
+        }
+        now
+    }
+
+    /// Leadership as it changes (`true` while this process leads).
+    pub fn leadership(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.leader.subscribe()
+    }
+
+    /// Campaign every second (servers: a dead leader's role is taken over
+    /// within about a second of its database session ending).
+    pub fn spawn_campaign(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { break };
+                AuditTrail { inner }.lead().await;
+            }
+        });
     }
 
     /// What is signalled after events commit: a consumer of the log (the
@@ -386,7 +450,18 @@ impl AuditTrail {
 
     /// Sign a checkpoint of the log as it is now (unless the last one
     /// already covers it), store it, and send it to the witnesses.
+    ///
+    /// Only the leader signs (see [`AuditTrail::lead`]); elsewhere this is the
+    /// latest checkpoint stored.
     pub async fn checkpoint(&self) -> Result<Issued, AuditError> {
+        if !self.lead().await {
+            return self.latest_stored().await?.ok_or_else(|| {
+                AuditError::Invalid(
+                    "no checkpoint has been signed yet; the leader node signs one within seconds"
+                        .into(),
+                )
+            });
+        }
         let mut last = self.inner.last.lock().await;
         if last.is_none() {
             *last = self.latest_stored().await?;

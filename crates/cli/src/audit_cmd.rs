@@ -39,6 +39,13 @@ pub enum AuditAction {
         /// Also open every entry with the data keys (needs the data dir's key material).
         #[arg(long, requires = "data_dir")]
         decode: bool,
+        /// Verify the log in this PostgreSQL database instead of the data dir's
+        /// SQLite file (the data dir, if given, then only provides keys for `--decode`).
+        #[arg(long, env = "CUSTOS_DATABASE_URL", conflicts_with = "export")]
+        database_url: Option<String>,
+        /// The database schema holding Custos's tables (`[storage] schema`).
+        #[arg(long, requires = "database_url")]
+        database_schema: Option<String>,
     },
     /// Write the log (entries and checkpoints) as NDJSON, verifiable offline;
     /// with `--fhir`, the events themselves as FHIR AuditEvents (for a SIEM).
@@ -73,6 +80,8 @@ pub async fn run(action: AuditAction) -> anyhow::Result<()> {
             public_key_file,
             witness,
             decode,
+            database_url,
+            database_schema,
         } => {
             let key = match (public_key, public_key_file) {
                 (Some(k), _) => k,
@@ -90,6 +99,32 @@ pub async fn run(action: AuditAction) -> anyhow::Result<()> {
             }
             let started = std::time::Instant::now();
             let report = match (data_dir, export) {
+                (dir, None) if database_url.is_some() => {
+                    let mut pc =
+                        custos_store::PostgresConfig::new(database_url.clone().unwrap_or_default());
+                    pc.schema = database_schema.clone();
+                    pc.pool_size = 2;
+                    let store =
+                        tokio::task::spawn_blocking(move || custos_store::PostgresStore::open(pc))
+                            .await?
+                            .map_err(|e| anyhow::anyhow!("cannot open the database: {e}"))?;
+                    let store: Arc<dyn Store> = Arc::new(store);
+                    let keys = match dir {
+                        Some(d) if decode => {
+                            let file = crate::config::FileConfig {
+                                storage: Some(crate::config::StorageConfig {
+                                    url: database_url.clone(),
+                                    schema: database_schema.clone(),
+                                    ..Default::default()
+                                }),
+                                ..Default::default()
+                            };
+                            Some((d, file))
+                        }
+                        _ => None,
+                    };
+                    verify_store(store, keys, &key, witnessed).await?
+                }
                 (Some(dir), None) => verify_dir(&dir, &key, witnessed, decode).await?,
                 (None, Some(file)) => verify_export(&file, &key, witnessed)?,
                 _ => bail!("give either --data-dir or --export"),
@@ -247,6 +282,18 @@ pub async fn verify_dir(
     }
     let store: Arc<dyn Store> =
         Arc::new(SqliteStore::open(SqliteConfig::new(&db)).context("cannot open the database")?);
+    let keys = decode.then(|| (dir.to_path_buf(), crate::config::FileConfig::default()));
+    verify_store(store, keys, key, witnessed).await
+}
+
+/// Verify the log of an open store; with `decode_with` (a data dir whose
+/// key material opens the entries), also check that every entry decodes.
+pub async fn verify_store(
+    store: Arc<dyn Store>,
+    decode_with: Option<(PathBuf, crate::config::FileConfig)>,
+    key: &str,
+    witnessed: Vec<Vec<u8>>,
+) -> anyhow::Result<Outcome> {
     let mut notes: Vec<Vec<u8>> = store
         .read(|tx| {
             let mut out = Vec::new();
@@ -271,17 +318,9 @@ pub async fn verify_dir(
         Ok(v) => v,
         Err(f) => return Ok(Err(f)),
     };
-    let opened = if decode {
-        Some(
-            crate::open_data(
-                crate::config::FileConfig::default(),
-                dir.to_path_buf(),
-                Arc::new(GcmSealer),
-            )
-            .await?,
-        )
-    } else {
-        None
+    let opened = match decode_with {
+        Some((dir, file)) => Some(crate::open_data(file, dir, Arc::new(GcmSealer)).await?),
+        None => None,
     };
     let mut next = 0u64;
     loop {

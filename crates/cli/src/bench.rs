@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use custos_crypto::{CopySealer, GcmSealer, Sealer};
-use custos_store::SqliteStore;
 use custos_synth::{Detail, Synth, SynthConfig};
 use serde_json::{Value, json};
 
@@ -376,7 +375,7 @@ struct BenchServer {
     token: Option<String>,
     /// The record service behind the server (for a second, open server on the same data).
     records: custos_records::Records,
-    store: Arc<SqliteStore>,
+    store: Arc<dyn custos_store::Store>,
     // Declared last: dropped after the store.
     _dir: TempDir,
 }

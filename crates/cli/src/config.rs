@@ -34,9 +34,31 @@ pub struct TlsConfig {
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
-    /// `full` (default) or `normal`.
+    /// A `postgres://` URL selects the PostgreSQL backend (environment:
+    /// `CUSTOS_DATABASE_URL`); absent, the embedded SQLite file in the data dir.
+    pub url: Option<String>,
+    /// SQLite: `full` (default) or `normal`.
     pub synchronous: Option<String>,
+    /// SQLite: page cache in MiB.
     pub cache_mib: Option<u32>,
+    /// PostgreSQL: a schema for the tables (default `public`).
+    pub schema: Option<String>,
+    /// PostgreSQL: read connections per node (default 16).
+    pub pool_size: Option<u32>,
+    /// PostgreSQL: statements running longer are cancelled (default 30).
+    pub statement_timeout_secs: Option<u64>,
+    /// PostgreSQL: CA certificates (PEM) for `sslmode=require` (default: the Mozilla roots).
+    pub ca_file: Option<PathBuf>,
+}
+
+impl StorageConfig {
+    /// The database URL in force: `CUSTOS_DATABASE_URL`, else `url`.
+    pub fn database_url(this: Option<&StorageConfig>) -> Option<String> {
+        std::env::var("CUSTOS_DATABASE_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .or_else(|| this.and_then(|s| s.url.clone()))
+    }
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

@@ -191,7 +191,7 @@ fn first(v: &Value) -> &str {
 }
 
 /// Let the writer settle so the files reflect every commit.
-async fn server_checkpoint(_store: &Arc<custos_store::SqliteStore>) {
+async fn server_checkpoint(_store: &Arc<dyn custos_store::Store>) {
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
 }
 

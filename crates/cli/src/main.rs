@@ -250,7 +250,7 @@ fn one_line(e: &anyhow::Error) -> String {
 /// The resolved settings of one data directory.
 pub struct Opened {
     pub records: Records,
-    pub store: Arc<SqliteStore>,
+    pub store: Arc<dyn Store>,
     pub file: FileConfig,
     pub data_dir: PathBuf,
 }
@@ -299,6 +299,46 @@ fn kek_provider(dir: &Path) -> anyhow::Result<Arc<dyn KekProvider>> {
     Ok(Arc::new(FileKekProvider::open(&path)?))
 }
 
+/// Open the configured store: PostgreSQL when a `postgres://` URL is set
+/// (`[storage] url` or `CUSTOS_DATABASE_URL`), else the data dir's SQLite
+/// file. Pending schema migrations are applied.
+pub async fn open_store(file: &FileConfig, dir: &Path) -> anyhow::Result<Arc<dyn Store>> {
+    let storage = file.storage.as_ref();
+    if let Some(url) = config::StorageConfig::database_url(storage) {
+        if !custos_store::is_postgres_url(&url) {
+            bail!("storage.url must be a postgres:// URL (the embedded default needs no URL)");
+        }
+        let mut pc = custos_store::PostgresConfig::new(url);
+        if let Some(s) = storage {
+            pc.schema = s.schema.clone();
+            if let Some(n) = s.pool_size {
+                pc.pool_size = n;
+            }
+            if let Some(t) = s.statement_timeout_secs {
+                pc.statement_timeout = std::time::Duration::from_secs(t.max(1));
+            }
+            pc.ca_file = s.ca_file.clone();
+        }
+        let store = tokio::task::spawn_blocking(move || custos_store::PostgresStore::open(pc))
+            .await
+            .context("the database task failed")?
+            .map_err(|e| anyhow::anyhow!("cannot open the database: {e}"))?;
+        return Ok(Arc::new(store));
+    }
+    let mut sc = SqliteConfig::new(dir.join("custos.db"));
+    if let Some(s) = storage {
+        if let Some(sync) = &s.synchronous {
+            sc.synchronous = config::synchronous(sync)?;
+        }
+        if let Some(c) = s.cache_mib {
+            sc.cache_mib = c;
+        }
+    }
+    Ok(Arc::new(
+        SqliteStore::open(sc).context("cannot open the database")?,
+    ))
+}
+
 /// Open a data directory's store and record service.
 pub async fn open_data(
     file: FileConfig,
@@ -312,23 +352,14 @@ pub async fn open_data(
         );
     }
     let provider = kek_provider(&dir)?;
-    let mut sc = SqliteConfig::new(dir.join("custos.db"));
-    if let Some(s) = file.storage.as_ref() {
-        if let Some(sync) = &s.synchronous {
-            sc.synchronous = config::synchronous(sync)?;
-        }
-        if let Some(c) = s.cache_mib {
-            sc.cache_mib = c;
-        }
-    }
-    let store = Arc::new(SqliteStore::open(sc).context("cannot open the database")?);
+    let store = open_store(&file, &dir).await?;
     let mut rc = RecordsConfig::default();
     if let Some(s) = &file.search {
         rc.default_count = s.default_count.unwrap_or(rc.default_count);
         rc.max_count = s.max_count.unwrap_or(rc.max_count);
         rc.total_cap = s.total_cap.unwrap_or(rc.total_cap);
     }
-    let records = Records::open(store.clone() as Arc<dyn Store>, provider, sealer, rc)
+    let records = Records::open(store.clone(), provider, sealer, rc)
         .await
         .map_err(|e| anyhow::anyhow!("{}", e.message))?;
     Ok(Opened {

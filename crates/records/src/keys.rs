@@ -20,11 +20,15 @@ pub fn patient_key_name(patient_id: &str) -> String {
     format!("patient/{patient_id}")
 }
 
+/// An unwrapped key and the wrapped blob it came from.
+type CachedKey = (Vec<u8>, Arc<DataKey>);
+
 /// Keys and sealing, shared by every request.
 pub struct KeyService {
     provider: Arc<dyn KekProvider>,
     sealer: Arc<dyn Sealer>,
-    cache: Mutex<LruCache<String, Arc<DataKey>>>,
+    /// Unwrapped keys with the wrapped record they came from (see `key_for_write`).
+    cache: Mutex<LruCache<String, CachedKey>>,
     blind: BlindIndexer,
 }
 
@@ -119,14 +123,16 @@ impl KeyService {
         tx: &mut dyn ReadTx,
         name: &str,
     ) -> Result<Option<Arc<DataKey>>, FhirError> {
-        if let Some(k) = self.cache.lock().get(name) {
+        if let Some((_, k)) = self.cache.lock().get(name) {
             return Ok(Some(k.clone()));
         }
         let Some(rec) = tx.data_key(name).map_err(store_err)? else {
             return Ok(None);
         };
         let key = Arc::new(unwrap_record(self.provider.as_ref(), &rec)?);
-        self.cache.lock().put(name.to_string(), key.clone());
+        self.cache
+            .lock()
+            .put(name.to_string(), (rec.blob, key.clone()));
         Ok(Some(key))
     }
 
@@ -138,8 +144,21 @@ impl KeyService {
         tx: &mut dyn WriteTx,
         name: &str,
     ) -> Result<Arc<DataKey>, FhirError> {
-        if let Some(k) = self.key_for_read(tx, name)? {
-            return Ok(k);
+        // Always checked against the transaction's view, never taken from
+        // the cache alone: a key created by a write that then rolled back
+        // (or one another node replaced) may still be cached, and sealing
+        // with a key the database does not hold would lose the data.
+        if let Some(rec) = tx.data_key(name).map_err(store_err)? {
+            if let Some((blob, k)) = self.cache.lock().get(name)
+                && *blob == rec.blob
+            {
+                return Ok(k.clone());
+            }
+            let key = Arc::new(unwrap_record(self.provider.as_ref(), &rec)?);
+            self.cache
+                .lock()
+                .put(name.to_string(), (rec.blob, key.clone()));
+            return Ok(key);
         }
         self.provider.refresh().map_err(crypto_err)?;
         let kek = self.provider.primary().map_err(crypto_err)?;
@@ -152,9 +171,11 @@ impl KeyService {
         };
         tx.put_data_key(&rec, false).map_err(store_err)?;
         let key = Arc::new(key);
-        // Cached only after commit would be stricter; a rolled-back key is
-        // harmless (it sealed nothing that survived) and is simply re-created.
-        self.cache.lock().put(name.to_string(), key.clone());
+        // Cached before the commit is known; if the write rolls back, the
+        // next write finds no record and replaces the entry (above).
+        self.cache
+            .lock()
+            .put(name.to_string(), (rec.blob, key.clone()));
         Ok(key)
     }
 

@@ -13,9 +13,11 @@
 
 pub mod conformance;
 mod model;
+mod postgres;
 mod sqlite;
 
 pub use model::*;
+pub use postgres::{MIGRATIONS, Migration, PostgresConfig, PostgresStore, is_postgres_url};
 pub use sqlite::{SqliteConfig, SqliteStore, Synchronous, audit_path};
 
 use std::any::Any;
@@ -55,10 +57,54 @@ pub trait Store: Send + Sync + 'static {
     }
     /// A short name for logs and reports (`sqlite`, `postgres`).
     fn backend(&self) -> &'static str;
+    /// Where the data lives, for logs (a path, or host/database; never a password).
+    fn describe(&self) -> String {
+        self.backend().to_string()
+    }
+    /// Campaign for a role held by one process at a time among all that
+    /// share this store (`audit-leader`: signs checkpoints, publishes the
+    /// audit stream, runs detection). `Some` while this process holds it;
+    /// check [`Lease::held`] before acting and drop the lease to resign.
+    /// A single-process backend always wins.
+    async fn campaign(&self, _role: &str) -> StoreResult<Option<std::sync::Arc<dyn Lease>>> {
+        Ok(Some(std::sync::Arc::new(SoleProcess)))
+    }
+    /// Figures for metrics (connection pool use).
+    fn stats(&self) -> StoreStats {
+        StoreStats::default()
+    }
+    /// Finish queued writes and stop accepting new ones.
+    fn close(&self) {}
     /// Files holding the store's data (for scans and backups); empty for server databases.
     fn files(&self) -> Vec<std::path::PathBuf> {
         Vec::new()
     }
+}
+
+/// A role won by [`Store::campaign`].
+pub trait Lease: Send + Sync {
+    /// Whether the role is still held (false once the backend lost it).
+    fn held(&self) -> bool;
+}
+
+/// The lease of a backend only one process uses.
+struct SoleProcess;
+
+impl Lease for SoleProcess {
+    fn held(&self) -> bool {
+        true
+    }
+}
+
+/// Backend figures for metrics; `None` where a backend has no such thing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Open connections of the pool.
+    pub pool_size: Option<u64>,
+    /// Idle connections of the pool.
+    pub pool_idle: Option<u64>,
+    /// The pool's limit.
+    pub pool_max: Option<u64>,
 }
 
 /// Typed helpers over [`Store`].

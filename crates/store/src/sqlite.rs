@@ -735,6 +735,14 @@ impl Store for SqliteStore {
         "sqlite"
     }
 
+    fn describe(&self) -> String {
+        format!("sqlite {}", self.config.path.display())
+    }
+
+    fn close(&self) {
+        SqliteStore::close(self)
+    }
+
     fn files(&self) -> Vec<PathBuf> {
         let p = &self.config.path;
         let mut wal = p.clone().into_os_string();
@@ -833,7 +841,7 @@ fn row_to_version(
     })
 }
 
-fn encode_index(index: &IndexEntries) -> Vec<u8> {
+pub(crate) fn encode_index(index: &IndexEntries) -> Vec<u8> {
     let mut out = Vec::with_capacity(8 + index.tokens.len() * 16 + index.ranges.len() * 25);
     out.extend_from_slice(&(index.tokens.len() as u32).to_le_bytes());
     for t in &index.tokens {
@@ -849,7 +857,7 @@ fn encode_index(index: &IndexEntries) -> Vec<u8> {
     out
 }
 
-fn decode_index(blob: &[u8]) -> Option<IndexEntries> {
+pub(crate) fn decode_index(blob: &[u8]) -> Option<IndexEntries> {
     fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
         if b.len() < n {
             return None;
