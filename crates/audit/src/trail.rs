@@ -181,6 +181,21 @@ impl AuditTrail {
         now
     }
 
+    /// Events queued on this node and not yet committed (its audit lag).
+    pub fn pending_appends(&self) -> usize {
+        self.inner.pending.lock().len()
+    }
+
+    /// The size of the last checkpoint this node signed or loaded, if any.
+    pub async fn last_signed_size(&self) -> Option<u64> {
+        self.inner.last.lock().await.as_ref().map(|l| l.size)
+    }
+
+    /// Whether this process led at the last campaign.
+    pub fn is_leader(&self) -> bool {
+        *self.inner.leader.borrow()
+    }
+
     /// Leadership as it changes (`true` while this process leads).
     pub fn leadership(&self) -> tokio::sync::watch::Receiver<bool> {
         self.inner.leader.subscribe()

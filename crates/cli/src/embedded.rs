@@ -84,6 +84,7 @@ impl EmbeddedServer {
                 None => Access::OpenForBenchmark,
             },
             config: Arc::new(config),
+            ops: Default::default(),
         };
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {

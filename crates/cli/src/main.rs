@@ -58,6 +58,12 @@ enum Command {
         #[arg(long)]
         dev_tls: bool,
     },
+    /// Apply pending database schema migrations and list those applied
+    /// (`custos serve` applies them too, on start).
+    Migrate {
+        #[command(flatten)]
+        data: DataArgs,
+    },
     /// Run the FHIR server.
     Serve {
         #[command(flatten)]
@@ -445,6 +451,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Migrate { data } => {
+            let (file, dir) = resolve(&data)?;
+            let store = open_store(&file, &dir).await?;
+            println!("{}", store.describe());
+            let applied = store
+                .migrations()
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot read the schema version: {e}"))?;
+            for (version, name) in &applied {
+                println!("  migration {version}: {name}");
+            }
+            println!(
+                "schema is current (version {})",
+                applied.last().map(|m| m.0).unwrap_or(0)
+            );
+            store.close();
+        }
         Command::Serve {
             data,
             listen,
@@ -485,6 +508,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let trail = custos_audit::AuditTrail::open(&opened.records, audit_config)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
+            // One node of those sharing the store leads (signs checkpoints,
+            // runs detection); every node campaigns, so a dead leader is
+            // replaced within about a second.
+            trail.lead().await;
+            trail.spawn_campaign();
             let auth = Arc::new(
                 custos_auth::AuthService::open(
                     &opened.records,
@@ -522,6 +550,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 audit: Some(trail.clone()),
                 detection: detection.clone(),
                 config: Arc::new(sc),
+                ops: Default::default(),
             };
             tracing::info!(%addr, tls, issuer, "custos listening");
             println!("custos listening on {scheme}://{addr}");

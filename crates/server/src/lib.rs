@@ -9,6 +9,7 @@ pub mod audit;
 pub mod auth;
 mod error;
 mod http;
+pub mod ops;
 mod routes;
 
 use std::net::SocketAddr;
@@ -57,6 +58,8 @@ pub struct AppState {
     /// Threat detection over the audit stream (its cases back the alert API).
     pub detection: Option<custos_detect::Detection>,
     pub config: Arc<ServerConfig>,
+    /// Health, readiness and metrics.
+    pub ops: Arc<ops::Ops>,
 }
 
 /// Serve on an already bound listener until `shutdown` completes.
@@ -66,11 +69,15 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let config = state.config.clone();
+    let ops = state.ops.clone();
     let app = router(state);
     let handle = axum_server::Handle::new();
     let h2 = handle.clone();
     tokio::spawn(async move {
         shutdown.await;
+        // Readiness fails first; in-flight requests (and their audit
+        // appends, which complete before a response leaves) finish.
+        ops.begin_shutdown();
         h2.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
     });
     listener.set_nonblocking(true)?;

@@ -105,14 +105,20 @@ pub fn router(state: AppState) -> Router {
             auth::audit_admin_request,
         ));
     // The token endpoint also records its own events (who, what was issued or refused).
+    // Operations endpoints: no data, not audited (see `ops`).
+    let ops = Router::new()
+        .route("/healthz", get(crate::ops::healthz))
+        .route("/readyz", get(crate::ops::readyz))
+        .route("/metrics", get(crate::ops::metrics));
     Router::new()
+        .merge(ops)
         .merge(public)
         .merge(audit_api)
         .merge(admin)
         .merge(fhir)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(log_requests))
+        .layer(middleware::from_fn_with_state(state.clone(), log_requests))
         .layer(CatchPanicLayer::custom(panic_response))
         .with_state(state)
 }
@@ -124,7 +130,7 @@ fn params(q: Option<String>) -> Vec<(String, String)> {
 
 /// Logs method, route template, status and latency — never the query
 /// string or the concrete path, which can carry identifying data.
-async fn log_requests(req: Request, next: Next) -> Response {
+async fn log_requests(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let route = req
         .extensions()
@@ -133,7 +139,10 @@ async fn log_requests(req: Request, next: Next) -> Response {
         .unwrap_or_else(|| "-".into());
     let start = Instant::now();
     let resp = next.run(req).await;
-    tracing::info!(%method, route, status = resp.status().as_u16(), micros = start.elapsed().as_micros() as u64, "request");
+    let took = start.elapsed();
+    s.ops
+        .observe(method.as_str(), &route, resp.status().as_u16(), took);
+    tracing::info!(%method, route, status = resp.status().as_u16(), micros = took.as_micros() as u64, "request");
     resp
 }
 

@@ -69,6 +69,10 @@ pub trait Store: Send + Sync + 'static {
     async fn campaign(&self, _role: &str) -> StoreResult<Option<std::sync::Arc<dyn Lease>>> {
         Ok(Some(std::sync::Arc::new(SoleProcess)))
     }
+    /// The schema migrations applied, oldest first: (version, name).
+    async fn migrations(&self) -> StoreResult<Vec<(i64, String)>> {
+        Ok(Vec::new())
+    }
     /// Figures for metrics (connection pool use).
     fn stats(&self) -> StoreStats {
         StoreStats::default()

@@ -780,6 +780,10 @@ impl Store for PostgresStore {
             .map_err(|_| StoreError::Backend("writer thread stopped".into()))?
     }
 
+    async fn migrations(&self) -> StoreResult<Vec<(i64, String)>> {
+        PostgresStore::migrations(self).await
+    }
+
     async fn sys_version(&self, kind: &str, key: &str) -> StoreResult<i64> {
         // Asked on every request (the security epoch): one autocommit
         // statement, no transaction around it. Never cached, so a lock or

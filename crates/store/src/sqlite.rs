@@ -739,6 +739,14 @@ impl Store for SqliteStore {
         format!("sqlite {}", self.config.path.display())
     }
 
+    async fn migrations(&self) -> StoreResult<Vec<(i64, String)>> {
+        // One schema version so far, created in place on open (`SCHEMA`).
+        Ok(vec![(
+            1,
+            "records, index, keys, system records, audit log".into(),
+        )])
+    }
+
     fn close(&self) {
         SqliteStore::close(self)
     }

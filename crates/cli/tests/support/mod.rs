@@ -34,6 +34,7 @@ pub const CLI_CLIENT: &str = "custos-cli";
 /// Environment variables that would make a command ignore the given data dir.
 const SERVER_ENV: &[&str] = &[
     "CUSTOS_KEK",
+    "CUSTOS_DATABASE_URL",
     "CUSTOS_CONFIG",
     "CUSTOS_DATA_DIR",
     "CUSTOS_LISTEN",
@@ -518,16 +519,21 @@ pub fn add_user(data_dir: &Path, username: &str, role: &str, link: &[(&str, &str
         String::from_utf8_lossy(&out.stderr)
     );
     let v: Value = serde_json::from_slice(&out.stdout).expect("user add --json prints JSON");
-    User {
-        username: username.to_string(),
-        password,
-        id: v["user"]["id"].as_str().unwrap_or_default().to_string(),
-        totp_secret: v["totp_secret"].as_str().map(str::to_string),
-        last_step: Mutex::new(0),
-    }
+    User::from_add(username, &password, &v)
 }
 
 impl User {
+    /// The user `custos user add --json` printed `v` for.
+    pub fn from_add(username: &str, password: &str, v: &Value) -> User {
+        User {
+            username: username.to_string(),
+            password: password.to_string(),
+            id: v["user"]["id"].as_str().unwrap_or_default().to_string(),
+            totp_secret: v["totp_secret"].as_str().map(str::to_string),
+            last_step: Mutex::new(0),
+        }
+    }
+
     /// A user the server does not know (for sign-in attempts).
     pub fn unknown(username: &str) -> User {
         User {
