@@ -171,7 +171,7 @@ impl Run {
                         let published = self.stats.lock().published;
                         tracing::info!(
                             published,
-                            "the audit stream is reachable again; publishing caught up from the log"
+                            "the audit stream is reachable again; publishing resumes from the log"
                         );
                     }
                     self.stats.lock().last_error = None;

@@ -8,6 +8,7 @@ mod support;
 
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::AckPolicy;
 use custos_detect::EventSource;
 use custos_stream::{Publisher, StreamSource};
 use support::*;
@@ -208,6 +209,23 @@ async fn a_nats_cut_slows_no_request_and_loses_nothing() {
     publisher.stop().await;
     assert_stream_is_the_log(&config, &env.trail, total).await;
 
+    // The durable consumer: acknowledged through the last save, unlimited
+    // acknowledgements pending.
+    let info = consumer_info(&config).await;
+    assert_eq!(info.config.ack_policy, AckPolicy::All);
+    assert_eq!(info.config.max_ack_pending, -1);
+    assert_eq!(
+        info.config.ack_wait,
+        Duration::from_secs(config.ack_wait_secs)
+    );
+    assert!(
+        eventually(WAIT, || async {
+            consumer_info(&config).await.ack_floor.stream_sequence == total
+        })
+        .await,
+        "acknowledged through the last save"
+    );
+
     // Restarted from a saved cursor, a new source resumes there.
     drop(source);
     let mut again = StreamSource::open(env.trail.clone(), config.clone())
@@ -246,5 +264,61 @@ async fn indexes_missing_from_the_stream_come_from_the_log() {
     let (mut cursor, mut seen) = (0, Vec::new());
     consume(&mut source, &mut cursor, &mut seen, 30).await;
     assert_eq!(seen, (0..30).collect::<Vec<_>>());
+    delete_stream(&config).await;
+}
+
+async fn consumer_info(
+    config: &custos_stream::StreamConfig,
+) -> async_nats::jetstream::consumer::Info {
+    let client = async_nats::connect(&config.nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream(&config.stream).await.unwrap();
+    stream.consumer_info(&config.consumer).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_source_acknowledges_only_what_was_saved() {
+    let Some(url) = nats_url() else { return };
+    let config = unique_config(&url, "ack");
+    let env = env().await;
+    for n in 0..50 {
+        append(&env.trail, n).await;
+    }
+    let p = Publisher::start(env.trail.clone(), config.clone())
+        .await
+        .unwrap();
+    assert!(eventually(WAIT, || async { p.stats().published == 50 }).await);
+    p.stop().await;
+    let mut source = StreamSource::open(env.trail.clone(), config.clone())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < 50 {
+        let from = got.len() as u64;
+        let batch = source.next(from, 20, Duration::from_secs(1)).await.unwrap();
+        got.extend(batch.into_iter().map(|e| e.index));
+    }
+    assert_eq!(got, (0..50).collect::<Vec<_>>());
+    // Judged, not saved: nothing acknowledged.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(consumer_info(&config).await.ack_floor.stream_sequence, 0);
+    // Saved through 30: acknowledged through the last delivery below it.
+    source.saved(30).await.unwrap();
+    assert!(
+        eventually(WAIT, || async {
+            let floor = consumer_info(&config).await.ack_floor.stream_sequence;
+            floor > 0 && floor <= 30
+        })
+        .await
+    );
+    // A crash now: a new source asked from the saved cursor redelivers the
+    // unsaved rest.
+    drop(source);
+    let mut again = StreamSource::open(env.trail.clone(), config.clone())
+        .await
+        .unwrap();
+    let (mut cursor, mut seen) = (30, Vec::new());
+    consume(&mut again, &mut cursor, &mut seen, 50).await;
+    assert_eq!(seen, (30..50).collect::<Vec<_>>());
     delete_stream(&config).await;
 }
