@@ -217,7 +217,9 @@ fn main() {
         Command::Demo { .. } | Command::Bench(_) | Command::Simulate(_) => {
             "warn,custos_detect=error,custos_auth::policy=error,custos_auth::service=error"
         }
-        _ => "info",
+        // The NATS client reports every reconnection attempt at info; the
+        // audit stream logs its outages itself, once each.
+        _ => "info,async_nats=warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CUSTOS_LOG")
         .unwrap_or_else(|_| default_filter.into());

@@ -9,8 +9,9 @@ use crate::StreamError;
 
 /// Settings of the audit stream: where NATS is, which JetStream stream,
 /// subject and durable consumer carry the audit events, and how to
-/// authenticate.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+/// authenticate. Its `Debug` hides the URL (it may carry credentials), the
+/// token and the password.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StreamConfig {
     /// The NATS server(s): `nats://host:4222`, `tls://host:4222`, or several
@@ -69,6 +70,29 @@ impl Default for StreamConfig {
             tls_client_cert: None,
             tls_client_key: None,
         }
+    }
+}
+
+impl std::fmt::Debug for StreamConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |set: bool| if set { "<hidden>" } else { "<unset>" };
+        f.debug_struct("StreamConfig")
+            .field("nats_url", &hidden(!self.nats_url.is_empty()))
+            .field("stream", &self.stream)
+            .field("subject", &self.subject)
+            .field("consumer", &self.consumer)
+            .field("replicas", &self.replicas)
+            .field("duplicate_window_secs", &self.duplicate_window_secs)
+            .field("ack_wait_secs", &self.ack_wait_secs)
+            .field("credentials_file", &self.credentials_file)
+            .field("token", &hidden(self.token.is_some()))
+            .field("user", &self.user)
+            .field("password", &hidden(self.password.is_some()))
+            .field("tls_required", &self.tls_required)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_client_cert", &self.tls_client_cert)
+            .field("tls_client_key", &self.tls_client_key)
+            .finish()
     }
 }
 
@@ -358,6 +382,18 @@ mod tests {
             assert!(e.contains(needle), "{e} should mention {needle}");
             assert!(!e.contains('\n'), "{e}");
         }
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let c = StreamConfig {
+            nats_url: "nats://u:url-secret@127.0.0.1:4222".into(),
+            token: Some("token-secret".into()),
+            ..StreamConfig::default()
+        };
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(shown.contains("CUSTOS_AUDIT"));
     }
 
     #[test]

@@ -69,6 +69,7 @@ impl Publisher {
         let run = Run {
             trail,
             js: crate::context(client.clone()),
+            client: client.clone(),
             config,
             stats: stats.clone(),
             at: None,
@@ -132,6 +133,7 @@ enum Step {
 struct Run {
     trail: AuditTrail,
     js: jetstream::Context,
+    client: async_nats::Client,
     config: StreamConfig,
     stats: Arc<Mutex<PublisherStats>>,
     /// `None`: read where the stream stops before publishing (at the start
@@ -148,6 +150,10 @@ impl Run {
         let mut deadline: Option<Instant> = None;
         loop {
             if deadline.is_none() && *stop.borrow() {
+                if self.client.connection_state() != State::Connected {
+                    // Nothing would get through: leave it to the next one.
+                    break;
+                }
                 deadline = Some(Instant::now() + STOP_GRACE);
             }
             let step = match deadline {
