@@ -112,6 +112,7 @@ impl StreamSource {
         let mut out: Vec<SealedEvent> = Vec::new();
         let mut last: Option<(u64, jetstream::Message)> = None;
         let mut failure = None;
+        let mut gap = false;
         while out.len() < max {
             // Wait for the first; then take only what is already here.
             let item = if out.is_empty() && last.is_none() {
@@ -145,6 +146,7 @@ impl StreamSource {
             };
             let expected = from + out.len() as u64;
             if index > expected {
+                gap = true;
                 if self.gap_at == Some(expected) {
                     // Still missing after repositioning: the stream lacks
                     // them. They come from the log, then the stream again.
@@ -176,7 +178,7 @@ impl StreamSource {
         if let Some(l) = last {
             self.unacked.push_back(l);
         }
-        if !out.is_empty() {
+        if !out.is_empty() && !gap {
             self.gap_at = None;
         }
         self.position = Some(from + out.len() as u64);
