@@ -754,6 +754,30 @@ impl AuditTrail {
     }
 }
 
+impl AuditTrail {
+    /// Open sealed leaves (as [`AuditTrail::entries`] returns them, or as a
+    /// stream of the log delivers them) in one read, in the order given.
+    /// Any leaf that does not open fails the whole call.
+    pub async fn open_leaves(&self, leaves: Vec<Vec<u8>>) -> Result<Vec<AuditRecord>, AuditError> {
+        if leaves.is_empty() {
+            return Ok(Vec::new());
+        }
+        let r = self.inner.records.clone();
+        self.store()
+            .read(move |tx| {
+                leaves
+                    .iter()
+                    .map(|leaf| open_in(&r, tx, leaf).map_err(StoreError::abort))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await
+            .map_err(|e| match e.into_aborted::<AuditError>() {
+                Ok(a) => a,
+                Err(e) => store_err(e),
+            })
+    }
+}
+
 /// Open a leaf inside a read transaction.
 pub fn open_in(
     records: &Records,

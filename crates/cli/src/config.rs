@@ -22,6 +22,9 @@ pub struct FileConfig {
     pub audit: Option<custos_audit::AuditConfig>,
     /// Threat detection: thresholds, baselines, responses, the webhook.
     pub detect: Option<custos_detect::DetectConfig>,
+    /// The audit stream on NATS JetStream (several nodes; absent: the
+    /// embedded default, detection reads the local log).
+    pub stream: Option<custos_stream::StreamConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -78,11 +81,56 @@ impl FileConfig {
     }
 }
 
+/// The audit stream's settings: the `[stream]` table, with `CUSTOS_NATS_URL`
+/// (`env_url`) overriding its `nats_url` (and enough alone to turn the
+/// stream on, with the defaults). `None`: no stream.
+pub fn stream_settings(
+    file: Option<custos_stream::StreamConfig>,
+    env_url: Option<String>,
+) -> anyhow::Result<Option<custos_stream::StreamConfig>> {
+    let env_url = env_url.filter(|u| !u.trim().is_empty());
+    if file.is_none() && env_url.is_none() {
+        return Ok(None);
+    }
+    let mut c = file.unwrap_or_default();
+    if let Some(url) = env_url {
+        c.nats_url = url;
+    }
+    c.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(Some(c))
+}
+
 /// Parse `full` / `normal`.
 pub fn synchronous(s: &str) -> anyhow::Result<custos_store::Synchronous> {
     match s.to_ascii_lowercase().as_str() {
         "full" => Ok(custos_store::Synchronous::Full),
         "normal" => Ok(custos_store::Synchronous::Normal),
         other => bail!("storage.synchronous must be 'full' or 'normal', not '{other}'"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stream_is_on_with_a_table_or_the_environment() {
+        assert!(stream_settings(None, None).unwrap().is_none());
+        assert!(stream_settings(None, Some(" ".into())).unwrap().is_none());
+        let on = stream_settings(None, Some("nats://127.0.0.1:4222".into()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(on.stream, "CUSTOS_AUDIT");
+        let file: FileConfig =
+            toml::from_str("[stream]\nnats_url = \"nats://a:4222\"\nconsumer = \"c\"\n").unwrap();
+        let c = stream_settings(file.stream.clone(), Some("nats://b:4222".into()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (c.nats_url.as_str(), c.consumer.as_str()),
+            ("nats://b:4222", "c")
+        );
+        let e = stream_settings(Some(Default::default()), None).unwrap_err();
+        assert!(e.to_string().contains("nats_url"), "{e}");
     }
 }

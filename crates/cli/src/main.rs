@@ -223,7 +223,9 @@ fn main() {
         Command::Demo { .. } | Command::Bench(_) | Command::Simulate(_) => {
             "warn,custos_detect=error,custos_auth::policy=error,custos_auth::service=error"
         }
-        _ => "info",
+        // The NATS client reports every reconnection attempt at info; the
+        // audit stream logs its outages itself, once each.
+        _ => "info,async_nats=warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CUSTOS_LOG")
         .unwrap_or_else(|_| default_filter.into());
@@ -434,6 +436,78 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// What only the node that leads a cluster runs: the publisher of the
+/// audit stream and the detection pipeline. On one node (for now, always)
+/// they start with the server.
+struct LeaderDuties {
+    detection: Option<custos_detect::Detection>,
+    publisher: Option<custos_stream::PublisherHandle>,
+}
+
+/// Start the leader's duties. With `[stream]` configured: the publisher,
+/// and detection reading the JetStream stream; without: detection reading
+/// the local log, as on the embedded default.
+async fn start_leader_duties(
+    records: &custos_records::Records,
+    auth: &Arc<custos_auth::AuthService>,
+    trail: &custos_audit::AuditTrail,
+    detect_config: custos_detect::DetectConfig,
+    stream: Option<&custos_stream::StreamConfig>,
+) -> anyhow::Result<LeaderDuties> {
+    let publisher = match stream {
+        Some(c) => Some(
+            custos_stream::Publisher::start(trail.clone(), c.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("the audit stream: {e}"))?,
+        ),
+        None => None,
+    };
+    let detection = if detect_config.enabled {
+        let source = match stream {
+            Some(c) => custos_detect::Source::External(Box::new(
+                custos_stream::StreamSource::open(trail.clone(), c.clone())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("the audit stream: {e}"))?,
+            )),
+            None => custos_detect::Source::Log,
+        };
+        Some(
+            custos_detect::Detection::start_with(
+                records.clone(),
+                auth.clone(),
+                detect_config,
+                source,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("threat detection: {e}"))?,
+        )
+    } else {
+        None
+    };
+    if stream.is_some() {
+        tracing::info!(
+            "audit events are published to the JetStream audit stream; detection reads it"
+        );
+    }
+    Ok(LeaderDuties {
+        detection,
+        publisher,
+    })
+}
+
+impl LeaderDuties {
+    /// Stop detection (its state saved, the stream acknowledged); returns
+    /// the publisher, to be stopped once the last events are committed.
+    async fn stop_detection(self) -> Option<custos_stream::PublisherHandle> {
+        if let Some(d) = &self.detection
+            && let Err(e) = d.stop().await
+        {
+            tracing::error!(error = %e, "the detection state could not be saved");
+        }
+        self.publisher
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Init { data, dev_tls } => {
@@ -504,6 +578,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let auth_config = file.auth.clone().unwrap_or_default();
             let audit_config = file.audit.clone().unwrap_or_default();
             let detect_config = file.detect.clone().unwrap_or_default();
+            let stream_config = config::stream_settings(
+                file.stream.clone(),
+                std::env::var("CUSTOS_NATS_URL").ok(),
+            )?;
             let opened = open_data(file, dir, Arc::new(GcmSealer)).await?;
             let trail = custos_audit::AuditTrail::open(&opened.records, audit_config)
                 .await
@@ -531,19 +609,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 true,
             )
             .await?;
-            let detection = if detect_config.enabled {
-                Some(
-                    custos_detect::Detection::start(
-                        opened.records.clone(),
-                        auth.clone(),
-                        detect_config,
-                    )
-                    .await
-                    .map_err(|e| anyhow::anyhow!("threat detection: {e}"))?,
-                )
-            } else {
-                None
-            };
+            let leader = start_leader_duties(
+                &opened.records,
+                &auth,
+                &trail,
+                detect_config,
+                stream_config.as_ref(),
+            )
+            .await?;
+            let detection = leader.detection.clone();
             let state = custos_server::AppState {
                 records: opened.records.clone(),
                 access: custos_server::Access::Enforced(auth.clone()),
@@ -555,16 +629,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!(%addr, tls, issuer, "custos listening");
             println!("custos listening on {scheme}://{addr}");
             custos_server::serve(listener, state, shutdown_signal()).await?;
-            if let Some(d) = &detection {
-                if !d.caught_up(std::time::Duration::from_secs(5)).await {
-                    tracing::warn!(
-                        "detection had not judged every event at shutdown; it resumes on start"
-                    );
-                }
-                if let Err(e) = d.flush().await {
-                    tracing::error!(error = %e, "the detection state could not be saved");
-                }
+            if let Some(d) = &detection
+                && !d.caught_up(std::time::Duration::from_secs(5)).await
+            {
+                tracing::warn!(
+                    "detection had not judged every event at shutdown; it resumes on start"
+                );
             }
+            let publisher = leader.stop_detection().await;
             audit_cmd::record_command(
                 &trail,
                 custos_audit::EventKind::Config,
@@ -573,6 +645,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 true,
             )
             .await?;
+            // Last, so the stream gets the serve-stop event too.
+            if let Some(p) = publisher {
+                p.stop().await;
+            }
             if let Err(e) = trail.checkpoint().await {
                 tracing::error!(error = %e, "the final audit checkpoint failed");
             }

@@ -1,10 +1,15 @@
 //! The live pipeline of one Custos process.
 //!
-//! - **Source**: the audit log itself. The pipeline keeps a cursor (the
-//!   next leaf index), wakes when the trail signals a commit (or every
-//!   250 ms), and reads the committed events from the cursor on, opened, in
-//!   log order. Requests never wait for it; a restart resumes from the
-//!   saved cursor, so nothing is lost and nothing is judged twice.
+//! - **Source**: by default the audit log itself ([`Source::Log`]). The
+//!   pipeline keeps a cursor (the next leaf index), wakes when the trail
+//!   signals a commit (or every 250 ms), and reads the committed events from
+//!   the cursor on, opened, in log order. Requests never wait for it; a
+//!   restart resumes from the saved cursor, so nothing is lost and nothing
+//!   is judged twice. With [`Source::External`] (the JetStream audit stream
+//!   of a multi-node deployment) the pipeline asks the source for sealed
+//!   leaves from its cursor on, opens them, and tells the source once a save
+//!   has made the cursor durable (the source acknowledges only then, so a
+//!   crash redelivers rather than loses).
 //! - **Transform**: each event is distilled ([`Observed`]), enriched with
 //!   facts read through the unrestricted record service (demographics as
 //!   keyed tokens, labels, departments, what a write changed), and run
@@ -31,6 +36,7 @@ use crate::config::{Action, DetectConfig};
 use crate::engine::Engine;
 use crate::facts::{MemoryFacts, StaffFacts, Tokenizer, rewritten_to_high_entropy};
 use crate::observe::Observed;
+use crate::source::{EXTERNAL_WAIT, EventSource, SealedEvent, Source};
 use crate::webhook::Webhook;
 
 /// System records of detection.
@@ -51,6 +57,8 @@ pub enum DetectError {
     Invalid(String),
     #[error("detection store: {0}")]
     Store(String),
+    #[error("detection source: {0}")]
+    Source(String),
 }
 
 /// A change to a case by a security officer.
@@ -108,6 +116,10 @@ struct Inner {
     event_latency: Mutex<VecDeque<u64>>,
     /// When the staff list was last read, and the subjects looked for since.
     staff_loaded: Mutex<(Instant, std::collections::HashSet<String>)>,
+    /// Set to stop the pipeline's task.
+    stop: tokio::sync::watch::Sender<bool>,
+    /// The pipeline's task, while it runs.
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// The detection service of one process.
@@ -142,16 +154,44 @@ fn push_sample(v: &Mutex<VecDeque<u64>>, x: u64) {
 }
 
 impl Detection {
-    /// Load the saved state and cases and start the pipeline. `records`
-    /// must be the unrestricted handle (detection reads facts).
+    /// Load the saved state and cases and start the pipeline over the
+    /// audit log of this process's store. `records` must be the
+    /// unrestricted handle (detection reads facts).
     pub async fn start(
         records: Records,
         auth: Arc<AuthService>,
         config: DetectConfig,
     ) -> Result<Detection, DetectError> {
+        Self::start_with(records, auth, config, Source::Log).await
+    }
+
+    /// Load the saved state and cases and start the pipeline reading from
+    /// `source`. Stop it with [`Detection::stop`]; to run it again (a node
+    /// that leads again), start a new one: it resumes from the saved state.
+    pub async fn start_with(
+        records: Records,
+        auth: Arc<AuthService>,
+        config: DetectConfig,
+        source: Source,
+    ) -> Result<Detection, DetectError> {
         let d = Self::open(records, auth, config, true).await?;
-        d.spawn();
+        d.spawn(source);
         Ok(d)
+    }
+
+    /// Stop the pipeline: it finishes the batch at hand, saves its whole
+    /// state and, with an external source, acknowledges what the save
+    /// covers. The cases stay readable; nothing more is judged. Stopping a
+    /// stopped pipeline does nothing.
+    pub async fn stop(&self) -> Result<(), DetectError> {
+        self.inner.stop.send_replace(true);
+        let task = self.inner.task.lock().take();
+        match task {
+            Some(t) => t
+                .await
+                .map_err(|_| DetectError::Store("the detection pipeline ended abnormally".into())),
+            None => Ok(()),
+        }
     }
 
     /// Judge the whole log once, from index 0, with a fresh state, and
@@ -255,6 +295,8 @@ impl Detection {
                 Instant::now() - Duration::from_secs(3600),
                 Default::default(),
             )),
+            stop: tokio::sync::watch::channel(false).0,
+            task: Mutex::new(None),
         });
         let d = Detection { inner };
         d.load_staff(None).await;
@@ -413,33 +455,130 @@ impl Detection {
 
     // ------------------------------------------------------------ pipeline
 
-    fn spawn(&self) {
+    fn spawn(&self, mut source: Source) {
         let weak = Arc::downgrade(&self.inner);
         let signal = self.inner.trail.commit_signal();
-        tokio::spawn(async move {
+        let mut stop = self.inner.stop.subscribe();
+        let task = tokio::spawn(async move {
             let mut last_save = Instant::now();
             let mut last_global = Instant::now();
+            // An external source's outage is logged once, not every second.
+            let mut failing = false;
             loop {
-                let _ = tokio::time::timeout(Duration::from_millis(250), signal.notified()).await;
-                let Some(inner) = weak.upgrade() else { break };
+                if matches!(source, Source::Log) {
+                    tokio::select! {
+                        _ = tokio::time::timeout(Duration::from_millis(250), signal.notified()) => {}
+                        _ = stop.changed() => {}
+                    }
+                }
+                if *stop.borrow() {
+                    break;
+                }
+                let Some(inner) = weak.upgrade() else { return };
                 let d = Detection { inner };
-                if let Err(e) = d.run_once().await {
-                    tracing::error!(error = %e, "detection could not read the audit log");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                match &mut source {
+                    Source::Log => {
+                        if let Err(e) = d.run_once().await {
+                            tracing::error!(error = %e, "detection could not read the audit log");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                    Source::External(s) => match d.run_from(s.as_mut()).await {
+                        Ok(()) if failing => {
+                            failing = false;
+                            tracing::info!("detection reads its event source again");
+                        }
+                        Ok(()) => {}
+                        Err(e) => {
+                            if failing {
+                                tracing::debug!(error = %e, "detection still cannot read its event source");
+                            } else {
+                                failing = true;
+                                tracing::error!(error = %e, "detection cannot read its event source; it retries, and resumes from its cursor");
+                            }
+                            tokio::select! {
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                                _ = stop.changed() => {}
+                            }
+                        }
+                    },
                 }
                 let save_every = Duration::from_secs(d.inner.config.save_secs.max(1));
                 if last_save.elapsed() >= save_every {
                     let global = last_global.elapsed() >= save_every * 6;
-                    if let Err(e) = d.save_state(global).await {
-                        tracing::error!(error = %e, "detection state could not be saved");
-                    }
+                    d.save_and_acknowledge(&mut source, global).await;
                     last_save = Instant::now();
                     if global {
                         last_global = Instant::now();
                     }
                 }
             }
+            // Stopped: save everything; the source forgets what that covers.
+            if let Some(inner) = weak.upgrade() {
+                Detection { inner }
+                    .save_and_acknowledge(&mut source, true)
+                    .await;
+            }
         });
+        *self.inner.task.lock() = Some(task);
+    }
+
+    /// Save the state (the global part, with the cursor, when `global`) and
+    /// then, if that save carried the cursor, tell an external source.
+    async fn save_and_acknowledge(&self, source: &mut Source, global: bool) {
+        match self.save_state(global).await {
+            Ok(Some(cursor)) => {
+                if let Source::External(s) = source
+                    && let Err(e) = s.saved(cursor).await
+                {
+                    // Harmless: unacknowledged events come again and are
+                    // skipped, being below the saved cursor.
+                    tracing::debug!(error = %e, "the event source did not take an acknowledgement");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "detection state could not be saved"),
+        }
+    }
+
+    /// Judge what an external source delivers from the cursor on (waiting
+    /// a little for it), then run the timers.
+    async fn run_from(&self, source: &mut dyn EventSource) -> Result<(), DetectError> {
+        let cursor = self.inner.engine.lock().state().cursor;
+        let batch = source
+            .next(cursor, BATCH, EXTERNAL_WAIT)
+            .await
+            .map_err(|e| DetectError::Source(e.to_string()))?;
+        let started = Instant::now();
+        let mut indexes = Vec::with_capacity(batch.len());
+        let mut leaves = Vec::with_capacity(batch.len());
+        let mut expect = cursor;
+        for SealedEvent { index, leaf } in batch {
+            // At-least-once delivery: what was judged already is skipped.
+            if index < expect {
+                continue;
+            }
+            if index > expect {
+                return Err(DetectError::Source(format!(
+                    "the event source skipped from index {expect} to {index}"
+                )));
+            }
+            indexes.push(index);
+            leaves.push(leaf);
+            expect += 1;
+        }
+        if !leaves.is_empty() {
+            let records = self
+                .inner
+                .trail
+                .open_leaves(leaves)
+                .await
+                .map_err(store_err)?;
+            self.judge(indexes.into_iter().zip(records).collect()).await;
+            *self.inner.busy_us.lock() += started.elapsed().as_micros() as u64;
+        }
+        self.tick().await;
+        Ok(())
     }
 
     /// Judge every committed event after the cursor.
@@ -460,48 +599,63 @@ impl Detection {
             if events.is_empty() {
                 break;
             }
-            for (index, rec) in events {
-                let mut ev = Observed::from_record(index, &rec);
-                self.enrich(&mut ev, &rec).await;
-                let mut found = Vec::new();
-                self.inner
-                    .engine
-                    .lock()
-                    .process(&ev, &self.inner.facts, &mut found);
-                let now = now_micros();
-                push_sample(&self.inner.event_latency, (now - ev.at).max(0) as u64);
-                {
-                    let mut p = self.inner.processed.lock();
-                    p.0 += 1;
-                    p.1 += found.len() as u64;
-                }
-                for f in found {
-                    push_sample(&self.inner.alert_latency, (now - f.at).max(0) as u64);
-                    self.sink(f).await;
-                }
-                self.inner
-                    .sunk
-                    .store(index + 1, std::sync::atomic::Ordering::Release);
-            }
+            self.judge(events).await;
             *self.inner.busy_us.lock() += started.elapsed().as_micros() as u64;
         }
+        self.tick().await;
+        Ok(())
+    }
+
+    /// Judge events, in index order: enrich, detect, sink.
+    async fn judge(&self, events: Vec<(u64, AuditRecord)>) {
+        for (index, rec) in events {
+            let mut ev = Observed::from_record(index, &rec);
+            self.enrich(&mut ev, &rec).await;
+            let mut found = Vec::new();
+            self.inner
+                .engine
+                .lock()
+                .process(&ev, &self.inner.facts, &mut found);
+            let now = now_micros();
+            push_sample(&self.inner.event_latency, (now - ev.at).max(0) as u64);
+            {
+                let mut p = self.inner.processed.lock();
+                p.0 += 1;
+                p.1 += found.len() as u64;
+            }
+            for f in found {
+                push_sample(&self.inner.alert_latency, (now - f.at).max(0) as u64);
+                self.sink(f).await;
+            }
+            self.inner
+                .sunk
+                .store(index + 1, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// The detectors' timers (windows that close without a new event).
+    async fn tick(&self) {
         let mut found = Vec::new();
         self.inner.engine.lock().tick(now_micros(), &mut found);
         for f in found {
             self.sink(f).await;
         }
-        Ok(())
     }
 
-    async fn save_state(&self, global: bool) -> Result<(), DetectError> {
-        let (dirty, g) = {
+    /// Save the principals' changed state and, when `global`, the rest
+    /// with the cursor. Returns the cursor that the save made durable, if it
+    /// saved one.
+    async fn save_state(&self, global: bool) -> Result<Option<u64>, DetectError> {
+        let (dirty, g, cursor) = {
             let mut e = self.inner.engine.lock();
             let dirty = e.take_dirty();
-            (dirty, global.then(|| e.global_state()))
+            let cursor = e.state().cursor;
+            (dirty, global.then(|| e.global_state()), cursor)
         };
         if dirty.is_empty() && g.is_none() {
-            return Ok(());
+            return Ok(None);
         }
+        let saved = g.is_some().then_some(cursor);
         let vault = self.inner.auth.vault().clone();
         let rows: Vec<(String, Vec<u8>)> = dirty
             .into_iter()
@@ -538,12 +692,13 @@ impl Detection {
                 Ok(())
             })
             .await
-            .map_err(store_err)
+            .map_err(store_err)?;
+        Ok(saved)
     }
 
-    /// Save everything now (on shutdown).
+    /// Save everything now (on shutdown; [`Detection::stop`] does it too).
     pub async fn flush(&self) -> Result<(), DetectError> {
-        self.save_state(true).await
+        self.save_state(true).await.map(|_| ())
     }
 
     // ------------------------------------------------------------- enrich

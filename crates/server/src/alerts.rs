@@ -25,7 +25,7 @@ fn detect_err(e: DetectError) -> ApiError {
     ApiError(match e {
         DetectError::NotFound(m) => FhirError::not_found(m),
         DetectError::Invalid(m) => FhirError::bad_request(m),
-        DetectError::Store(m) => FhirError::internal(m),
+        DetectError::Store(m) | DetectError::Source(m) => FhirError::internal(m),
     })
 }
 

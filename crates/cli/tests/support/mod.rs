@@ -44,6 +44,7 @@ const SERVER_ENV: &[&str] = &[
     "CUSTOS_MAX_BODY",
     "CUSTOS_PASSWORD",
     "CUSTOS_LOG_FORMAT",
+    "CUSTOS_NATS_URL",
 ];
 
 // ------------------------------------------------------------ command line
