@@ -18,6 +18,8 @@
 //! the server's one-line-per-request log does not flood the output.
 #[path = "bench_audit.rs"]
 mod audit;
+#[path = "bench_cluster.rs"]
+mod cluster;
 #[path = "bench_detect.rs"]
 mod detect;
 
@@ -61,6 +63,10 @@ pub struct BenchArgs {
     /// Seed of the synthetic data and of the choice of searched patients.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Also measure scale-out on this PostgreSQL database (one node and three,
+    /// beside SQLite in the same run); tables go in a throwaway schema.
+    #[arg(long, value_name = "URL", env = "CUSTOS_BENCH_POSTGRES_URL")]
+    pub postgres: Option<String>,
 }
 
 /// The settings of one run, defaults resolved.
@@ -133,13 +139,14 @@ const ERROR_SAMPLES: usize = 5;
 /// Run the benchmark and print its figures.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let plan = Plan::from(&args)?;
+    let postgres = args.postgres.clone();
     // A dedicated runtime (own thread, own workers, own log filter); the
     // caller's runtime only waits for the answer.
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("custos-bench".into())
         .spawn(move || {
-            let _ = tx.send(run_on_own_runtime(plan));
+            let _ = tx.send(run_on_own_runtime(plan, postgres));
         })
         .context("cannot start the benchmark thread")?;
     rx.await
@@ -159,7 +166,7 @@ fn install_thread_logger() {
     std::mem::forget(tracing::subscriber::set_default(subscriber));
 }
 
-fn run_on_own_runtime(plan: Plan) -> anyhow::Result<()> {
+fn run_on_own_runtime(plan: Plan, postgres: Option<String>) -> anyhow::Result<()> {
     install_thread_logger();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -167,7 +174,7 @@ fn run_on_own_runtime(plan: Plan) -> anyhow::Result<()> {
         .on_thread_start(install_thread_logger)
         .build()
         .context("cannot start the benchmark runtime")?;
-    let result = rt.block_on(bench(plan));
+    let result = rt.block_on(bench(plan, postgres));
     rt.shutdown_timeout(Duration::from_secs(5));
     result
 }
@@ -1011,7 +1018,7 @@ async fn search_load(
 // The benchmark
 // ---------------------------------------------------------------------------
 
-async fn bench(plan: Plan) -> anyhow::Result<()> {
+async fn bench(plan: Plan, postgres: Option<String>) -> anyhow::Result<()> {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -1514,6 +1521,14 @@ async fn bench(plan: Plan) -> anyhow::Result<()> {
         &mut rows,
     )
     .await?;
+
+    // 7. Scale-out on PostgreSQL, beside SQLite in this run.
+    match &postgres {
+        Some(url) => cluster::run(&plan, &data, url, &mut rows).await?,
+        None => println!(
+            ".. scale-out phase skipped: give --postgres URL (or CUSTOS_BENCH_POSTGRES_URL)"
+        ),
+    }
 
     print_table(&rows);
     let missed = rows.iter().filter(|r| r.verdict == "MISS").count();

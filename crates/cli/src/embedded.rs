@@ -44,6 +44,18 @@ impl EmbeddedServer {
         audit: Option<custos_audit::AuditConfig>,
         detect: Option<DetectConfig>,
     ) -> anyhow::Result<EmbeddedServer> {
+        Self::start_node(records, auth, audit, detect, None).await
+    }
+
+    /// [`EmbeddedServer::start_with`] naming `issuer` in its tokens instead
+    /// of its own address: one node of several behind one public address.
+    pub async fn start_node(
+        records: Records,
+        auth: Option<AuthConfig>,
+        audit: Option<custos_audit::AuditConfig>,
+        detect: Option<DetectConfig>,
+        issuer: Option<String>,
+    ) -> anyhow::Result<EmbeddedServer> {
         let listener = std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
             .context("cannot bind a loopback port")?;
         let addr = listener.local_addr()?;
@@ -61,9 +73,14 @@ impl EmbeddedServer {
         };
         let auth = match (auth, &audit) {
             (Some(c), Some(trail)) => Some(Arc::new(
-                AuthService::open(&records, c, &format!("http://{addr}"), trail.clone())
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+                AuthService::open(
+                    &records,
+                    c,
+                    &issuer.unwrap_or_else(|| format!("http://{addr}")),
+                    trail.clone(),
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
             )),
             _ => None,
         };
