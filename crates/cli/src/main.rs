@@ -8,6 +8,7 @@ mod client;
 mod config;
 mod demo;
 mod embedded;
+mod leader;
 mod simulate;
 
 use std::path::{Path, PathBuf};
@@ -436,78 +437,6 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-/// What only the node that leads a cluster runs: the publisher of the
-/// audit stream and the detection pipeline. On one node (for now, always)
-/// they start with the server.
-struct LeaderDuties {
-    detection: Option<custos_detect::Detection>,
-    publisher: Option<custos_stream::PublisherHandle>,
-}
-
-/// Start the leader's duties. With `[stream]` configured: the publisher,
-/// and detection reading the JetStream stream; without: detection reading
-/// the local log, as on the embedded default.
-async fn start_leader_duties(
-    records: &custos_records::Records,
-    auth: &Arc<custos_auth::AuthService>,
-    trail: &custos_audit::AuditTrail,
-    detect_config: custos_detect::DetectConfig,
-    stream: Option<&custos_stream::StreamConfig>,
-) -> anyhow::Result<LeaderDuties> {
-    let publisher = match stream {
-        Some(c) => Some(
-            custos_stream::Publisher::start(trail.clone(), c.clone())
-                .await
-                .map_err(|e| anyhow::anyhow!("the audit stream: {e}"))?,
-        ),
-        None => None,
-    };
-    let detection = if detect_config.enabled {
-        let source = match stream {
-            Some(c) => custos_detect::Source::External(Box::new(
-                custos_stream::StreamSource::open(trail.clone(), c.clone())
-                    .await
-                    .map_err(|e| anyhow::anyhow!("the audit stream: {e}"))?,
-            )),
-            None => custos_detect::Source::Log,
-        };
-        Some(
-            custos_detect::Detection::start_with(
-                records.clone(),
-                auth.clone(),
-                detect_config,
-                source,
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("threat detection: {e}"))?,
-        )
-    } else {
-        None
-    };
-    if stream.is_some() {
-        tracing::info!(
-            "audit events are published to the JetStream audit stream; detection reads it"
-        );
-    }
-    Ok(LeaderDuties {
-        detection,
-        publisher,
-    })
-}
-
-impl LeaderDuties {
-    /// Stop detection (its state saved, the stream acknowledged); returns
-    /// the publisher, to be stopped once the last events are committed.
-    async fn stop_detection(self) -> Option<custos_stream::PublisherHandle> {
-        if let Some(d) = &self.detection
-            && let Err(e) = d.stop().await
-        {
-            tracing::error!(error = %e, "the detection state could not be saved");
-        }
-        self.publisher
-    }
-}
-
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Init { data, dev_tls } => {
@@ -609,15 +538,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 true,
             )
             .await?;
-            let leader = start_leader_duties(
-                &opened.records,
-                &auth,
-                &trail,
-                detect_config,
-                stream_config.as_ref(),
-            )
-            .await?;
-            let detection = leader.detection.clone();
+            // Detection runs where leadership is (see `leader`); every node
+            // answers the alert API.
+            let detection = if detect_config.enabled {
+                Some(
+                    custos_detect::Detection::passive(
+                        opened.records.clone(),
+                        auth.clone(),
+                        detect_config,
+                    )
+                    .await
+                    .map_err(|e| anyhow::anyhow!("threat detection: {e}"))?,
+                )
+            } else {
+                None
+            };
+            let duties =
+                leader::Duties::follow(trail.clone(), detection.clone(), stream_config.clone())
+                    .await;
             let state = custos_server::AppState {
                 records: opened.records.clone(),
                 access: custos_server::Access::Enforced(auth.clone()),
@@ -629,14 +567,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!(%addr, tls, issuer, "custos listening");
             println!("custos listening on {scheme}://{addr}");
             custos_server::serve(listener, state, shutdown_signal()).await?;
-            if let Some(d) = &detection
-                && !d.caught_up(std::time::Duration::from_secs(5)).await
-            {
-                tracing::warn!(
-                    "detection had not judged every event at shutdown; it resumes on start"
-                );
-            }
-            let publisher = leader.stop_detection().await;
+            duties.stop_detection().await;
             audit_cmd::record_command(
                 &trail,
                 custos_audit::EventKind::Config,
@@ -646,9 +577,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await?;
             // Last, so the stream gets the serve-stop event too.
-            if let Some(p) = publisher {
-                p.stop().await;
-            }
+            duties.stop_publisher().await;
             if let Err(e) = trail.checkpoint().await {
                 tracing::error!(error = %e, "the final audit checkpoint failed");
             }

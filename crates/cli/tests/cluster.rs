@@ -31,6 +31,8 @@ const CLUSTER_URL: &str = "http://custos-cluster.test";
 struct Cluster {
     url: String,
     schema: String,
+    /// The JetStream stream of this run, when NATS is available.
+    stream: Option<(String, String)>,
     dir: tempfile::TempDir,
     config: PathBuf,
 }
@@ -44,19 +46,36 @@ impl Cluster {
         );
         let dir = fresh_data_dir();
         let config = dir.path().join("cluster.toml");
+        let nats = std::env::var("CUSTOS_TEST_NATS_URL")
+            .ok()
+            .filter(|u| !u.is_empty());
+        let stream = nats.map(|n| (n, format!("CUSTOS_IT_{}", schema.to_uppercase())));
+        let stream_toml = match &stream {
+            Some((n, name)) => format!(
+                "[stream]\nnats_url = \"{n}\"\nstream = \"{name}\"\nsubject = \"{}\"\nconsumer = \"detect\"\n",
+                name.to_lowercase()
+            ),
+            None => {
+                eprintln!(
+                    "CUSTOS_TEST_NATS_URL is not set: the cluster runs without the audit stream"
+                );
+                String::new()
+            }
+        };
         std::fs::write(
             &config,
             format!(
                 "base_url = \"{CLUSTER_URL}\"\n\
                  [storage]\nurl = \"{url}\"\nschema = \"{schema}\"\npool_size = 4\n\
                  [audit]\ncheckpoint_secs = 1\n\
-                 [detect]\nsave_secs = 1\n"
+                 [detect]\nsave_secs = 1\n{stream_toml}"
             ),
         )
         .unwrap();
         Cluster {
             url: url.to_string(),
             schema,
+            stream,
             dir,
             config,
         }
@@ -143,6 +162,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         let (url, schema) = (self.url.clone(), self.schema.clone());
+        let stream = self.stream.clone();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -153,6 +173,13 @@ impl Drop for Cluster {
                     tokio::spawn(conn);
                     let _ = c
                         .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                        .await;
+                }
+                if let Some((nats, name)) = stream
+                    && let Ok(client) = async_nats::connect(&nats).await
+                {
+                    let _ = async_nats::jetstream::new(client)
+                        .delete_stream(&name)
                         .await;
                 }
             })
@@ -379,6 +406,48 @@ async fn three_nodes_one_database_survive_the_leader_dying() {
     };
     assert_eq!(snooping.len(), 1, "one snooping case: {snooping:?}");
     assert_eq!(snooping[0]["subject"], format!("user:{}", nurse.id));
+    // Every node answers the alert API with the same cases: one, not one
+    // per node (only the leader judges).
+    for n in nodes.iter().flatten() {
+        let r = n
+            .call(Some(&officer_token), "GET", "admin/alerts", None, &[])
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let here: Vec<&Value> = r.body["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["detector"] == "snooping" && c["patient"] == relative.as_str())
+            .collect();
+        assert_eq!(here.len(), 1, "node {}: {here:?}", n.base);
+    }
+    // A case worked through one node is seen so on another.
+    let id = snooping[0]["id"].as_str().unwrap();
+    let other = nodes
+        .iter()
+        .flatten()
+        .find(|n| n.base != lead.base)
+        .unwrap();
+    let r = other
+        .call(
+            Some(&officer_token),
+            "POST",
+            &format!("admin/alerts/{id}"),
+            Some(json!({"status": "investigating", "note": "asked the nurse"})),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = lead
+        .call(
+            Some(&officer_token),
+            "GET",
+            &format!("admin/alerts/{id}"),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(r.body["status"], "investigating", "{}", r.text);
 
     // The log verifies: one history, checkpoints of both leaders consistent.
     let key = cluster

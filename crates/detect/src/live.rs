@@ -179,6 +179,129 @@ impl Detection {
         Ok(d)
     }
 
+    /// Load the cases without running the pipeline: a node that does not
+    /// lead serves the alert API from the cases stored by the one that does
+    /// (see [`Detection::reload_cases`]).
+    pub async fn passive(
+        records: Records,
+        auth: Arc<AuthService>,
+        config: DetectConfig,
+    ) -> Result<Detection, DetectError> {
+        Self::open(records, auth, config, true).await
+    }
+
+    /// Run the pipeline of a stopped or passive instance (a node that leads
+    /// again, or for the first time): the detectors' state and the cases
+    /// are read again from the store, where the previous leader saved them,
+    /// and judging resumes at the saved cursor.
+    pub async fn resume(&self, source: Source) -> Result<(), DetectError> {
+        if self.is_running() {
+            return Ok(());
+        }
+        self.stop().await?;
+        let inner = &self.inner;
+        let engine = Self::load_engine(&inner.auth, &inner.records, &inner.config, true).await?;
+        inner
+            .sunk
+            .store(engine.state().cursor, std::sync::atomic::Ordering::Release);
+        *inner.engine.lock() = engine;
+        self.reload_cases().await?;
+        inner.stop.send_replace(false);
+        self.spawn(source);
+        Ok(())
+    }
+
+    /// Whether this instance's pipeline is running.
+    pub fn is_running(&self) -> bool {
+        self.inner.task.lock().is_some() && !*self.inner.stop.borrow()
+    }
+
+    /// Read every case again from the store (what another node's pipeline
+    /// or officer wrote since); the alert API calls it on nodes that do not
+    /// run the pipeline.
+    pub async fn reload_cases(&self) -> Result<(), DetectError> {
+        let saved = self
+            .inner
+            .auth
+            .vault()
+            .list::<Case>(CASE_KIND)
+            .await
+            .map_err(store_err)?;
+        let mut fresh = Cases::default();
+        for (_, _, case) in saved {
+            if case.status.is_active() {
+                fresh.active.insert(case.key.clone(), case.id.clone());
+            }
+            fresh.by_id.insert(case.id.clone(), case);
+        }
+        *self.inner.cases.lock() = fresh;
+        Ok(())
+    }
+
+    /// Cases as [`Detection::cases`], each the newer of this process's copy
+    /// and the stored one: on a cluster, another node may have raised a case
+    /// or an officer may have worked one through another node.
+    pub async fn cases_fresh(
+        &self,
+        status: Option<CaseStatus>,
+        limit: usize,
+    ) -> Result<Vec<Case>, DetectError> {
+        let stored = self
+            .inner
+            .auth
+            .vault()
+            .list::<Case>(CASE_KIND)
+            .await
+            .map_err(store_err)?;
+        let mut all: HashMap<String, Case> = self.inner.cases.lock().by_id.clone();
+        for (_, _, case) in stored {
+            match all.get(&case.id) {
+                Some(mine) if mine.updated >= case.updated => {}
+                _ => {
+                    all.insert(case.id.clone(), case);
+                }
+            }
+        }
+        let mut out: Vec<Case> = all
+            .into_values()
+            .filter(|k| status.is_none_or(|s| k.status == s))
+            .collect();
+        out.sort_by(|a, b| b.updated.cmp(&a.updated).then(b.id.cmp(&a.id)));
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    /// One case, the newer of this process's copy and the stored one.
+    pub async fn case_fresh(&self, id: &str) -> Result<Option<Case>, DetectError> {
+        let stored = self
+            .inner
+            .auth
+            .vault()
+            .get::<Case>(CASE_KIND, id)
+            .await
+            .map_err(store_err)?
+            .map(|(_, c)| c);
+        let mine = self.case(id);
+        Ok(match (mine, stored) {
+            (Some(m), Some(s)) => Some(if m.updated >= s.updated { m } else { s }),
+            (m, s) => m.or(s),
+        })
+    }
+
+    /// Replace the in-memory copy of case `id` by the stored one (an officer
+    /// may have worked it through another node).
+    async fn refresh_case(&self, id: &str) {
+        let stored = self.inner.auth.vault().get::<Case>(CASE_KIND, id).await;
+        let Ok(Some((_, case))) = stored else { return };
+        let mut c = self.inner.cases.lock();
+        if case.status.is_active() {
+            c.active.insert(case.key.clone(), case.id.clone());
+        } else if c.active.get(&case.key) == Some(&case.id) {
+            c.active.remove(&case.key);
+        }
+        c.by_id.insert(case.id.clone(), case);
+    }
+
     /// Stop the pipeline: it finishes the batch at hand, saves its whole
     /// state and, with an external source, acknowledges what the save
     /// covers. The cases stay readable; nothing more is judged. Stopping a
@@ -208,12 +331,13 @@ impl Detection {
         Ok(d.stats())
     }
 
-    async fn open(
-        records: Records,
-        auth: Arc<AuthService>,
-        config: DetectConfig,
+    /// The detectors' state as last saved (fresh when `restore` is false).
+    async fn load_engine(
+        auth: &AuthService,
+        records: &Records,
+        config: &DetectConfig,
         restore: bool,
-    ) -> Result<Detection, DetectError> {
+    ) -> Result<Engine, DetectError> {
         let vault = auth.vault().clone();
         let store = records.store().clone();
         let global = {
@@ -248,10 +372,23 @@ impl Detection {
             })?,
             None => Engine::new(config.clone()),
         };
+        Ok(engine)
+    }
+
+    async fn open(
+        records: Records,
+        auth: Arc<AuthService>,
+        config: DetectConfig,
+        restore: bool,
+    ) -> Result<Detection, DetectError> {
+        let engine = Self::load_engine(&auth, &records, &config, restore).await?;
         let restored_cursor = engine.state().cursor;
         let mut cases = Cases::default();
         let saved = if restore {
-            vault.list::<Case>(CASE_KIND).await.map_err(store_err)?
+            auth.vault()
+                .list::<Case>(CASE_KIND)
+                .await
+                .map_err(store_err)?
         } else {
             Vec::new()
         };
@@ -378,6 +515,8 @@ impl Detection {
                 "a note is at most 10,000 characters".into(),
             ));
         }
+        // Work on the stored case: another node may have changed it.
+        self.refresh_case(id).await;
         let (case, dismissed) = {
             let mut c = self.inner.cases.lock();
             let case = c
@@ -838,6 +977,12 @@ impl Detection {
     // -------------------------------------------------------------- sinks
 
     async fn sink(&self, f: Finding) {
+        // A case worked by an officer through another node is read again
+        // before a finding joins it (a dismissed case does not take more).
+        let active = self.inner.cases.lock().active.get(&f.case_key()).cloned();
+        if let Some(id) = active {
+            self.refresh_case(&id).await;
+        }
         let (case, opened, escalated) = {
             let mut c = self.inner.cases.lock();
             let key = f.case_key();

@@ -15,7 +15,10 @@ use serde_json::{Value, json};
 
 use crate::{ApiError, AppState};
 
-fn detection(s: &AppState) -> Result<&Detection, ApiError> {
+/// The detection service. Cases are read fresh from the store (on a
+/// cluster, the leader's pipeline raises them and any node's officer works
+/// them), so every node answers alike.
+async fn detection(s: &AppState) -> Result<&Detection, ApiError> {
     s.detection
         .as_ref()
         .ok_or_else(|| ApiError(FhirError::not_found("threat detection is not enabled")))
@@ -42,7 +45,7 @@ pub async fn list(
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     crate::auth::admin(&s, &headers, AdminRight::Respond).await?;
-    let d = detection(&s)?;
+    let d = detection(&s).await?;
     let status = q
         .status
         .as_deref()
@@ -54,7 +57,10 @@ pub async fn list(
             })
         })
         .transpose()?;
-    let cases = d.cases(status, q.count.unwrap_or(100).min(1000));
+    let cases = d
+        .cases_fresh(status, q.count.unwrap_or(100).min(1000))
+        .await
+        .map_err(detect_err)?;
     Ok(Json(json!({ "cases": cases, "stats": d.stats() })))
 }
 
@@ -64,9 +70,11 @@ pub async fn show(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     crate::auth::admin(&s, &headers, AdminRight::Respond).await?;
-    let d = detection(&s)?;
+    let d = detection(&s).await?;
     let case = d
-        .case(&id)
+        .case_fresh(&id)
+        .await
+        .map_err(detect_err)?
         .ok_or_else(|| ApiError(FhirError::new(ErrorKind::NotFound, format!("no case {id}"))))?;
     Ok(Json(json!(case)))
 }
@@ -78,7 +86,7 @@ pub async fn update(
     Json(u): Json<CaseUpdate>,
 ) -> Result<Json<Value>, ApiError> {
     let (_, who) = crate::auth::admin(&s, &headers, AdminRight::Respond).await?;
-    let d = detection(&s)?;
+    let d = detection(&s).await?;
     let by = who
         .username()
         .map(str::to_string)
