@@ -103,6 +103,8 @@ struct Inner {
     /// The `audit-leader` role, while this process holds it (see [`AuditTrail::lead`]).
     lease: tokio::sync::Mutex<Option<Arc<dyn custos_store::Lease>>>,
     leader: tokio::sync::watch::Sender<bool>,
+    /// Set by [`AuditTrail::close`]: the timers stop and leadership is given up.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// The role whose holder signs checkpoints (and, in `custos serve`, publishes
@@ -140,6 +142,7 @@ impl AuditTrail {
             committed: Arc::new(tokio::sync::Notify::new()),
             lease: tokio::sync::Mutex::new(None),
             leader: tokio::sync::watch::channel(false).0,
+            closed: std::sync::atomic::AtomicBool::new(false),
         });
         let trail = AuditTrail { inner };
         trail.spawn_appender();
@@ -153,6 +156,9 @@ impl AuditTrail {
     /// reloads the last stored checkpoint (another node may have signed
     /// since), so a new leader signs only an extension of it.
     pub async fn lead(&self) -> bool {
+        if self.is_closed() {
+            return false;
+        }
         let mut lease = self.inner.lease.lock().await;
         if lease.as_ref().is_some_and(|l| l.held()) {
             return true;
@@ -179,6 +185,20 @@ impl AuditTrail {
             self.inner.leader.send_replace(now);
         }
         now
+    }
+
+    /// Stop the checkpoint timer and the campaign, and give up leadership
+    /// (at shutdown, after the final checkpoint).
+    pub async fn close(&self) {
+        self.inner
+            .closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.inner.lease.lock().await.take();
+        self.inner.leader.send_replace(false);
+    }
+
+    fn is_closed(&self) -> bool {
+        self.inner.closed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Events queued on this node and not yet committed (its audit lag).
@@ -211,7 +231,11 @@ impl AuditTrail {
             loop {
                 tick.tick().await;
                 let Some(inner) = weak.upgrade() else { break };
-                AuditTrail { inner }.lead().await;
+                let trail = AuditTrail { inner };
+                if trail.is_closed() {
+                    break;
+                }
+                trail.lead().await;
             }
         });
     }
@@ -445,6 +469,13 @@ impl AuditTrail {
                 tick.tick().await;
                 let Some(inner) = weak.upgrade() else { break };
                 let trail = AuditTrail { inner };
+                if trail.is_closed() {
+                    break;
+                }
+                // Only the leader signs; the others have nothing to do here.
+                if !trail.lead().await {
+                    continue;
+                }
                 if let Err(e) = trail.checkpoint().await {
                     tracing::error!(error = %e, "audit checkpoint failed");
                 }

@@ -138,10 +138,16 @@ impl EmbeddedServer {
                 bail!("the server did not stop within 15 s")
             }
         };
-        if let Some(a) = &self.audit
-            && let Err(e) = a.checkpoint().await
+        if let Some(d) = &self.detection
+            && let Err(e) = d.stop().await
         {
-            tracing::error!(error = %e, "the final audit checkpoint failed");
+            tracing::error!(error = %e, "the detection state could not be saved");
+        }
+        if let Some(a) = &self.audit {
+            if let Err(e) = a.checkpoint().await {
+                tracing::error!(error = %e, "the final audit checkpoint failed");
+            }
+            a.close().await;
         }
         r
     }

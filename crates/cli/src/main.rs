@@ -581,6 +581,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Err(e) = trail.checkpoint().await {
                 tracing::error!(error = %e, "the final audit checkpoint failed");
             }
+            trail.close().await;
             opened.store.close();
         }
         Command::Demo {

@@ -701,12 +701,17 @@ fn run_in_savepoint(
         };
         job(&mut tx)
     }));
-    let result = match outcome {
+    let mut result = match outcome {
         Ok(r) => r,
         Err(_) => Err(StoreError::Backend(
             "write job panicked; its changes were rolled back".into(),
         )),
     };
+    if result.is_ok()
+        && let Err(e) = flush_audit(conn, cache)
+    {
+        result = Err(e);
+    }
     if result.is_err() {
         *cache = saved;
         conn.batch("ROLLBACK TO SAVEPOINT job")?;
@@ -715,11 +720,21 @@ fn run_in_savepoint(
     result
 }
 
-fn read_on(pool: &r2d2::Pool<Manager>, job: ReadJob) -> StoreResult<Box<dyn Any + Send>> {
+/// Run a read job on a pooled connection: in one snapshot transaction, or
+/// (a point lookup, `snapshot` false) in autocommit, which saves the two
+/// round trips of BEGIN and COMMIT (each statement still sees a consistent
+/// snapshot; a lookup by key needs no more).
+fn read_on(
+    pool: &r2d2::Pool<Manager>,
+    job: ReadJob,
+    snapshot: bool,
+) -> StoreResult<Box<dyn Any + Send>> {
     let mut conn = pool
         .get()
         .map_err(|e| StoreError::Backend(format!("database pool: {e}")))?;
-    conn.batch("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
+    if snapshot {
+        conn.batch("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
+    }
     let mut cache = AppendCache::default();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut tx = PgTx {
@@ -728,7 +743,9 @@ fn read_on(pool: &r2d2::Pool<Manager>, job: ReadJob) -> StoreResult<Box<dyn Any 
         };
         job(&mut tx)
     }));
-    let _ = conn.batch("COMMIT");
+    if snapshot {
+        let _ = conn.batch("COMMIT");
+    }
     match result {
         Ok(r) => r,
         Err(_) => Err(StoreError::Backend("read job panicked".into())),
@@ -760,7 +777,14 @@ impl Drop for PgLease {
 impl Store for PostgresStore {
     async fn run_read(&self, job: ReadJob) -> StoreResult<Box<dyn Any + Send>> {
         let pool = self.pool.clone();
-        tokio::task::spawn_blocking(move || read_on(&pool, job))
+        tokio::task::spawn_blocking(move || read_on(&pool, job, true))
+            .await
+            .map_err(|e| StoreError::Backend(format!("read task failed: {e}")))?
+    }
+
+    async fn run_read_point(&self, job: ReadJob) -> StoreResult<Box<dyn Any + Send>> {
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || read_on(&pool, job, false))
             .await
             .map_err(|e| StoreError::Backend(format!("read task failed: {e}")))?
     }
@@ -1428,6 +1452,7 @@ impl ReadTx for PgTx<'_> {
         end: u64,
         limit: usize,
     ) -> StoreResult<Vec<AuditEntry>> {
+        flush_audit(self.conn, self.cache)?;
         let args: Args = vec![
             Box::new(clamp(start)),
             Box::new(clamp(end)),
@@ -1440,10 +1465,12 @@ impl ReadTx for PgTx<'_> {
     }
 
     fn audit_hashes(&mut self, indexes: &[u64]) -> StoreResult<Vec<[u8; 32]>> {
+        flush_audit(self.conn, self.cache)?;
         read_audit_hashes(self.conn, self.cache, indexes)
     }
 
     fn audit_hash_range(&mut self, lo: u64, hi: u64) -> StoreResult<Vec<(u64, [u8; 32])>> {
+        flush_audit(self.conn, self.cache)?;
         let rows = self.conn.query(
             "SELECT n, hash FROM audit_hash WHERE n >= $1 AND n < $2 ORDER BY n",
             &[&clamp(lo), &clamp(hi)],
@@ -1460,6 +1487,7 @@ impl ReadTx for PgTx<'_> {
     }
 
     fn audit_search(&mut self, q: &AuditQuery) -> StoreResult<Vec<AuditEntry>> {
+        flush_audit(self.conn, self.cache)?;
         let mut sql = String::from("SELECT a.idx, a.at, a.data FROM audit_log a");
         let mut args: Args = Vec::new();
         let mut conds: Vec<String> = Vec::new();
@@ -1514,10 +1542,31 @@ impl ReadTx for PgTx<'_> {
 struct AppendCache {
     next: Option<u64>,
     hashes: std::collections::VecDeque<(u64, [u8; 32])>,
+    /// Appended rows not yet sent: written in a few multi-row statements
+    /// (every [`AppendCache::FLUSH`] events, before any audit read, and at
+    /// the end of the job) instead of three statements per event.
+    unsent: Unsent,
+}
+
+#[derive(Default, Clone)]
+struct Unsent {
+    idx: Vec<i64>,
+    at: Vec<i64>,
+    action: Vec<String>,
+    outcome: Vec<i64>,
+    agent: Vec<Option<String>>,
+    data: Vec<Vec<u8>>,
+    hash_n: Vec<i64>,
+    hash: Vec<Vec<u8>>,
+    patient: Vec<String>,
+    patient_idx: Vec<i64>,
 }
 
 impl AppendCache {
     const KEEP: usize = 256;
+    /// Events per flush: their hashes (about two per event) stay within
+    /// the `KEEP` hashes held here until they reach the database.
+    const FLUSH: usize = 64;
 
     fn hash(&self, n: u64) -> Option<[u8; 32]> {
         self.hashes
@@ -1526,6 +1575,31 @@ impl AppendCache {
             .find(|(k, _)| *k == n)
             .map(|(_, h)| *h)
     }
+}
+
+/// Send the buffered appends (see [`AppendCache::unsent`]).
+fn flush_audit(conn: &mut PgConn, cache: &mut AppendCache) -> StoreResult<()> {
+    let u = std::mem::take(&mut cache.unsent);
+    if u.idx.is_empty() {
+        return Ok(());
+    }
+    conn.execute(
+        "INSERT INTO audit_log (idx, at, action, outcome, agent, data) \
+         SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::text[], $6::bytea[])",
+        &[&u.idx, &u.at, &u.action, &u.outcome, &u.agent, &u.data],
+    )?;
+    conn.execute(
+        "INSERT INTO audit_hash (n, hash) SELECT * FROM unnest($1::bigint[], $2::bytea[])",
+        &[&u.hash_n, &u.hash],
+    )?;
+    if !u.patient.is_empty() {
+        conn.execute(
+            "INSERT INTO audit_patient (patient, idx) SELECT * FROM unnest($1::text[], $2::bigint[]) \
+             ON CONFLICT DO NOTHING",
+            &[&u.patient, &u.patient_idx],
+        )?;
+    }
+    Ok(())
 }
 
 fn audit_size_of(conn: &mut PgConn) -> StoreResult<u64> {
@@ -1793,17 +1867,22 @@ impl WriteTx for PgTx<'_> {
             tlog_tiles::stored_hashes_for_record_hash(n, leaf, &reader)
                 .map_err(|err| StoreError::Backend(format!("audit tree: {err}")))?
         };
-        self.conn.execute(
-            "INSERT INTO audit_log (idx, at, action, outcome, agent, data) VALUES ($1, $2, $3, $4, $5, $6)",
-            &[&clamp(n), &e.at, &e.action, &(e.outcome as i64), &e.agent, &e.data],
-        )?;
         let first = tlog_tiles::stored_hash_index(0, n);
-        let ns: Vec<i64> = (0..hashes.len() as u64).map(|i| clamp(first + i)).collect();
-        let hs: Vec<Vec<u8>> = hashes.iter().map(|h| h.0.to_vec()).collect();
-        self.conn.execute(
-            "INSERT INTO audit_hash (n, hash) SELECT * FROM unnest($1::bigint[], $2::bytea[])",
-            &[&ns, &hs],
-        )?;
+        let u = &mut self.cache.unsent;
+        u.idx.push(clamp(n));
+        u.at.push(e.at);
+        u.action.push(e.action.to_string());
+        u.outcome.push(e.outcome as i64);
+        u.agent.push(e.agent.map(str::to_string));
+        u.data.push(e.data.to_vec());
+        for (i, h) in hashes.iter().enumerate() {
+            u.hash_n.push(clamp(first + i as u64));
+            u.hash.push(h.0.to_vec());
+        }
+        for p in e.patients {
+            u.patient.push(p.clone());
+            u.patient_idx.push(clamp(n));
+        }
         for (i, h) in hashes.iter().enumerate() {
             self.cache.hashes.push_back((first + i as u64, h.0));
         }
@@ -1811,13 +1890,8 @@ impl WriteTx for PgTx<'_> {
             self.cache.hashes.pop_front();
         }
         self.cache.next = Some(n + 1);
-        if !e.patients.is_empty() {
-            let ps: Vec<&str> = e.patients.iter().map(String::as_str).collect();
-            self.conn.execute(
-                "INSERT INTO audit_patient (patient, idx) SELECT p, $2::bigint FROM unnest($1::text[]) p \
-                 ON CONFLICT DO NOTHING",
-                &[&ps, &clamp(n)],
-            )?;
+        if self.cache.unsent.idx.len() >= AppendCache::FLUSH {
+            flush_audit(self.conn, self.cache)?;
         }
         Ok(n)
     }
