@@ -1,8 +1,10 @@
 //! Several Custos nodes on one PostgreSQL database, driven as real
 //! processes over HTTP: writes and reads spread over three nodes, the
 //! leader killed with SIGKILL mid-load, every acknowledged write readable
-//! afterwards, one audit log that verifies across the change of leader, and
-//! a snooping attack spread across the nodes raising one alert.
+//! afterwards, one audit log that verifies across the change of leader, a
+//! snooping attack spread across the nodes raising one alert, a lock made
+//! through one node holding on all at the next request, and no clear PHI in
+//! any table.
 //!
 //! Needs `CUSTOS_TEST_POSTGRES_URL` (CI sets it); without it the test prints
 //! why it skips. Each run uses a schema of its own, dropped at the end.
@@ -448,6 +450,83 @@ async fn three_nodes_one_database_survive_the_leader_dying() {
         )
         .await;
     assert_eq!(r.body["status"], "investigating", "{}", r.text);
+
+    // A lock made through one node holds on every node at the next request.
+    let before = nodes
+        .iter()
+        .flatten()
+        .next()
+        .unwrap()
+        .call(
+            Some(&nurse_token),
+            "GET",
+            &format!("Patient/{relative}"),
+            None,
+            &[("x-break-glass-reason", "checking on a patient in the ED")],
+        )
+        .await;
+    assert_eq!(before.status, 200, "{}", before.text);
+    let r = lead
+        .call(
+            Some(&officer_token),
+            "POST",
+            &format!("admin/users/{}/lock", nurse.username),
+            Some(json!({"reason": "under investigation"})),
+            &[],
+        )
+        .await;
+    assert!(r.status < 300, "lock refused: {}", r.text);
+    for n in nodes.iter().flatten() {
+        let r = n
+            .call(
+                Some(&nurse_token),
+                "GET",
+                &format!("Patient/{relative}"),
+                None,
+                &[("x-break-glass-reason", "checking on a patient in the ED")],
+            )
+            .await;
+        assert_eq!(
+            r.status, 401,
+            "node {} still served a locked account: {}",
+            n.base, r.text
+        );
+    }
+
+    // The database holds no clear PHI: no name, in text or as bytes.
+    let (db, conn) = tokio_postgres::connect(&cluster.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let tables = db
+        .query(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = $1",
+            &[&cluster.schema],
+        )
+        .await
+        .unwrap();
+    assert!(tables.len() >= 10, "{} tables", tables.len());
+    let needles = ["Halvorsen", "Ingrid", "Load0x1"];
+    for t in tables {
+        let name: String = t.get(0);
+        let rows = db
+            .query(
+                &format!("SELECT t::text FROM {}.{} t", cluster.schema, name),
+                &[],
+            )
+            .await
+            .unwrap();
+        for row in rows {
+            let text: String = row.get(0);
+            for n in needles {
+                let hex: String = n.bytes().map(|b| format!("{b:02x}")).collect();
+                assert!(
+                    !text.contains(n) && !text.contains(&hex),
+                    "{n} in clear in table {name}"
+                );
+            }
+        }
+    }
 
     // The log verifies: one history, checkpoints of both leaders consistent.
     let key = cluster
