@@ -51,13 +51,17 @@ impl BackendKey {
 }
 
 /// SMART Backend Services: exchange a signed assertion for an access token.
+///
+/// The assertion's audience is the token endpoint of `issuer` (the server's
+/// public address, which may differ from the node `c` talks to).
 pub async fn client_credentials(
     c: &FhirClient,
+    issuer: &str,
     client_id: &str,
     key: &BackendKey,
     scope: &str,
 ) -> anyhow::Result<String> {
-    let token_url = format!("{}/auth/token", c.base());
+    let token_url = format!("{issuer}/auth/token");
     let assertion = key.assertion(client_id, &token_url)?;
     let (status, v) = c
         .form(
@@ -133,6 +137,6 @@ pub async fn sign_in_as_system(
     })
     .await
     .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let token = client_credentials(client, id, &key, "system/*.cruds").await?;
+    let token = client_credentials(client, auth.issuer(), id, &key, "system/*.cruds").await?;
     Ok((client.with_token(&token), token))
 }

@@ -107,42 +107,14 @@ impl Cluster {
             .auth
             .clone()
             .context("authentication is on")?;
-        let key = crate::backend::BackendKey::generate()?;
-        auth.register_client(custos_auth::service::Client {
-            id: "bench-cluster".into(),
-            name: "benchmark load generator".into(),
-            jwks: Some(key.jwks()),
-            redirect_uris: Vec::new(),
-            role: Some(custos_auth::Role::Service),
-            scope: "system/*.cruds".into(),
-            disabled: false,
-            created: 0,
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let first = FhirClient::new(&started[0].server.url());
-        let assertion = key.assertion("bench-cluster", &format!("{ISSUER}/auth/token"))?;
-        let (status, v) = first
-            .form(
-                "/auth/token",
-                &[
-                    ("grant_type", "client_credentials"),
-                    (
-                        "client_assertion_type",
-                        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-                    ),
-                    ("client_assertion", &assertion),
-                    ("scope", "system/*.cruds"),
-                ],
-            )
-            .await?;
-        if status != 200 {
-            bail!("the cluster's token endpoint refused the client ({status}): {v}");
-        }
-        let token = v["access_token"]
-            .as_str()
-            .context("no access token")?
-            .to_string();
+        // Tokens name the cluster's issuer, so every node accepts them.
+        let (_, token) = crate::backend::sign_in_as_system(
+            &auth,
+            &FhirClient::new(&started[0].server.url()),
+            "bench-cluster",
+            "benchmark load generator",
+        )
+        .await?;
         let clients = started
             .iter()
             .map(|n| FhirClient::new(&n.server.url()).with_token(&token))

@@ -112,52 +112,11 @@ impl Cluster {
     }
 
     fn register(&self, client: &BackendClient, scope: &str) {
-        let file = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(file.path(), serde_json::to_vec(&client.jwks()).unwrap()).unwrap();
-        let d = self.data().to_str().unwrap().to_string();
-        self.custos_ok(&[
-            "client",
-            "add",
-            "--data-dir",
-            &d,
-            "--id",
-            &client.id,
-            "--jwks",
-            file.path().to_str().unwrap(),
-            "--scope",
-            scope,
-        ]);
+        client.register_with(self.data(), scope, &["--config", self.cfg()]);
     }
 
     fn add_user(&self, username: &str, role: &str, link: &[(&str, &str)]) -> User {
-        let password = format!("pw-{}", random(12));
-        let d = self.data().to_str().unwrap().to_string();
-        let mut cmd = custos_cmd();
-        cmd.args([
-            "user",
-            "add",
-            "--data-dir",
-            &d,
-            "--username",
-            username,
-            "--role",
-            role,
-            "--json",
-            "--config",
-            self.cfg(),
-        ])
-        .env("CUSTOS_PASSWORD", &password);
-        for (flag, value) in link {
-            cmd.args([*flag, *value]);
-        }
-        let out = cmd.output().expect("run custos user add");
-        assert!(
-            out.status.success(),
-            "custos user add failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        User::from_add(username, &password, &v)
+        add_user_with(self.data(), username, role, link, &["--config", self.cfg()])
     }
 }
 
@@ -198,6 +157,17 @@ async fn system_token(client: &BackendClient, node: &Server) -> String {
         .await;
     assert_eq!(r.status, 200, "client_credentials refused: {}", r.text);
     r.body["access_token"].as_str().unwrap().to_string()
+}
+
+/// The snooping cases on `patient` in an `/admin/alerts` answer.
+fn snooping_on(alerts: &Value, patient: &str) -> Vec<Value> {
+    alerts["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["detector"] == "snooping" && c["patient"] == patient)
+        .cloned()
+        .collect()
 }
 
 async fn ready(node: &Server) -> Option<Value> {
@@ -394,13 +364,7 @@ async fn three_nodes_one_database_survive_the_leader_dying() {
             .call(Some(&officer_token), "GET", "admin/alerts", None, &[])
             .await;
         assert_eq!(r.status, 200, "{}", r.text);
-        let found: Vec<Value> = r.body["cases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|c| c["detector"] == "snooping" && c["patient"] == relative.as_str())
-            .cloned()
-            .collect();
+        let found = snooping_on(&r.body, &relative);
         if !found.is_empty() || Instant::now() > deadline {
             break found;
         }
@@ -415,12 +379,7 @@ async fn three_nodes_one_database_survive_the_leader_dying() {
             .call(Some(&officer_token), "GET", "admin/alerts", None, &[])
             .await;
         assert_eq!(r.status, 200, "{}", r.text);
-        let here: Vec<&Value> = r.body["cases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|c| c["detector"] == "snooping" && c["patient"] == relative.as_str())
-            .collect();
+        let here = snooping_on(&r.body, &relative);
         assert_eq!(here.len(), 1, "node {}: {here:?}", n.base);
     }
     // A case worked through one node is seen so on another.

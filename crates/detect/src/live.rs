@@ -97,6 +97,45 @@ struct Cases {
     active: HashMap<String, String>,
 }
 
+impl Cases {
+    fn from_stored(stored: Vec<Case>) -> Cases {
+        let mut cases = Cases::default();
+        for case in stored {
+            if case.status.is_active() {
+                cases.active.insert(case.key.clone(), case.id.clone());
+            }
+            cases.by_id.insert(case.id.clone(), case);
+        }
+        cases
+    }
+}
+
+/// Cases of `status` (all when `None`), most recently updated first, at most `limit`.
+fn listed(
+    cases: impl Iterator<Item = Case>,
+    status: Option<CaseStatus>,
+    limit: usize,
+) -> Vec<Case> {
+    let mut out: Vec<Case> = cases
+        .filter(|k| status.is_none_or(|s| k.status == s))
+        .collect();
+    out.sort_by(|a, b| b.updated.cmp(&a.updated).then(b.id.cmp(&a.id)));
+    out.truncate(limit);
+    out
+}
+
+/// Every case the store holds.
+async fn stored_cases(auth: &AuthService) -> Result<Vec<Case>, DetectError> {
+    Ok(auth
+        .vault()
+        .list::<Case>(CASE_KIND)
+        .await
+        .map_err(store_err)?
+        .into_iter()
+        .map(|(_, _, case)| case)
+        .collect())
+}
+
 struct Inner {
     records: Records,
     trail: AuditTrail,
@@ -181,7 +220,7 @@ impl Detection {
 
     /// Load the cases without running the pipeline: a node that does not
     /// lead serves the alert API from the cases stored by the one that does
-    /// (see [`Detection::reload_cases`]).
+    /// (see [`Detection::cases_fresh`]).
     pub async fn passive(
         records: Records,
         auth: Arc<AuthService>,
@@ -205,7 +244,8 @@ impl Detection {
             .sunk
             .store(engine.state().cursor, std::sync::atomic::Ordering::Release);
         *inner.engine.lock() = engine;
-        self.reload_cases().await?;
+        // What the previous leader's pipeline and any node's officers stored.
+        *inner.cases.lock() = Cases::from_stored(stored_cases(&inner.auth).await?);
         inner.stop.send_replace(false);
         self.spawn(source);
         Ok(())
@@ -216,28 +256,6 @@ impl Detection {
         self.inner.task.lock().is_some() && !*self.inner.stop.borrow()
     }
 
-    /// Read every case again from the store (what another node's pipeline
-    /// or officer wrote since); the alert API calls it on nodes that do not
-    /// run the pipeline.
-    pub async fn reload_cases(&self) -> Result<(), DetectError> {
-        let saved = self
-            .inner
-            .auth
-            .vault()
-            .list::<Case>(CASE_KIND)
-            .await
-            .map_err(store_err)?;
-        let mut fresh = Cases::default();
-        for (_, _, case) in saved {
-            if case.status.is_active() {
-                fresh.active.insert(case.key.clone(), case.id.clone());
-            }
-            fresh.by_id.insert(case.id.clone(), case);
-        }
-        *self.inner.cases.lock() = fresh;
-        Ok(())
-    }
-
     /// Cases as [`Detection::cases`], each the newer of this process's copy
     /// and the stored one: on a cluster, another node may have raised a case
     /// or an officer may have worked one through another node.
@@ -246,15 +264,9 @@ impl Detection {
         status: Option<CaseStatus>,
         limit: usize,
     ) -> Result<Vec<Case>, DetectError> {
-        let stored = self
-            .inner
-            .auth
-            .vault()
-            .list::<Case>(CASE_KIND)
-            .await
-            .map_err(store_err)?;
+        let stored = stored_cases(&self.inner.auth).await?;
         let mut all: HashMap<String, Case> = self.inner.cases.lock().by_id.clone();
-        for (_, _, case) in stored {
+        for case in stored {
             match all.get(&case.id) {
                 Some(mine) if mine.updated >= case.updated => {}
                 _ => {
@@ -262,13 +274,7 @@ impl Detection {
                 }
             }
         }
-        let mut out: Vec<Case> = all
-            .into_values()
-            .filter(|k| status.is_none_or(|s| k.status == s))
-            .collect();
-        out.sort_by(|a, b| b.updated.cmp(&a.updated).then(b.id.cmp(&a.id)));
-        out.truncate(limit);
-        Ok(out)
+        Ok(listed(all.into_values(), status, limit))
     }
 
     /// One case, the newer of this process's copy and the stored one.
@@ -383,21 +389,11 @@ impl Detection {
     ) -> Result<Detection, DetectError> {
         let engine = Self::load_engine(&auth, &records, &config, restore).await?;
         let restored_cursor = engine.state().cursor;
-        let mut cases = Cases::default();
-        let saved = if restore {
-            auth.vault()
-                .list::<Case>(CASE_KIND)
-                .await
-                .map_err(store_err)?
+        let cases = Cases::from_stored(if restore {
+            stored_cases(&auth).await?
         } else {
             Vec::new()
-        };
-        for (_, _, case) in saved {
-            if case.status.is_active() {
-                cases.active.insert(case.key.clone(), case.id.clone());
-            }
-            cases.by_id.insert(case.id.clone(), case);
-        }
+        });
         let secret = std::env::var("CUSTOS_DETECT_WEBHOOK_SECRET")
             .ok()
             .or_else(|| config.webhook_secret.clone());
@@ -464,16 +460,8 @@ impl Detection {
 
     /// Cases, most recently updated first, optionally of one status.
     pub fn cases(&self, status: Option<CaseStatus>, limit: usize) -> Vec<Case> {
-        let c = self.inner.cases.lock();
-        let mut out: Vec<Case> = c
-            .by_id
-            .values()
-            .filter(|k| status.is_none_or(|s| k.status == s))
-            .cloned()
-            .collect();
-        out.sort_by(|a, b| b.updated.cmp(&a.updated).then(b.id.cmp(&a.id)));
-        out.truncate(limit);
-        out
+        let all: Vec<Case> = self.inner.cases.lock().by_id.values().cloned().collect();
+        listed(all.into_iter(), status, limit)
     }
 
     pub fn case(&self, id: &str) -> Option<Case> {

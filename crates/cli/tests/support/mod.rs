@@ -409,9 +409,14 @@ impl BackendClient {
 
     /// `custos client add --data-dir D --id ID --jwks FILE --scope SCOPE`.
     pub fn register(&self, data_dir: &Path, scope: &str) {
+        self.register_with(data_dir, scope, &[]);
+    }
+
+    /// [`BackendClient::register`] with more arguments (e.g. `--config FILE`).
+    pub fn register_with(&self, data_dir: &Path, scope: &str, extra: &[&str]) {
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), serde_json::to_vec(&self.jwks()).unwrap()).unwrap();
-        custos_ok(&[
+        let mut args = vec![
             "client",
             "add",
             "--data-dir",
@@ -422,7 +427,9 @@ impl BackendClient {
             file.path().to_str().unwrap(),
             "--scope",
             scope,
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        custos_ok(&args);
     }
 
     /// Sign any claims with this client's key (header `alg: ES256`, its `kid`).
@@ -495,6 +502,17 @@ pub struct User {
 /// `CUSTOS_PASSWORD=… custos user add --data-dir D --username U --role R
 /// [--practitioner P | --patient P …] --json`.
 pub fn add_user(data_dir: &Path, username: &str, role: &str, link: &[(&str, &str)]) -> User {
+    add_user_with(data_dir, username, role, link, &[])
+}
+
+/// [`add_user`] with more arguments (e.g. `--config FILE`).
+pub fn add_user_with(
+    data_dir: &Path,
+    username: &str,
+    role: &str,
+    link: &[(&str, &str)],
+    extra: &[&str],
+) -> User {
     let password = format!("pw-{}", random(12));
     let d = data_dir.to_str().unwrap();
     let mut cmd = custos_cmd();
@@ -509,6 +527,7 @@ pub fn add_user(data_dir: &Path, username: &str, role: &str, link: &[(&str, &str
         role,
         "--json",
     ])
+    .args(extra)
     .env("CUSTOS_PASSWORD", &password);
     for (flag, value) in link {
         cmd.args([*flag, *value]);
@@ -520,21 +539,16 @@ pub fn add_user(data_dir: &Path, username: &str, role: &str, link: &[(&str, &str
         String::from_utf8_lossy(&out.stderr)
     );
     let v: Value = serde_json::from_slice(&out.stdout).expect("user add --json prints JSON");
-    User::from_add(username, &password, &v)
+    User {
+        username: username.to_string(),
+        password,
+        id: v["user"]["id"].as_str().unwrap_or_default().to_string(),
+        totp_secret: v["totp_secret"].as_str().map(str::to_string),
+        last_step: Mutex::new(0),
+    }
 }
 
 impl User {
-    /// The user `custos user add --json` printed `v` for.
-    pub fn from_add(username: &str, password: &str, v: &Value) -> User {
-        User {
-            username: username.to_string(),
-            password: password.to_string(),
-            id: v["user"]["id"].as_str().unwrap_or_default().to_string(),
-            totp_secret: v["totp_secret"].as_str().map(str::to_string),
-            last_step: Mutex::new(0),
-        }
-    }
-
     /// A user the server does not know (for sign-in attempts).
     pub fn unknown(username: &str) -> User {
         User {
