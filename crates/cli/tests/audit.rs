@@ -497,8 +497,10 @@ fn truncate_log(dir: &Path, keep: u64) {
     let keep = keep as i64;
     conn.execute("DELETE FROM audit_log WHERE idx >= ?1", [keep])
         .unwrap();
-    conn.execute("DELETE FROM audit_patient WHERE idx >= ?1", [keep])
-        .unwrap();
+    for keyed in ["audit_key_tail", "audit_key_run"] {
+        conn.execute(&format!("DELETE FROM {keyed} WHERE idx >= ?1"), [keep])
+            .unwrap();
+    }
     conn.execute("DELETE FROM audit_hash WHERE n >= ?1", [first_hash])
         .unwrap();
 }
@@ -1222,11 +1224,13 @@ async fn tamper_is_detected_and_named() {
     )
     .unwrap();
     conn.execute_batch(
-        "DELETE FROM audit.audit_log; DELETE FROM audit.audit_hash; DELETE FROM audit.audit_patient;
+        "DELETE FROM audit.audit_log; DELETE FROM audit.audit_hash;
+         DELETE FROM audit.audit_key_tail; DELETE FROM audit.audit_key_run;
          DELETE FROM sys_log WHERE log = 'audit-checkpoint';
          INSERT INTO audit.audit_log SELECT * FROM other_audit.audit_log;
          INSERT INTO audit.audit_hash SELECT * FROM other_audit.audit_hash;
-         INSERT INTO audit.audit_patient SELECT * FROM other_audit.audit_patient;
+         INSERT INTO audit.audit_key_tail SELECT * FROM other_audit.audit_key_tail;
+         INSERT INTO audit.audit_key_run SELECT * FROM other_audit.audit_key_run;
          INSERT INTO main.sys_log (log, at, value)
              SELECT log, at, value FROM other.sys_log WHERE log = 'audit-checkpoint' ORDER BY seq;
          DETACH DATABASE other; DETACH DATABASE other_audit;",

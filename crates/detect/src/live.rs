@@ -45,6 +45,12 @@ const STATE_KIND: &str = "detect-state";
 const USER_STATE_KIND: &str = "detect-user";
 /// Events read per batch.
 const BATCH: usize = 1024;
+/// Least time between two passes over the local log. Under load the trail
+/// commits thousands of times a second; a pass per commit would spend more
+/// on its reads than on judging. Waiting this long gathers the events of
+/// many commits into one pass and keeps commit-to-judged latency in tens
+/// of milliseconds (the target is one second).
+const LOG_PASS_EVERY: Duration = Duration::from_millis(20);
 /// Patients' facts kept in memory at most (then the cache starts over).
 const FACTS_CAP: usize = 200_000;
 
@@ -605,9 +611,16 @@ impl Detection {
                 let d = Detection { inner };
                 match &mut source {
                     Source::Log => {
-                        if let Err(e) = d.run_once().await {
-                            tracing::error!(error = %e, "detection could not read the audit log");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        let pause = match d.run_once().await {
+                            Ok(()) => LOG_PASS_EVERY,
+                            Err(e) => {
+                                tracing::error!(error = %e, "detection could not read the audit log");
+                                Duration::from_secs(1)
+                            }
+                        };
+                        tokio::select! {
+                            _ = tokio::time::sleep(pause) => {}
+                            _ = stop.changed() => {}
                         }
                     }
                     Source::External(s) => match d.run_from(s.as_mut()).await {

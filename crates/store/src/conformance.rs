@@ -98,6 +98,17 @@ fn reference_root(leaves: &[[u8; 32]]) -> [u8; 32] {
 /// The audit log: indexes from 0 in append order, its stored hashes give the
 /// RFC 6962 root of every prefix, a failed job leaves no entry or hash
 /// behind, and searches filter by patient, agent, action, outcome and time.
+/// The leaf indexes an audit search finds, in its order (panics on a store error).
+pub async fn audit_indexes<S: Store + ?Sized>(store: &S, q: AuditQuery) -> Vec<u64> {
+    store
+        .read(move |tx| tx.audit_search(&q))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.index)
+        .collect()
+}
+
 pub async fn audit_log_appends_and_hashes(store: Arc<dyn Store>) {
     assert_eq!(store.read(|tx| tx.audit_size()).await.unwrap(), 0);
     let mut leaves = Vec::new();
@@ -174,15 +185,7 @@ pub async fn audit_log_appends_and_hashes(store: Arc<dyn Store>) {
     );
     let search = |q: AuditQuery| {
         let store = store.clone();
-        async move {
-            store
-                .read(move |tx| tx.audit_search(&q))
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|e| e.index)
-                .collect::<Vec<u64>>()
-        }
+        async move { audit_indexes(&*store, q).await }
     };
     let by_patient = search(AuditQuery {
         patient: Some("p-a".into()),

@@ -220,6 +220,14 @@ INSERT OR IGNORE INTO meta (k, v) VALUES ('schema_version', '1');
 /// both files; because a WAL-mode commit across two files is atomic per
 /// file only, the main file also gets a copy in `audit_outbox` (atomic with
 /// the change), and `recover_audit` re-appends any the audit file lacks.
+///
+/// Events are found by patient and by agent through keyed tokens, indexed
+/// in blocks of [`KEY_BLOCK`] events so that an append never inserts at a
+/// random place in a B-tree (every such page would be rewritten into the
+/// WAL at each group commit, one page per event): an event's tokens go at
+/// the end of `audit_key_tail`; when a block fills, its rows move, sorted,
+/// to the end of `audit_key_run` (keyed by kind, block, token, index), in
+/// the same transaction. A lookup seeks each block's run and scans the tail.
 const AUDIT_SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS audit.audit_log (
     idx INTEGER PRIMARY KEY,
@@ -230,17 +238,62 @@ CREATE TABLE IF NOT EXISTS audit.audit_log (
     data BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit.audit_log_at ON audit_log (at);
-CREATE INDEX IF NOT EXISTS audit.audit_log_agent ON audit_log (agent, idx) WHERE agent IS NOT NULL;
-CREATE TABLE IF NOT EXISTS audit.audit_patient (
-    patient TEXT NOT NULL,
+DROP INDEX IF EXISTS audit.audit_log_agent;
+CREATE TABLE IF NOT EXISTS audit.audit_key_tail (
     idx INTEGER NOT NULL,
-    PRIMARY KEY (patient, idx)
+    kind INTEGER NOT NULL,
+    key TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit.audit_key_run (
+    kind INTEGER NOT NULL,
+    block INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    PRIMARY KEY (kind, block, key, idx)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS audit.audit_hash (
     n INTEGER PRIMARY KEY,
     hash BLOB NOT NULL
 );
 "#;
+
+/// Events per block of the keyed audit index (see [`AUDIT_SCHEMA`]).
+const KEY_BLOCK: i64 = 8192;
+/// `audit_key_*.kind` of a patient token.
+const KEY_PATIENT: i64 = 0;
+/// `audit_key_*.kind` of an agent token.
+const KEY_AGENT: i64 = 1;
+
+/// Before the keyed index, patients were indexed in `audit_patient`
+/// (patient, idx) and agents by an index on `audit_log.agent`: move both
+/// into the runs once, at open.
+fn migrate_audit_keys(conn: &Connection) -> StoreResult<()> {
+    let old: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM audit.sqlite_master WHERE type = 'table' AND name = 'audit_patient')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(backend_err)?;
+    if !old {
+        return Ok(());
+    }
+    conn.execute_batch(&format!(
+        "BEGIN IMMEDIATE;
+         INSERT OR IGNORE INTO audit.audit_key_run (kind, block, key, idx)
+             SELECT {KEY_PATIENT}, idx / {KEY_BLOCK}, patient, idx FROM audit.audit_patient
+             ORDER BY idx / {KEY_BLOCK}, patient, idx;
+         INSERT OR IGNORE INTO audit.audit_key_run (kind, block, key, idx)
+             SELECT {KEY_AGENT}, idx / {KEY_BLOCK}, agent, idx FROM audit.audit_log
+             WHERE agent IS NOT NULL ORDER BY idx / {KEY_BLOCK}, agent, idx;
+         DROP TABLE audit.audit_patient;
+         COMMIT;"
+    ))
+    .map_err(|e| {
+        let _ = conn.execute_batch("ROLLBACK");
+        backend_err(e)
+    })
+}
 
 /// The audit database file of a store at `db`.
 pub fn audit_path(db: &Path) -> PathBuf {
@@ -309,6 +362,7 @@ impl SqliteStore {
         let conn = open_connection(&config, false)?;
         conn.execute_batch(SCHEMA).map_err(backend_err)?;
         conn.execute_batch(AUDIT_SCHEMA).map_err(backend_err)?;
+        migrate_audit_keys(&conn)?;
         recover_audit(&conn)?;
         let (tx, rx) = mpsc::channel::<(WriteJob, Reply)>();
         let wal = |db: &Path| {
@@ -1461,18 +1515,16 @@ impl ReadTx for SqliteTx<'_> {
         let mut sql = String::from("SELECT a.idx, a.at, a.data FROM audit.audit_log a");
         let mut args: Vec<SqlValue> = Vec::new();
         let mut conds: Vec<String> = Vec::new();
-        if let Some(p) = &q.patient {
-            sql.push_str(" JOIN audit.audit_patient p ON p.idx = a.idx");
-            args.push(SqlValue::Text(p.clone()));
-            conds.push(format!("p.patient = ?{}", args.len()));
+        for (kind, token) in [(KEY_PATIENT, &q.patient), (KEY_AGENT, &q.agent)] {
+            if let Some(t) = token {
+                args.push(SqlValue::Text(t.clone()));
+                conds.push(format!("a.idx IN ({})", keyed_indexes(kind, args.len())));
+            }
         }
         let mut cond = |c: &str, v: SqlValue, args: &mut Vec<SqlValue>| {
             args.push(v);
             conds.push(format!("{c} ?{}", args.len()));
         };
-        if let Some(a) = &q.agent {
-            cond("a.agent =", SqlValue::Text(a.clone()), &mut args);
-        }
         if let Some(a) = &q.action {
             cond("a.action =", SqlValue::Text(a.clone()), &mut args);
         }
@@ -1621,6 +1673,34 @@ impl SqliteTx<'_> {
     }
 }
 
+/// Move the tail's tokens of events before `end` (a block boundary) into
+/// the runs: sorted, so they land at the end of the run B-tree.
+fn seal_key_block(conn: &Connection, end: i64) -> StoreResult<()> {
+    conn.prepare_cached(&format!(
+        "INSERT OR IGNORE INTO audit.audit_key_run (kind, block, key, idx) \
+         SELECT kind, idx / {KEY_BLOCK}, key, idx FROM audit.audit_key_tail WHERE idx < ?1 \
+         ORDER BY kind, idx / {KEY_BLOCK}, key, idx"
+    ))
+    .and_then(|mut s| s.execute([end]))
+    .map_err(backend_err)?;
+    conn.prepare_cached("DELETE FROM audit.audit_key_tail WHERE idx < ?1")
+        .and_then(|mut s| s.execute([end]))
+        .map_err(backend_err)?;
+    Ok(())
+}
+
+/// SQL for the indexes of events with token `?{key}` of kind `kind`: each
+/// block's run (newest first), then the tail.
+fn keyed_indexes(kind: i64, key: usize) -> String {
+    format!(
+        "SELECT r.idx FROM (WITH RECURSIVE b(n) AS \
+             (SELECT (SELECT COALESCE(MAX(idx), 0) FROM audit.audit_log) / {KEY_BLOCK} \
+              UNION ALL SELECT n - 1 FROM b WHERE n > 0) SELECT n FROM b) AS blocks \
+         JOIN audit.audit_key_run r ON r.kind = {kind} AND r.block = blocks.n AND r.key = ?{key} \
+         UNION ALL SELECT idx FROM audit.audit_key_tail WHERE kind = {kind} AND key = ?{key}"
+    )
+}
+
 /// Append an event to the audit file: its leaf and its Merkle hashes.
 fn append_audit(
     conn: &Connection,
@@ -1653,11 +1733,19 @@ fn append_audit(
         cache.hashes.pop_front();
     }
     cache.next = Some(n + 1);
-    let mut patient = conn
-        .prepare_cached("INSERT OR IGNORE INTO audit.audit_patient (patient, idx) VALUES (?1, ?2)")
+    let mut key = conn
+        .prepare_cached("INSERT INTO audit.audit_key_tail (idx, kind, key) VALUES (?1, ?2, ?3)")
         .map_err(backend_err)?;
     for p in e.patients {
-        patient.execute(params![p, n as i64]).map_err(backend_err)?;
+        key.execute(params![n as i64, KEY_PATIENT, p])
+            .map_err(backend_err)?;
+    }
+    if let Some(a) = e.agent {
+        key.execute(params![n as i64, KEY_AGENT, a])
+            .map_err(backend_err)?;
+    }
+    if (n as i64 + 1) % KEY_BLOCK == 0 {
+        seal_key_block(conn, n as i64 + 1)?;
     }
     Ok(n)
 }

@@ -132,7 +132,7 @@ async fn audit_events_of_committed_writes_survive_a_crash_between_the_files() {
             "INSERT INTO audit_outbox (idx, at, action, outcome, agent, patients, data) \
                  VALUES (1, 1, 'C', 0, 'agent', 'p1', X'7772697465'); \
              DELETE FROM audit.audit_log WHERE idx = 1; \
-             DELETE FROM audit.audit_patient WHERE idx = 1; \
+             DELETE FROM audit.audit_key_tail WHERE idx = 1; \
              DELETE FROM audit.audit_hash WHERE n >= 1;",
         )
         .unwrap();
@@ -164,4 +164,130 @@ async fn audit_events_of_committed_writes_survive_a_crash_between_the_files() {
         .unwrap();
     assert_eq!(outbox, 0, "the outbox is emptied once its events are in");
     store.close();
+}
+
+/// Events are found by patient and by agent across sealed blocks of the
+/// keyed index and its tail, in order, with paging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_lookups_span_sealed_blocks_and_the_tail() {
+    use custos_store::{AuditAppend, AuditQuery, StoreExt};
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(SqliteConfig::new(dir.path().join("db.sqlite"))).unwrap();
+    // Two and a half blocks of 8,192 events; event i concerns patient
+    // p{i % 7} and, when i is even, agent a{i % 3}.
+    const N: u64 = 20_500;
+    for chunk in 0..(N / 500) {
+        store
+            .write(move |tx| {
+                for i in chunk * 500..(chunk + 1) * 500 {
+                    let patients = vec![format!("p{}", i % 7)];
+                    let agent = (i % 2 == 0).then(|| format!("a{}", i % 3));
+                    tx.audit_append(&AuditAppend {
+                        at: i as i64,
+                        action: "R",
+                        outcome: 0,
+                        agent: agent.as_deref(),
+                        patients: &patients,
+                        data: format!("e{i}").as_bytes(),
+                    })?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+    let search = |q: AuditQuery| conformance::audit_indexes(&store, q);
+    let all_p3 = search(AuditQuery {
+        patient: Some("p3".into()),
+        ascending: true,
+        limit: usize::MAX >> 1,
+        ..AuditQuery::default()
+    })
+    .await;
+    assert_eq!(all_p3, (0..N).filter(|i| i % 7 == 3).collect::<Vec<_>>());
+    let newest = search(AuditQuery {
+        patient: Some("p3".into()),
+        agent: Some("a1".into()),
+        limit: 5,
+        ..AuditQuery::default()
+    })
+    .await;
+    let expected: Vec<u64> = (0..N)
+        .rev()
+        .filter(|i| i % 7 == 3 && i % 2 == 0 && i % 3 == 1)
+        .take(5)
+        .collect();
+    assert_eq!(newest, expected);
+    let page = search(AuditQuery {
+        agent: Some("a2".into()),
+        before: Some(9_000),
+        after: Some(8_000),
+        ascending: true,
+        limit: usize::MAX >> 1,
+        ..AuditQuery::default()
+    })
+    .await;
+    assert_eq!(
+        page,
+        (8_001..9_000)
+            .filter(|i| i % 2 == 0 && i % 3 == 2)
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        search(AuditQuery {
+            patient: Some("nobody".into()),
+            limit: 10,
+            ..AuditQuery::default()
+        })
+        .await
+        .is_empty()
+    );
+    store.close();
+}
+
+/// A data dir from before the keyed index (patients in `audit_patient`,
+/// agents by an index on the log) is moved over at open; lookups still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_file_with_the_old_patient_index_is_migrated() {
+    use custos_store::AuditQuery;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    SqliteStore::open(SqliteConfig::new(&path)).unwrap().close();
+    {
+        let c = rusqlite::Connection::open(custos_store::audit_path(&path)).unwrap();
+        c.execute_batch(
+            "DROP TABLE audit_key_tail; DROP TABLE audit_key_run;
+             CREATE TABLE audit_patient (patient TEXT NOT NULL, idx INTEGER NOT NULL,
+                 PRIMARY KEY (patient, idx)) WITHOUT ROWID;
+             CREATE INDEX audit_log_agent ON audit_log (agent, idx) WHERE agent IS NOT NULL;
+             INSERT INTO audit_log (idx, at, action, outcome, agent, data) VALUES
+                 (0, 1, 'R', 0, 'alice', X'00'), (1, 2, 'R', 0, 'bob', X'01'), (2, 3, 'R', 0, 'alice', X'02');
+             INSERT INTO audit_patient VALUES ('p1', 0), ('p2', 1), ('p1', 2);",
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
+    let found = |patient: Option<&str>, agent: Option<&str>| {
+        let q = AuditQuery {
+            patient: patient.map(str::to_string),
+            agent: agent.map(str::to_string),
+            ascending: true,
+            limit: 10,
+            ..AuditQuery::default()
+        };
+        conformance::audit_indexes(&store, q)
+    };
+    assert_eq!(found(Some("p1"), None).await, vec![0, 2]);
+    assert_eq!(found(None, Some("bob")).await, vec![1]);
+    assert_eq!(found(Some("p1"), Some("alice")).await, vec![0, 2]);
+    store.close();
+    let c = rusqlite::Connection::open(custos_store::audit_path(&path)).unwrap();
+    let old: i64 = c
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE name IN ('audit_patient', 'audit_log_agent')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(old, 0, "the old index is gone");
 }
