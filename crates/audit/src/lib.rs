@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod merkle;
+pub mod tiles;
 pub mod verify;
 
 pub use checkpoint::{CheckpointError, LogSigner, SignedCheckpoint, open_checkpoint};

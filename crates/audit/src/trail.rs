@@ -17,6 +17,7 @@ use zeroize::Zeroizing;
 
 use crate::checkpoint::LogSigner;
 use crate::event::{AuditRecord, Entity, Leaf, key_name_for};
+use crate::tiles::{TileRequest, entry_bundle};
 
 /// The system log holding signed checkpoints, oldest first.
 pub const CHECKPOINT_LOG: &str = "audit-checkpoint";
@@ -96,6 +97,9 @@ struct Inner {
     signed_at: Mutex<Option<std::time::Instant>>,
     /// Signalled after events commit (what the detection pipeline waits on).
     committed: Arc<tokio::sync::Notify>,
+    /// Signalled after a write's events commit (changes to records: what
+    /// a consumer should not wait to see).
+    changed: Arc<tokio::sync::Notify>,
     /// The `audit-leader` role, while this process holds it (see [`AuditTrail::lead`]).
     lease: tokio::sync::Mutex<Option<Arc<dyn custos_store::Lease>>>,
     leader: tokio::sync::watch::Sender<bool>,
@@ -136,6 +140,7 @@ impl AuditTrail {
             last: tokio::sync::Mutex::new(None),
             signed_at: Mutex::new(None),
             committed: Arc::new(tokio::sync::Notify::new()),
+            changed: Arc::new(tokio::sync::Notify::new()),
             lease: tokio::sync::Mutex::new(None),
             leader: tokio::sync::watch::channel(false).0,
             closed: std::sync::atomic::AtomicBool::new(false),
@@ -242,10 +247,17 @@ impl AuditTrail {
         self.inner.committed.clone()
     }
 
-    /// Signal that events committed (a write's event commits with the write,
+    /// What is signalled after a write's events commit (a subset of
+    /// [`AuditTrail::commit_signal`]).
+    pub fn change_signal(&self) -> Arc<tokio::sync::Notify> {
+        self.inner.changed.clone()
+    }
+
+    /// Signal that a write's events committed (they commit with the write,
     /// outside the trail's own appender).
     pub fn signal_commit(&self) {
         self.inner.committed.notify_one();
+        self.inner.changed.notify_one();
     }
 
     /// The public key that verifies checkpoints (a signed-note verifier key).
@@ -653,6 +665,53 @@ impl AuditTrail {
             return Ok(l);
         }
         self.checkpoint().await
+    }
+
+    /// A C2SP `tlog-tiles` resource at `path` (`tile/…`, see
+    /// [`crate::tiles`]): its bytes and whether it is a full tile (the same
+    /// at every later size). `None` if the path names no tile of the tree as
+    /// it is now.
+    pub async fn tile(&self, path: &str) -> Result<Option<(Vec<u8>, bool)>, AuditError> {
+        let Some(req) = TileRequest::parse(path) else {
+            return Ok(None);
+        };
+        let data = self
+            .store()
+            .read(move |tx| {
+                if !req.within(tx.audit_size()?) {
+                    return Ok(None);
+                }
+                match req {
+                    TileRequest::Hashes {
+                        level,
+                        index,
+                        width,
+                    } => {
+                        let indexes = TileRequest::hash_indexes(level, index, width);
+                        Ok(Some(tx.audit_hashes(&indexes)?.concat()))
+                    }
+                    TileRequest::Entries { index, width } => {
+                        let start = index * crate::tiles::TILE_WIDTH;
+                        let rows = tx.audit_entries(start, start + width, width as usize)?;
+                        let leaves: Vec<Vec<u8>> = rows.into_iter().map(|r| r.data).collect();
+                        if leaves.len() as u64 != width {
+                            return Err(StoreError::Backend(format!(
+                                "audit entries {start}..{} are missing",
+                                start + width
+                            )));
+                        }
+                        entry_bundle(&leaves).map(Some).ok_or_else(|| {
+                            StoreError::Backend(format!(
+                                "an audit entry of {start}..{} is longer than an entry bundle allows",
+                                start + width
+                            ))
+                        })
+                    }
+                }
+            })
+            .await
+            .map_err(store_err)?;
+        Ok(data.map(|d| (d, req.is_full())))
     }
 
     /// An inclusion proof of leaf `index` in the tree of `size` leaves.

@@ -855,6 +855,145 @@ async fn requests_become_provable_audit_events() {
 /// A patient sees who opened their record — the system client that created
 /// it, their general practitioner, an emergency physician who broke the
 /// glass (with the stated reason) — and cannot see anyone else's report.
+/// The log as C2SP `tlog-tiles`: a client holding only a signed checkpoint
+/// fetches Merkle tiles and entry bundles and checks them with `tlog_tiles`
+/// (Go sumdb's tile client, ported): every tile it reads is authenticated
+/// against the checkpoint's root, a leaf's inclusion proof computed from
+/// tiles alone checks out, and every entry of a bundle hashes to its place
+/// in the level-0 tiles. Tiles are for readers of the trail only.
+#[tokio::test]
+async fn the_log_is_served_as_tlog_tiles() {
+    let s = Server::start_with_config(&audit_config(None));
+    let auditor = s.add_user("auditor.tiles", "auditor", &[]);
+    let at = auditor.token(&s.base, AUDITOR_SCOPE).await;
+    // More than one full tile of entries, and a partial one.
+    anonymous_requests(&s, 300).await;
+    let note = get(&s, None, "audit/tlog/checkpoint").await;
+    assert_eq!(note.status, 200, "{}", note.text);
+    let cp = parse_checkpoint(&note.text);
+    let key = get(&s, None, "audit/public-key").await.text;
+    verify_checkpoint_signature(&cp, &key).unwrap();
+    assert!(cp.size > 256, "{}", note.text);
+
+    let http = support::http();
+    let fetch = |path: String, token: Option<String>| {
+        let (http, url) = (http.clone(), s.url(&format!("audit/tlog/{path}")));
+        async move {
+            let mut req = http.get(url);
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            let cache = r
+                .headers()
+                .get("cache-control")
+                .map(|v| v.to_str().unwrap().to_string());
+            (status, cache, r.bytes().await.unwrap().to_vec())
+        }
+    };
+    // Every tile of the checkpoint's tree (levels 0 and 1), by C2SP path.
+    let mut tiles: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for level in 0..2u32 {
+        let hashes = cp.size >> (8 * level);
+        for n in 0..hashes.div_ceil(256) {
+            let width = (hashes - n * 256).min(256);
+            let mut path = format!("tile/{level}/{n:03}");
+            if width < 256 {
+                path.push_str(&format!(".p/{width}"));
+            }
+            let (status, cache, body) = fetch(path.clone(), Some(at.clone())).await;
+            assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&body));
+            assert_eq!(body.len() as u64, width * 32, "{path}");
+            let immutable = cache.as_deref().is_some_and(|c| c.contains("immutable"));
+            assert_eq!(immutable, width == 256, "{path}: {cache:?}");
+            tiles.insert(path, body);
+        }
+    }
+    struct Fetched<'a>(&'a BTreeMap<String, Vec<u8>>);
+    impl tlog_tiles::TileReader for Fetched<'_> {
+        fn height(&self) -> u8 {
+            8
+        }
+        fn read_tiles(
+            &self,
+            wanted: &[tlog_tiles::Tile],
+        ) -> Result<Vec<Vec<u8>>, tlog_tiles::tlog::Error> {
+            // The library's sumdb paths (`tile/8/L/N`) as C2SP paths (`tile/L/N`).
+            wanted
+                .iter()
+                .map(|t| {
+                    let path = t.path().replacen("tile/8/", "tile/", 1);
+                    self.0
+                        .get(&path)
+                        .cloned()
+                        .ok_or(tlog_tiles::tlog::Error::IndexesNotInTree)
+                })
+                .collect()
+        }
+        fn save_tiles(&self, _: &[tlog_tiles::Tile], _: &[Vec<u8>]) {}
+    }
+    let fetched = Fetched(&tiles);
+    let reader = tlog_tiles::TileHashReader::new(cp.size, tlog_tiles::Hash(cp.root), &fetched);
+    assert_eq!(
+        tlog_tiles::tree_hash(cp.size, &reader).unwrap().0,
+        cp.root,
+        "the tiles hash to the checkpoint's root"
+    );
+    let index = 256;
+    let proof = tlog_tiles::prove_record(cp.size, index, &reader).unwrap();
+    let (status, _, bundle) = fetch("tile/entries/000".into(), Some(at.clone())).await;
+    assert_eq!(status, 200);
+    let mut leaves = Vec::new();
+    let mut rest = bundle.as_slice();
+    while !rest.is_empty() {
+        let len = u16::from_be_bytes([rest[0], rest[1]]) as usize;
+        leaves.push(rest[2..2 + len].to_vec());
+        rest = &rest[2 + len..];
+    }
+    assert_eq!(leaves.len(), 256, "a full bundle holds 256 entries");
+    for (i, leaf) in leaves.iter().enumerate() {
+        assert_eq!(
+            leaf_hash(leaf),
+            tiles["tile/0/000"][i * 32..(i + 1) * 32],
+            "entry {i} hashes to its place in the level-0 tile"
+        );
+    }
+    let (status, _, partial) = fetch(
+        format!("tile/entries/001.p/{}", cp.size - 256),
+        Some(at.clone()),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let leaf = &partial[2..2 + u16::from_be_bytes([partial[0], partial[1]]) as usize];
+    tlog_tiles::check_record(
+        &proof,
+        cp.size,
+        tlog_tiles::Hash(cp.root),
+        index,
+        tlog_tiles::record_hash(leaf),
+    )
+    .unwrap_or_else(|e| panic!("entry {index} is not proven by the tiles: {e}"));
+
+    // What is not a tile of this tree, or not a tile at all: 404, not an error.
+    let beyond = cp.size + 1_000;
+    for path in [
+        format!("tile/entries/001.p/{}", beyond - 256),
+        "tile/0/009".to_string(),
+        "tile/0/000.p/0".into(),
+        "tile/64/000".into(),
+        "tile/entries/x/1".into(),
+    ] {
+        let (status, _, body) = fetch(path.clone(), Some(at.clone())).await;
+        assert_eq!(status, 404, "{path}: {}", String::from_utf8_lossy(&body));
+    }
+    // Only readers of the trail get tiles.
+    assert_eq!(fetch("tile/0/000".into(), None).await.0, 401);
+    let clerk = s.add_user("clerk.tiles", "registration-clerk", &[]);
+    let ct = clerk.token(&s.base, USER_SCOPE).await;
+    assert_eq!(fetch("tile/0/000".into(), Some(ct)).await.0, 403);
+}
+
 #[tokio::test]
 async fn patient_access_report() {
     let mut s = Server::start();

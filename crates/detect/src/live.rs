@@ -45,11 +45,13 @@ const STATE_KIND: &str = "detect-state";
 const USER_STATE_KIND: &str = "detect-user";
 /// Events read per batch.
 const BATCH: usize = 1024;
-/// Least time between two passes over the local log. Under load the trail
-/// commits thousands of times a second; a pass per commit would spend more
-/// on its reads than on judging. Waiting this long gathers the events of
-/// many commits into one pass and keeps commit-to-judged latency in tens
-/// of milliseconds (the target is one second).
+/// Least time between two passes over the local log, unless a write
+/// commits (a mass change must be judged at once: ransomware is contained
+/// within a few writes). Under a read load the trail commits thousands of
+/// times a second; a pass per commit would spend more on its reads than on
+/// judging. Waiting this long gathers the events of many commits into one
+/// pass and keeps commit-to-judged latency of reads in tens of milliseconds
+/// (the target is one second).
 const LOG_PASS_EVERY: Duration = Duration::from_millis(20);
 /// Patients' facts kept in memory at most (then the cache starts over).
 const FACTS_CAP: usize = 200_000;
@@ -591,6 +593,7 @@ impl Detection {
     fn spawn(&self, mut source: Source) {
         let weak = Arc::downgrade(&self.inner);
         let signal = self.inner.trail.commit_signal();
+        let changed = self.inner.trail.change_signal();
         let mut stop = self.inner.stop.subscribe();
         let task = tokio::spawn(async move {
             let mut last_save = Instant::now();
@@ -620,6 +623,7 @@ impl Detection {
                         };
                         tokio::select! {
                             _ = tokio::time::sleep(pause) => {}
+                            _ = changed.notified() => {}
                             _ = stop.changed() => {}
                         }
                     }

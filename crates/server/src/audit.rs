@@ -425,6 +425,45 @@ pub async fn consistency_proof(State(s): State<AppState>, RawQuery(q): RawQuery)
     .into_response())
 }
 
+/// `GET /audit/tlog/checkpoint`: the latest signed checkpoint, at the
+/// C2SP `tlog-tiles` prefix `/audit/tlog` (the same note as `/audit/checkpoint`).
+pub async fn tlog_checkpoint(s: State<AppState>) -> ApiResult {
+    checkpoint(s).await
+}
+
+/// `GET /audit/tlog/tile/…`: the log as C2SP `tlog-tiles` (Merkle tiles and
+/// entry bundles) for transparency-log tooling. Readers of the trail only:
+/// entry bundles carry the sealed events with their times in clear.
+pub async fn tlog_tile(
+    State(s): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(rest): Path<String>,
+) -> ApiResult {
+    may_read_trail(&c).await?;
+    let path = format!("tile/{rest}");
+    let Some((data, full)) = trail(&s)?.tile(&path).await.map_err(audit_err)? else {
+        return Err(ApiError(FhirError::not_found(format!(
+            "{path} is not a tile of the log at its current size"
+        ))));
+    };
+    let mut r = Response::new(Body::from(data));
+    let headers = r.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    // Full tiles never change; a partial one grows into a wider tile.
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(if full {
+            "private, max-age=31536000, immutable"
+        } else {
+            "no-store"
+        }),
+    );
+    Ok(r)
+}
+
 /// May this caller read the audit trail? Auditors, security officers and
 /// system clients whose scopes allow `AuditEvent` search.
 async fn may_read_trail(c: &Caller) -> Result<(), ApiError> {

@@ -52,6 +52,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/Patient/{id}/$access-report", get(audit::access_report))
         .route("/audit/entries", get(audit::entries))
+        .route("/audit/tlog/tile/{*rest}", get(audit::tlog_tile))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
@@ -68,6 +69,7 @@ pub fn router(state: AppState) -> Router {
             get(auth::authorize_get).post(auth::authorize_post),
         )
         .route("/audit/checkpoint", get(audit::checkpoint))
+        .route("/audit/tlog/checkpoint", get(audit::tlog_checkpoint))
         .route("/audit/checkpoints", get(audit::checkpoints))
         .route("/audit/public-key", get(audit::public_key))
         .route("/audit/proof/inclusion", get(audit::inclusion_proof))
