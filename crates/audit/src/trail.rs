@@ -146,7 +146,7 @@ impl AuditTrail {
             closed: std::sync::atomic::AtomicBool::new(false),
         });
         let trail = AuditTrail { inner };
-        trail.spawn_appender();
+        trail.spawn_appender()?;
         trail.spawn_checkpointer();
         Ok(trail)
     }
@@ -398,16 +398,16 @@ impl AuditTrail {
     /// The appender: a thread of its own, so that taking the next batch
     /// never waits behind request tasks in the runtime's queues (on a busy
     /// runtime that wait alone would add to every audited request).
-    fn spawn_appender(&self) {
+    fn spawn_appender(&self) -> Result<(), AuditError> {
         let weak = Arc::downgrade(&self.inner);
         let runtime = tokio::runtime::Handle::current();
-        let spawned = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("custos-audit-appender".into())
-            .spawn(move || runtime.block_on(Self::append_batches(weak)));
-        if let Err(e) = spawned {
-            // Every append then fails (closed), and so every audited request.
-            tracing::error!(error = %e, "the audit appender thread could not start");
-        }
+            .spawn(move || runtime.block_on(Self::append_batches(weak)))
+            .map(drop)
+            .map_err(|e| {
+                AuditError::Store(format!("the audit appender thread could not start: {e}"))
+            })
     }
 
     async fn append_batches(weak: std::sync::Weak<Inner>) {

@@ -189,8 +189,19 @@ async fn detection_over_the_audit_stream_catches_up_after_a_nats_cut() {
         "requests slowed down without NATS: {:?}",
         started.elapsed()
     );
+    // The cut lasts until the publisher has noticed it (its publish waits
+    // for an acknowledgement, up to 5 s) and at least 4 s: a shorter cut
+    // can end before the publisher sees anything amiss, its publish then
+    // simply acknowledged after the reconnect.
     let served_at = Instant::now();
-    while served_at.elapsed() < Duration::from_secs(4) {
+    while served_at.elapsed() < Duration::from_secs(4)
+        || !s.log_text().contains("audit stream is unavailable")
+    {
+        assert!(
+            served_at.elapsed() < Duration::from_secs(30),
+            "the publisher never noticed the cut; log:\n{}",
+            s.log_text()
+        );
         // Detection reads only the stream: nothing can be raised yet.
         assert_eq!(break_glass_cases(&s, &officer_token).await, 0);
         tokio::time::sleep(Duration::from_millis(250)).await;
