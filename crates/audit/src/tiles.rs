@@ -7,6 +7,7 @@
 //! Paths are parsed by `tlog_tiles` (Go sumdb's tile coordinates, height in
 //! the path): a C2SP path is the sumdb path of height 8 without that segment.
 
+use custos_store::{ReadTx, StoreError, StoreResult};
 use tlog_tiles::Tile;
 
 /// Hashes (or entries) per full tile: C2SP fixes the tile height at 8.
@@ -84,12 +85,43 @@ impl TileRequest {
         }
     }
 
-    /// The stored-hash indexes of a hash tile, in tile order.
-    pub(crate) fn hash_indexes(level: u8, index: u64, width: u64) -> Vec<u64> {
-        let first = index * TILE_WIDTH;
-        (first..first + width)
-            .map(|n| tlog_tiles::stored_hash_index(TILE_HEIGHT * level, n))
-            .collect()
+    /// The tile's bytes as the log holds them now; `None` if the tree does
+    /// not (yet) hold all of it.
+    pub(crate) fn read(&self, tx: &mut dyn ReadTx) -> StoreResult<Option<Vec<u8>>> {
+        if !self.within(tx.audit_size()?) {
+            return Ok(None);
+        }
+        match *self {
+            TileRequest::Hashes {
+                level,
+                index,
+                width,
+            } => {
+                let first = index * TILE_WIDTH;
+                let indexes: Vec<u64> = (first..first + width)
+                    .map(|n| tlog_tiles::stored_hash_index(TILE_HEIGHT * level, n))
+                    .collect();
+                Ok(Some(tx.audit_hashes(&indexes)?.concat()))
+            }
+            TileRequest::Entries { index, width } => {
+                let (start, end) = (index * TILE_WIDTH, index * TILE_WIDTH + width);
+                let leaves: Vec<Vec<u8>> = tx
+                    .audit_entries(start, end, width as usize)?
+                    .into_iter()
+                    .map(|e| e.data)
+                    .collect();
+                if leaves.len() as u64 != width {
+                    return Err(StoreError::Backend(format!(
+                        "audit entries {start}..{end} are missing"
+                    )));
+                }
+                entry_bundle(&leaves).map(Some).ok_or_else(|| {
+                    StoreError::Backend(format!(
+                        "an audit entry of {start}..{end} is longer than an entry bundle allows"
+                    ))
+                })
+            }
+        }
     }
 }
 
@@ -167,18 +199,23 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Any path is parsed or refused, never a panic; what parses is
-        /// the tile its C2SP path names.
+        /// Any path is parsed or refused, never a panic; what parses has a
+        /// C2SP width and is the tile whose C2SP path is the path given.
         #[test]
         fn no_path_panics(
             path in "tile/(entries|[0-9]{1,3})(/x?[0-9]{1,3}){1,7}(\\.p/[0-9]{1,4})?",
         ) {
             if let Some(t) = TileRequest::parse(&path) {
-                let (index, width) = match t {
-                    TileRequest::Hashes { index, width, .. } | TileRequest::Entries { index, width } => (index, width),
+                let (level, index, width, data) = match t {
+                    TileRequest::Hashes { level, index, width } => (level, index, width, false),
+                    TileRequest::Entries { index, width } => (0, index, width, true),
                 };
                 proptest::prop_assert!((1..=TILE_WIDTH).contains(&width));
-                proptest::prop_assert!(index < u64::MAX);
+                let sumdb = Tile::new(TILE_HEIGHT, level, index, width as u32, data).path();
+                let c2sp = sumdb
+                    .replacen("tile/8/data/", "tile/entries/", 1)
+                    .replacen("tile/8/", "tile/", 1);
+                proptest::prop_assert_eq!(c2sp, path);
             }
         }
     }

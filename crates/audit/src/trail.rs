@@ -17,7 +17,7 @@ use zeroize::Zeroizing;
 
 use crate::checkpoint::LogSigner;
 use crate::event::{AuditRecord, Entity, Leaf, key_name_for};
-use crate::tiles::{TileRequest, entry_bundle};
+use crate::tiles::TileRequest;
 
 /// The system log holding signed checkpoints, oldest first.
 pub const CHECKPOINT_LOG: &str = "audit-checkpoint";
@@ -677,38 +677,7 @@ impl AuditTrail {
         };
         let data = self
             .store()
-            .read(move |tx| {
-                if !req.within(tx.audit_size()?) {
-                    return Ok(None);
-                }
-                match req {
-                    TileRequest::Hashes {
-                        level,
-                        index,
-                        width,
-                    } => {
-                        let indexes = TileRequest::hash_indexes(level, index, width);
-                        Ok(Some(tx.audit_hashes(&indexes)?.concat()))
-                    }
-                    TileRequest::Entries { index, width } => {
-                        let start = index * crate::tiles::TILE_WIDTH;
-                        let rows = tx.audit_entries(start, start + width, width as usize)?;
-                        let leaves: Vec<Vec<u8>> = rows.into_iter().map(|r| r.data).collect();
-                        if leaves.len() as u64 != width {
-                            return Err(StoreError::Backend(format!(
-                                "audit entries {start}..{} are missing",
-                                start + width
-                            )));
-                        }
-                        entry_bundle(&leaves).map(Some).ok_or_else(|| {
-                            StoreError::Backend(format!(
-                                "an audit entry of {start}..{} is longer than an entry bundle allows",
-                                start + width
-                            ))
-                        })
-                    }
-                }
-            })
+            .read(move |tx| req.read(tx))
             .await
             .map_err(store_err)?;
         Ok(data.map(|d| (d, req.is_full())))

@@ -371,7 +371,8 @@ fn required(params: &[(String, String)], name: &str) -> Result<u64, ApiError> {
         .ok_or_else(|| ApiError(FhirError::bad_request(format!("{name} is required"))))
 }
 
-/// `GET /audit/checkpoint`: the latest signed checkpoint (C2SP signed note).
+/// `GET /audit/checkpoint`: the latest signed checkpoint (C2SP signed note);
+/// also `GET /audit/tlog/checkpoint`, at the log's C2SP `tlog-tiles` prefix.
 pub async fn checkpoint(State(s): State<AppState>) -> ApiResult {
     let c = trail(&s)?.latest().await.map_err(audit_err)?;
     Ok(text(c.note))
@@ -423,12 +424,6 @@ pub async fn consistency_proof(State(s): State<AppState>, RawQuery(q): RawQuery)
         "proof": proof.iter().map(|h| B64.encode(h)).collect::<Vec<_>>(),
     }))
     .into_response())
-}
-
-/// `GET /audit/tlog/checkpoint`: the latest signed checkpoint, at the
-/// C2SP `tlog-tiles` prefix `/audit/tlog` (the same note as `/audit/checkpoint`).
-pub async fn tlog_checkpoint(s: State<AppState>) -> ApiResult {
-    checkpoint(s).await
 }
 
 /// `GET /audit/tlog/tile/…`: the log as C2SP `tlog-tiles` (Merkle tiles and

@@ -69,7 +69,7 @@ pub fn router(state: AppState) -> Router {
             get(auth::authorize_get).post(auth::authorize_post),
         )
         .route("/audit/checkpoint", get(audit::checkpoint))
-        .route("/audit/tlog/checkpoint", get(audit::tlog_checkpoint))
+        .route("/audit/tlog/checkpoint", get(audit::checkpoint))
         .route("/audit/checkpoints", get(audit::checkpoints))
         .route("/audit/public-key", get(audit::public_key))
         .route("/audit/proof/inclusion", get(audit::inclusion_proof))
