@@ -1,8 +1,10 @@
 //! The audit trail service: seals events, appends them to the store's
 //! Merkle log (group-committed, or inside a write's own transaction), signs
 //! checkpoints, serves proofs, and reads events back.
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use custos_crypto::{DataKey, GcmSealer, Sealer};
@@ -79,7 +81,20 @@ struct Pending {
     outcome: u8,
     agent: Option<String>,
     patients: Vec<String>,
+    /// The event itself, kept for the in-process consumer once committed
+    /// (only while one asked for it: see [`AuditTrail::hand_over_commits`]).
+    rec: Option<AuditRecord>,
     done: tokio::sync::oneshot::Sender<Result<u64, String>>,
+}
+
+/// Events the appender committed, in index order, for the in-process
+/// consumer of the log (the detection pipeline): it takes them from here
+/// instead of reading the leaves back and opening them again, which cost
+/// more CPU than anything else detection does. Bounded: what the consumer
+/// does not take in time falls out and is read from the store, as are
+/// events committed inside writes or by other nodes.
+struct Recent {
+    events: VecDeque<(u64, AuditRecord)>,
 }
 
 struct Inner {
@@ -89,6 +104,9 @@ struct Inner {
     /// The data key of the current hour.
     key: Mutex<Option<(String, Arc<DataKey>)>>,
     pending: Mutex<Vec<Pending>>,
+    /// How many committed events [`Recent`] holds at most (0: none, no consumer asked).
+    recent_capacity: AtomicUsize,
+    recent: Mutex<Recent>,
     /// Signalled when `pending` gets an event (the appender thread waits on it).
     wake: parking_lot::Condvar,
     /// Serializes checkpoint issuance; holds the last one issued.
@@ -105,6 +123,52 @@ struct Inner {
     leader: tokio::sync::watch::Sender<bool>,
     /// Set by [`AuditTrail::close`]: the timers stop and leadership is given up.
     closed: std::sync::atomic::AtomicBool,
+}
+
+impl Inner {
+    /// Hold committed events for the consumer (those it asked for), dropping
+    /// the oldest beyond the capacity.
+    fn keep_committed(&self, committed: impl Iterator<Item = (u64, Option<AuditRecord>)>) {
+        let capacity = self.recent_capacity.load(Ordering::Relaxed);
+        if capacity == 0 {
+            return;
+        }
+        let mut recent = self.recent.lock();
+        for (index, rec) in committed {
+            if let Some(rec) = rec {
+                recent.events.push_back((index, rec));
+            }
+        }
+        while recent.events.len() > capacity {
+            recent.events.pop_front();
+        }
+    }
+
+    /// Take the held events `start, start + 1, …` (below `end`, at most
+    /// `limit`) and forget any before `start`. Also returns the index of
+    /// the first event still held, if any.
+    fn take_committed(
+        &self,
+        start: u64,
+        end: u64,
+        limit: usize,
+    ) -> (Vec<(u64, AuditRecord)>, Option<u64>) {
+        let mut recent = self.recent.lock();
+        while recent.events.front().is_some_and(|(i, _)| *i < start) {
+            recent.events.pop_front();
+        }
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let next = start + out.len() as u64;
+            match recent.events.front() {
+                Some((i, _)) if *i == next && next < end => {
+                    out.extend(recent.events.pop_front());
+                }
+                _ => break,
+            }
+        }
+        (out, recent.events.front().map(|(i, _)| *i))
+    }
 }
 
 /// The role whose holder signs checkpoints (and, in `custos serve`, publishes
@@ -136,6 +200,10 @@ impl AuditTrail {
             config,
             key: Mutex::new(None),
             pending: Mutex::new(Vec::new()),
+            recent_capacity: AtomicUsize::new(0),
+            recent: Mutex::new(Recent {
+                events: VecDeque::new(),
+            }),
             wake: parking_lot::Condvar::new(),
             last: tokio::sync::Mutex::new(None),
             signed_at: Mutex::new(None),
@@ -325,9 +393,9 @@ impl AuditTrail {
     /// Append one event and wait until it is committed (group-committed with
     /// whatever else is queued). Returns its leaf index. An error means the
     /// event is not in the log: the caller must fail its request.
-    pub async fn append(&self, rec: &AuditRecord) -> Result<u64, AuditError> {
+    pub async fn append(&self, rec: AuditRecord) -> Result<u64, AuditError> {
         let (name, key) = self.key_for(rec.at).await?;
-        let leaf = Self::seal(rec, &name, &key);
+        let leaf = Self::seal(&rec, &name, &key);
         let patients = rec
             .patients()
             .iter()
@@ -342,6 +410,7 @@ impl AuditTrail {
             outcome: rec.outcome_code(),
             agent,
             patients,
+            rec: (self.inner.recent_capacity.load(Ordering::Relaxed) > 0).then_some(rec),
             done,
         });
         self.inner.wake.notify_one();
@@ -431,9 +500,11 @@ impl AuditTrail {
             }
             let store = inner.records.store().clone();
             drop(inner);
+            let mut recs = Vec::with_capacity(batch.len());
             let (jobs, replies): (Vec<_>, Vec<_>) = batch
                 .into_iter()
                 .map(|p| {
+                    recs.push(p.rec);
                     (
                         (p.leaf, p.at, p.action, p.outcome, p.agent, p.patients),
                         p.done,
@@ -458,10 +529,11 @@ impl AuditTrail {
                 .await;
             match result {
                 Ok(indexes) => {
-                    for (done, i) in replies.into_iter().zip(indexes) {
-                        let _ = done.send(Ok(i));
+                    for (done, i) in replies.into_iter().zip(&indexes) {
+                        let _ = done.send(Ok(*i));
                     }
                     if let Some(inner) = weak.upgrade() {
+                        inner.keep_committed(indexes.into_iter().zip(recs));
                         inner.committed.notify_one();
                     }
                 }
@@ -750,14 +822,23 @@ impl AuditTrail {
             .map_err(store_err)
     }
 
-    /// Events `start..end` (at most `limit`), opened, in log order: what a
-    /// consumer of the log (the detection pipeline) reads.
+    /// Events `start..end` (at most `limit`, possibly fewer), opened, in
+    /// log order: what the consumer of the log (the detection pipeline)
+    /// reads. Events this process committed since the consumer called
+    /// [`AuditTrail::hand_over_commits`] come straight from memory, each
+    /// once; the rest are read from the store and opened.
     pub async fn events(
         &self,
         start: u64,
         end: u64,
         limit: usize,
     ) -> Result<Vec<(u64, AuditRecord)>, AuditError> {
+        let (held, next_held) = self.inner.take_committed(start, end, limit);
+        if !held.is_empty() {
+            return Ok(held);
+        }
+        // Read up to the first event held in memory (it comes from there next).
+        let end = next_held.map_or(end, |n| n.min(end));
         let r = self.inner.records.clone();
         self.store()
             .read(move |tx| {
@@ -774,6 +855,23 @@ impl AuditTrail {
                 Ok(a) => a,
                 Err(e) => store_err(e),
             })
+    }
+
+    /// How many committed events are held for the consumer, not yet taken.
+    pub fn held_commits(&self) -> usize {
+        self.inner.recent.lock().events.len()
+    }
+
+    /// Keep up to `capacity` of the events this process commits from now
+    /// on for [`AuditTrail::events`] (the in-process consumer calls this
+    /// when it starts; 0 stops it and forgets what is held).
+    pub fn hand_over_commits(&self, capacity: usize) {
+        self.inner
+            .recent_capacity
+            .store(capacity, Ordering::Relaxed);
+        if capacity == 0 {
+            self.inner.recent.lock().events.clear();
+        }
     }
 
     /// The number of entries in the log.

@@ -1844,7 +1844,7 @@ impl AuthService {
             rec.at = now_micros();
         }
         self.audit
-            .append(&rec)
+            .append(rec)
             .await
             .map(|_| ())
             .map_err(|e| AuthError::Internal(format!("the audit trail refused the event: {e}")))

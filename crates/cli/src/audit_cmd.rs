@@ -232,7 +232,7 @@ pub async fn record_command(
         ..AuditRecord::default()
     };
     trail
-        .append(&rec)
+        .append(rec)
         .await
         .map(|_| ())
         .map_err(|e| anyhow::anyhow!("the audit trail refused the event: {e}"))

@@ -53,6 +53,10 @@ const BATCH: usize = 1024;
 /// pass and keeps commit-to-judged latency of reads in tens of milliseconds
 /// (the target is one second).
 const LOG_PASS_EVERY: Duration = Duration::from_millis(20);
+/// Committed events the trail holds for the pipeline reading the local log
+/// (so that it need not read them back and open them): well over what
+/// commits between two passes at full load.
+const HANDED_OVER: usize = 16_384;
 /// Patients' facts kept in memory at most (then the cache starts over).
 const FACTS_CAP: usize = 200_000;
 
@@ -322,6 +326,7 @@ impl Detection {
     /// stopped pipeline does nothing.
     pub async fn stop(&self) -> Result<(), DetectError> {
         self.inner.stop.send_replace(true);
+        self.inner.trail.hand_over_commits(0);
         let task = self.inner.task.lock().take();
         match task {
             Some(t) => t
@@ -595,6 +600,9 @@ impl Detection {
         let signal = self.inner.trail.commit_signal();
         let changed = self.inner.trail.change_signal();
         let mut stop = self.inner.stop.subscribe();
+        if matches!(source, Source::Log) {
+            self.inner.trail.hand_over_commits(HANDED_OVER);
+        }
         let task = tokio::spawn(async move {
             let mut last_save = Instant::now();
             let mut last_global = Instant::now();

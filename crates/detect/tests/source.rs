@@ -67,7 +67,7 @@ async fn append(trail: &AuditTrail, n: u64) {
         status: 200,
         ..AuditRecord::default()
     };
-    trail.append(&rec).await.expect("appended");
+    trail.append(rec).await.expect("appended");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -248,7 +248,7 @@ pub(crate) async fn finish(
     if meta.method == Method::HEAD {
         rec.interaction = rec.interaction.or(Some("read".into()));
     }
-    match trail.append(&rec).await {
+    match trail.append(rec).await {
         Ok(_) => resp,
         Err(e) => {
             tracing::error!(error = %e, "a request could not be audited; its response was withheld");

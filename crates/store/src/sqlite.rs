@@ -9,6 +9,7 @@
 use std::any::Any;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
 use parking_lot::Mutex;
@@ -374,15 +375,17 @@ impl SqliteStore {
         let limit = config.wal_limit_bytes;
         let signal = Arc::new(SysSignal::open(&config.path)?);
         let writer_signal = signal.clone();
+        let copied = Arc::new(AtomicBool::new(false));
+        let writer_copied = copied.clone();
         let handle = std::thread::Builder::new()
             .name("custos-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, wal, limit, writer_signal))
+            .spawn(move || writer_loop(conn, rx, wal, limit, writer_signal, writer_copied))
             .map_err(|e| StoreError::Backend(e.to_string()))?;
         let ck_conn = open_connection(&config, false)?;
         let (stop, stopped) = mpsc::channel::<()>();
         let ck = std::thread::Builder::new()
             .name("custos-sqlite-checkpoint".into())
-            .spawn(move || checkpoint_loop(ck_conn, stopped))
+            .spawn(move || checkpoint_loop(ck_conn, stopped, copied))
             .map_err(|e| StoreError::Backend(e.to_string()))?;
         Ok(SqliteStore {
             config,
@@ -424,14 +427,16 @@ impl Drop for SqliteStore {
 const WAL_LIMIT_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Copies committed WAL frames into the database every few hundred
-/// milliseconds. PASSIVE checkpoints never block the writer or readers;
-/// the writer bounds the WAL itself (see `writer_loop`).
-fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>) {
+/// milliseconds, then sets `copied` for the writer to finish the job (see
+/// `writer_loop`). PASSIVE checkpoints never block the writer or readers;
+/// the writer bounds the WAL itself.
+fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>, copied: Arc<AtomicBool>) {
     loop {
         match stop.recv_timeout(std::time::Duration::from_millis(250)) {
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+                match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    Ok(()) => copied.store(true, Ordering::Release),
+                    Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; will retry"),
                 }
             }
             _ => return,
@@ -442,19 +447,25 @@ fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>) {
 /// Most write jobs drained into one group commit.
 const GROUP_MAX: usize = 256;
 
-/// The writer: group commits (see the module documentation). It also bounds
-/// the WAL: PASSIVE checkpoints alone never catch up under a sustained write
-/// load, so the WAL would never restart and grow without bound (8.6 GB for a
-/// 0.95 GB database in a 100,000-patient load). Past `wal_limit` the writer,
-/// between two group commits, runs a TRUNCATE checkpoint itself: a short
-/// pause in writes (the background pass has already copied most frames)
-/// instead of unbounded disk use.
+/// The writer: group commits (see the module documentation). It also keeps
+/// the WAL short. Under a sustained load the background checkpoint never
+/// copies the last frames (new ones keep coming), so SQLite would never
+/// start the WAL over: it would grow without bound (8.6 GB for a 0.95 GB
+/// database in a 100,000-patient load), every commit appending to a longer
+/// file (new blocks to allocate, the size to sync, colder pages). So after
+/// each background pass the writer, between two group commits when no
+/// frame can be added, copies the few frames committed since; its next
+/// commit then writes the WAL from the start again (unless a reader is
+/// still reading old frames; then after the next pass). Past `wal_limit`
+/// (readers keep it from starting over) it runs a TRUNCATE checkpoint: a
+/// short pause in writes instead of unbounded disk use.
 fn writer_loop(
     mut conn: Connection,
     rx: mpsc::Receiver<(WriteJob, Reply)>,
     wal: [PathBuf; 2],
     wal_limit: u64,
     signal: Arc<SysSignal>,
+    copied: Arc<AtomicBool>,
 ) {
     // Outbox rows up to this seq belong to committed batches: both files
     // hold their events, so the next batch that writes the main file anyway
@@ -513,6 +524,11 @@ fn writer_loop(
         }
         for (result, reply) in results {
             let _ = reply.send(result);
+        }
+        if copied.swap(false, Ordering::AcqRel)
+            && let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        {
+            tracing::debug!(error = %e, "the writer's checkpoint failed; the next pass retries");
         }
         let wal_size = |p: &PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         if wal.iter().any(|w| wal_size(w) > wal_limit)
@@ -1673,18 +1689,31 @@ impl SqliteTx<'_> {
     }
 }
 
-/// Move the tail's tokens of events before `end` (a block boundary) into
-/// the runs: sorted, so they land at the end of the run B-tree.
+/// Move the tail's tokens into the runs when the block ending at `end`
+/// fills: sorted, so they land at the end of the run B-tree. The tail then
+/// holds only that block's rows (indexes are dense and sealed in order), so
+/// it is emptied whole, which SQLite does by dropping its pages rather than
+/// deleting row by row.
 fn seal_key_block(conn: &Connection, end: i64) -> StoreResult<()> {
-    conn.prepare_cached(&format!(
-        "INSERT OR IGNORE INTO audit.audit_key_run (kind, block, key, idx) \
-         SELECT kind, idx / {KEY_BLOCK}, key, idx FROM audit.audit_key_tail WHERE idx < ?1 \
-         ORDER BY kind, idx / {KEY_BLOCK}, key, idx"
-    ))
-    .and_then(|mut s| s.execute([end]))
-    .map_err(backend_err)?;
-    conn.prepare_cached("DELETE FROM audit.audit_key_tail WHERE idx < ?1")
-        .and_then(|mut s| s.execute([end]))
+    let moved = conn
+        .prepare_cached(&format!(
+            "INSERT OR IGNORE INTO audit.audit_key_run (kind, block, key, idx) \
+             SELECT kind, idx / {KEY_BLOCK}, key, idx FROM audit.audit_key_tail \
+             ORDER BY kind, idx / {KEY_BLOCK}, key, idx"
+        ))
+        .and_then(|mut s| s.execute([]))
+        .map_err(backend_err)?;
+    // Rows are appended in index order: the last one has the highest.
+    let last: Option<i64> = conn
+        .prepare_cached("SELECT idx FROM audit.audit_key_tail ORDER BY rowid DESC LIMIT 1")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())
+        .map_err(backend_err)?;
+    if last.is_some_and(|l| l >= end) {
+        return Err(StoreError::Backend(format!(
+            "the audit key tail holds tokens past the block ending at {end} ({moved} moved)"
+        )));
+    }
+    conn.execute_batch("DELETE FROM audit.audit_key_tail")
         .map_err(backend_err)?;
     Ok(())
 }

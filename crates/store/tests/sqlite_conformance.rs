@@ -61,6 +61,59 @@ async fn wal_stays_bounded_under_sustained_writes() {
 /// Two stores on one database (two processes, as `custos serve` and
 /// `custos user lock` are): a system-record change made through one is seen
 /// by the other's very next version probe.
+/// Under a steady stream of small commits (as every audited read makes),
+/// the WAL starts over from its beginning after background checkpoints,
+/// far below the size limit, instead of growing until the limit forces a
+/// truncation. The WAL header's checkpoint sequence number counts the
+/// restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_starts_over_under_a_steady_stream_of_commits() {
+    use custos_store::{Expect, IndexEntries, NewVersion, StoreExt};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    let store = Arc::new(SqliteStore::open(SqliteConfig::new(&path)).unwrap());
+    let wal = dir.path().join("db.sqlite-wal");
+    let restarts = || {
+        let header = std::fs::read(&wal).unwrap_or_default();
+        header
+            .get(12..16)
+            .map(|b| u32::from_be_bytes(b.try_into().unwrap()))
+            .unwrap_or(0)
+    };
+    let mut first = None;
+    let started = std::time::Instant::now();
+    let mut n = 0;
+    // Back to back for 1.5 s: about six background passes.
+    while started.elapsed() < std::time::Duration::from_millis(1500) {
+        store
+            .write(move |tx| {
+                let v = NewVersion {
+                    rtype: "Binary".into(),
+                    id: format!("b{n}"),
+                    version: 1,
+                    last_updated: 1,
+                    deleted: false,
+                    key_name: "shared".into(),
+                    compartment: None,
+                    body: vec![7u8; 2048],
+                };
+                tx.put(&v, &IndexEntries::default(), Expect::Absent)
+            })
+            .await
+            .unwrap();
+        first.get_or_insert_with(restarts);
+        n += 1;
+    }
+    let (first, last) = (first.unwrap(), restarts());
+    assert!(
+        last >= first + 2,
+        "the WAL started over {} times in {n} commits over 1.5 s",
+        last - first
+    );
+    let count = store.read(|tx| tx.type_counts()).await.unwrap();
+    assert_eq!(count, vec![("Binary".to_string(), n)]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn system_record_changes_are_seen_across_processes() {
     use custos_store::StoreExt;

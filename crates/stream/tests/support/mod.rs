@@ -87,7 +87,7 @@ pub async fn append(trail: &AuditTrail, n: u64) -> (u64, Duration) {
         ..AuditRecord::default()
     };
     let started = Instant::now();
-    let index = trail.append(&rec).await.expect("the append succeeds");
+    let index = trail.append(rec).await.expect("the append succeeds");
     (index, started.elapsed())
 }
 
