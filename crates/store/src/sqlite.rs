@@ -1693,29 +1693,41 @@ impl SqliteTx<'_> {
 /// fills: sorted, so they land at the end of the run B-tree. The tail then
 /// holds only that block's rows (indexes are dense and sealed in order), so
 /// it is emptied whole, which SQLite does by dropping its pages rather than
-/// deleting row by row.
+/// deleting row by row. Should it ever hold later rows, only the block's
+/// move, row by row.
 fn seal_key_block(conn: &Connection, end: i64) -> StoreResult<()> {
-    let moved = conn
-        .prepare_cached(&format!(
-            "INSERT OR IGNORE INTO audit.audit_key_run (kind, block, key, idx) \
-             SELECT kind, idx / {KEY_BLOCK}, key, idx FROM audit.audit_key_tail \
-             ORDER BY kind, idx / {KEY_BLOCK}, key, idx"
-        ))
-        .and_then(|mut s| s.execute([]))
-        .map_err(backend_err)?;
     // Rows are appended in index order: the last one has the highest.
     let last: Option<i64> = conn
         .prepare_cached("SELECT idx FROM audit.audit_key_tail ORDER BY rowid DESC LIMIT 1")
         .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())
         .map_err(backend_err)?;
-    if last.is_some_and(|l| l >= end) {
-        return Err(StoreError::Backend(format!(
-            "the audit key tail holds tokens past the block ending at {end} ({moved} moved)"
-        )));
+    let whole = last.is_none_or(|l| l < end);
+    let only_block = if whole { "" } else { "WHERE idx < ?1" };
+    conn.prepare_cached(&format!(
+        "INSERT OR IGNORE INTO audit.audit_key_run (kind, block, key, idx) \
+         SELECT kind, idx / {KEY_BLOCK}, key, idx FROM audit.audit_key_tail {only_block} \
+         ORDER BY kind, idx / {KEY_BLOCK}, key, idx"
+    ))
+    .and_then(|mut s| {
+        if whole {
+            s.execute([])
+        } else {
+            s.execute([end])
+        }
+    })
+    .map_err(backend_err)?;
+    if whole {
+        conn.execute_batch("DELETE FROM audit.audit_key_tail")
+    } else {
+        tracing::warn!(
+            end,
+            "the audit key tail held tokens past its block; moved the block's only"
+        );
+        conn.prepare_cached("DELETE FROM audit.audit_key_tail WHERE idx < ?1")
+            .and_then(|mut s| s.execute([end]))
+            .map(drop)
     }
-    conn.execute_batch("DELETE FROM audit.audit_key_tail")
-        .map_err(backend_err)?;
-    Ok(())
+    .map_err(backend_err)
 }
 
 /// SQL for the indexes of events with token `?{key}` of kind `kind`: each
