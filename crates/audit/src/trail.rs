@@ -529,11 +529,16 @@ impl AuditTrail {
                 .await;
             match result {
                 Ok(indexes) => {
+                    // Held before anyone hears of the commit: once an append
+                    // returns, its event is there for the consumer.
+                    let inner = weak.upgrade();
+                    if let Some(inner) = &inner {
+                        inner.keep_committed(indexes.iter().copied().zip(recs));
+                    }
                     for (done, i) in replies.into_iter().zip(&indexes) {
                         let _ = done.send(Ok(*i));
                     }
-                    if let Some(inner) = weak.upgrade() {
-                        inner.keep_committed(indexes.into_iter().zip(recs));
+                    if let Some(inner) = inner {
                         inner.committed.notify_one();
                     }
                 }
