@@ -281,6 +281,30 @@ pub struct AuthService {
     /// unique per token) and compared in full, in constant time, on a hit:
     /// a signature is checked once per token.
     verified: Mutex<LruCache<String, Arc<VerifiedToken>>>,
+    /// Failed sign-ins under names that are no account, counted and locked
+    /// out exactly as an account's are, so that the lockout answer does not
+    /// tell an attacker which names exist. Keyed by the name's blind key;
+    /// bounded, the least recently tried name forgotten first.
+    unknown_names: Mutex<LruCache<String, UnknownName>>,
+}
+
+/// The lockout state of a name that is no account (see `unknown_names`).
+#[derive(Clone, Copy, Default)]
+struct UnknownName {
+    failed_attempts: u32,
+    locked_until: i64,
+}
+
+/// How many unknown names the lockout remembers.
+const UNKNOWN_NAMES: usize = 65_536;
+
+/// Check a password against an Argon2id hash on the blocking pool: a hash
+/// costs tens of milliseconds and must not hold a runtime thread.
+async fn verify_off_runtime(password: &str, hash: &str) -> bool {
+    let (pw, hash) = (password.to_string(), hash.to_string());
+    tokio::task::spawn_blocking(move || verify_password(&pw, &hash))
+        .await
+        .unwrap_or(false)
 }
 
 /// The signature segment of a JWT (what the verified-token cache is keyed by).
@@ -320,6 +344,9 @@ impl AuthService {
             audit,
             oidc,
             verified: Mutex::new(LruCache::new(NonZeroUsize::new(100_000).expect("non-zero"))),
+            unknown_names: Mutex::new(LruCache::new(
+                NonZeroUsize::new(UNKNOWN_NAMES).expect("non-zero"),
+            )),
         };
         svc.ensure_cli_client().await?;
         Ok(svc)
@@ -800,26 +827,29 @@ impl AuthService {
         let (version, user) = match found {
             Some(f) => f,
             None => {
-                let _ = verify_password(password, dummy_hash());
-                self.audit_login(None, "password", false, "unknown-user", origin)
+                verify_off_runtime(password, dummy_hash()).await;
+                let locked = self.count_unknown_failure(username, now);
+                let rule = if locked {
+                    "unknown-user-locked"
+                } else {
+                    "unknown-user"
+                };
+                self.audit_login(None, "password", false, rule, origin)
                     .await?;
-                return Err(AuthError::InvalidGrant(
-                    "invalid username or password".into(),
-                ));
+                return Err(if locked {
+                    AuthError::Locked
+                } else {
+                    AuthError::InvalidGrant("invalid username or password".into())
+                });
             }
         };
         if user.is_locked(now) {
-            let _ = verify_password(password, dummy_hash());
+            verify_off_runtime(password, dummy_hash()).await;
             self.audit_login(Some(&user), "password", false, "locked", origin)
                 .await?;
             return Err(AuthError::Locked);
         }
-        let pw_ok = {
-            let (pw, hash) = (password.to_string(), user.password_hash.clone());
-            tokio::task::spawn_blocking(move || verify_password(&pw, &hash))
-                .await
-                .unwrap_or(false)
-        };
+        let pw_ok = verify_off_runtime(password, &user.password_hash).await;
         if !pw_ok {
             self.count_failure(&user, origin, "password").await?;
             return Err(AuthError::InvalidGrant(
@@ -889,6 +919,26 @@ impl AuthService {
         self.audit_login(Some(&u), "login", true, "credentials", origin)
             .await?;
         Ok(u)
+    }
+
+    /// A failed sign-in under a name that is no account, counted as
+    /// `count_failure` counts an account's: whether the name is locked out
+    /// (already, in which case nothing is counted, as for a locked account).
+    /// The state lives in this process only; it is not a security boundary
+    /// (an unknown name opens nothing), only the same answer as an account.
+    fn count_unknown_failure(&self, username: &str, now: i64) -> bool {
+        let key = self.username_key(username);
+        let mut names = self.unknown_names.lock();
+        let name = names.get_or_insert_mut(key, UnknownName::default);
+        if name.locked_until > now {
+            return true;
+        }
+        name.failed_attempts += 1;
+        if name.failed_attempts >= self.config.lockout_threshold {
+            name.locked_until = now + self.config.lockout_minutes * 60;
+            name.failed_attempts = 0;
+        }
+        false
     }
 
     /// Count one failed attempt. The read, the count and the write happen

@@ -739,6 +739,62 @@ async fn brute_force_locks_sign_in() {
     v.login(auth, "user/*.rs", None).await.expect("unlocked");
 }
 
+/// Guessing under a name that is no account answers, attempt by attempt,
+/// exactly as guessing under an account does: the lockout does not tell an
+/// attacker which names exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lockout_does_not_tell_which_names_exist() {
+    let s = setup(AuthConfig::default()).await;
+    let auth = &s.env.auth;
+    let threshold = auth.config().lockout_threshold;
+    add_user(auth, "real.nurse", Role::Nurse, Some(&s.prac), None).await;
+    let origin = custos_auth::service::Origin::default();
+    let guess = |name: &str| {
+        auth.token(
+            custos_auth::Grant::Password {
+                username: name.into(),
+                password: "wrong password 123".into(),
+                totp: Some("000000".into()),
+                scope: "user/*.rs".into(),
+                patient: None,
+                break_glass: None,
+            },
+            &origin,
+        )
+    };
+    let answer = |r: Result<_, AuthError>| match r {
+        Ok(_) => panic!("a wrong password was accepted"),
+        Err(e @ (AuthError::InvalidGrant(_) | AuthError::Locked)) => e.to_string(),
+        Err(e) => panic!("unexpected refusal {e:?}"),
+    };
+    let mut answers = Vec::new();
+    for attempt in 0..threshold + 2 {
+        let real = answer(guess("real.nurse").await);
+        // Case and surrounding blanks do not make another name.
+        let unknown = if attempt % 2 == 0 {
+            answer(guess("no.such.nurse").await)
+        } else {
+            answer(guess(" No.Such.Nurse ").await)
+        };
+        assert_eq!(real, unknown, "attempt {attempt}");
+        answers.push(real);
+    }
+    assert!(
+        answers[..threshold as usize]
+            .iter()
+            .all(|a| a.contains("invalid username or password")),
+        "{answers:?}"
+    );
+    assert!(
+        answers[threshold as usize..]
+            .iter()
+            .all(|a| a.contains("locked")),
+        "{answers:?}"
+    );
+    // Another unknown name has its own count.
+    assert!(answer(guess("someone.else").await).contains("invalid username"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_assertions_are_checked_and_single_use() {
     let s = setup(AuthConfig::default()).await;

@@ -366,7 +366,7 @@ impl Engine {
             .filter(|r| {
                 r.starts_with("password-failed")
                     || r.starts_with("totp-failed")
-                    || *r == "unknown-user"
+                    || r.starts_with("unknown-user")
             })
             .collect();
         // A genuine token presented after its revocation, a rotated refresh
