@@ -54,6 +54,38 @@ impl Default for AuthConfig {
     }
 }
 
+impl AuthConfig {
+    /// The lockout rule of this configuration.
+    pub(crate) fn lockout(&self) -> Lockout {
+        Lockout {
+            threshold: self.lockout_threshold,
+            secs: self.lockout_minutes * 60,
+        }
+    }
+}
+
+/// The lockout rule, one for accounts and for names that are no account
+/// alike (so that both answer the same).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Lockout {
+    threshold: u32,
+    secs: i64,
+}
+
+impl Lockout {
+    /// Count one failed attempt; at the threshold, lock until `now` plus the
+    /// lockout time and start the count again. Whether this attempt locked.
+    pub(crate) fn count(self, failed_attempts: &mut u32, locked_until: &mut i64, now: i64) -> bool {
+        *failed_attempts += 1;
+        let lock = *failed_attempts >= self.threshold;
+        if lock {
+            *locked_until = now + self.secs;
+            *failed_attempts = 0;
+        }
+        lock
+    }
+}
+
 /// An external OpenID Connect provider.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -933,11 +933,9 @@ impl AuthService {
         if name.locked_until > now {
             return true;
         }
-        name.failed_attempts += 1;
-        if name.failed_attempts >= self.config.lockout_threshold {
-            name.locked_until = now + self.config.lockout_minutes * 60;
-            name.failed_attempts = 0;
-        }
+        self.config
+            .lockout()
+            .count(&mut name.failed_attempts, &mut name.locked_until, now);
         false
     }
 
@@ -951,10 +949,7 @@ impl AuthService {
         what: &str,
     ) -> Result<(), AuthError> {
         let id = user.id.clone();
-        let (threshold, lock_secs) = (
-            self.config.lockout_threshold,
-            self.config.lockout_minutes * 60,
-        );
+        let lockout = self.config.lockout();
         let (u, locked_now) = self
             .vault
             .write(move |tx, v| {
@@ -963,12 +958,7 @@ impl AuthService {
                     .map_err(backend)?
                     .ok_or_else(|| AuthError::NotFound("user".into()))?;
                 let mut u: User = v.open_record(&rec)?;
-                u.failed_attempts += 1;
-                let lock = u.failed_attempts >= threshold;
-                if lock {
-                    u.locked_until = now_secs() + lock_secs;
-                    u.failed_attempts = 0;
-                }
+                let lock = lockout.count(&mut u.failed_attempts, &mut u.locked_until, now_secs());
                 tx.sys_put(
                     USER_KIND,
                     &id,
