@@ -123,7 +123,14 @@ struct Inner {
     leader: tokio::sync::watch::Sender<bool>,
     /// Set by [`AuditTrail::close`]: the timers stop and leadership is given up.
     closed: std::sync::atomic::AtomicBool,
+    /// Blind tokens already computed, by domain and value: every event needs
+    /// its agent's and its patients' (an HMAC and its hex each), and the same
+    /// few recur from request to request.
+    tokens: Mutex<lru::LruCache<(&'static [u8], String), String>>,
 }
+
+/// How many (domain, value) → token pairs the trail remembers.
+const TOKEN_MEMO: usize = 16_384;
 
 impl Inner {
     /// Hold committed events for the consumer (those it asked for), dropping
@@ -212,6 +219,9 @@ impl AuditTrail {
             lease: tokio::sync::Mutex::new(None),
             leader: tokio::sync::watch::channel(false).0,
             closed: std::sync::atomic::AtomicBool::new(false),
+            tokens: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(TOKEN_MEMO).expect("non-zero"),
+            )),
         });
         let trail = AuditTrail { inner };
         trail.spawn_appender()?;
@@ -352,14 +362,20 @@ impl AuditTrail {
         self.token(b"custos-audit-agent", subject)
     }
 
-    fn token(&self, domain: &[u8], value: &str) -> String {
+    fn token(&self, domain: &'static [u8], value: &str) -> String {
+        let key = (domain, value.to_string());
+        if let Some(t) = self.inner.tokens.lock().get(&key) {
+            return t.clone();
+        }
         let t = self
             .inner
             .records
             .keys()
             .blind()
             .token(&[domain, value.as_bytes()]);
-        custos_crypto::to_hex(&t)
+        let t = custos_crypto::to_hex(&t);
+        self.inner.tokens.lock().put(key, t.clone());
+        t
     }
 
     async fn key_for(&self, at: i64) -> Result<(String, Arc<DataKey>), AuditError> {
