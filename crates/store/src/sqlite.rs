@@ -225,10 +225,15 @@ INSERT OR IGNORE INTO meta (k, v) VALUES ('schema_version', '1');
 /// Events are found by patient and by agent through keyed tokens, indexed
 /// in blocks of [`KEY_BLOCK`] events so that an append never inserts at a
 /// random place in a B-tree (every such page would be rewritten into the
-/// WAL at each group commit, one page per event): an event's tokens go at
-/// the end of `audit_key_tail`; when a block fills, its rows move, sorted,
-/// to the end of `audit_key_run` (keyed by kind, block, token, index), in
-/// the same transaction. A lookup seeks each block's run and scans the tail.
+/// WAL at each group commit, one page per event): an event's patient
+/// tokens go at the end of `audit_key_tail`, and its agent token is the
+/// `agent` column of its own row; when a block fills, both move, sorted, to
+/// the end of `audit_key_run` (keyed by kind, block, token, index), in the
+/// same transaction. A lookup seeks each block's run and scans the tail (a
+/// patient) or the unsealed block's rows (an agent). The agent has no tail
+/// row because `audit_log` holds it anyway: one insert fewer per event.
+/// (Data dirs of earlier versions may still hold agent rows in the tail;
+/// lookups and the seal read those too.)
 const AUDIT_SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS audit.audit_log (
     idx INTEGER PRIMARY KEY,
@@ -1703,18 +1708,17 @@ fn seal_key_block(conn: &Connection, end: i64) -> StoreResult<()> {
         .map_err(backend_err)?;
     let whole = last.is_none_or(|l| l < end);
     let only_block = if whole { "" } else { "WHERE idx < ?1" };
+    // The agents of the block's events come from their rows (?1 is the end
+    // of the block; a whole tail needs no bound, but the rows do).
     conn.prepare_cached(&format!(
         "INSERT OR IGNORE INTO audit.audit_key_run (kind, block, key, idx) \
-         SELECT kind, idx / {KEY_BLOCK}, key, idx FROM audit.audit_key_tail {only_block} \
+         SELECT kind, idx / {KEY_BLOCK}, key, idx FROM ( \
+             SELECT kind, key, idx FROM audit.audit_key_tail {only_block} \
+             UNION ALL SELECT {KEY_AGENT}, agent, idx FROM audit.audit_log \
+             WHERE idx >= ?1 - {KEY_BLOCK} AND idx < ?1 AND agent IS NOT NULL) \
          ORDER BY kind, idx / {KEY_BLOCK}, key, idx"
     ))
-    .and_then(|mut s| {
-        if whole {
-            s.execute([])
-        } else {
-            s.execute([end])
-        }
-    })
+    .and_then(|mut s| s.execute([end]))
     .map_err(backend_err)?;
     if whole {
         conn.execute_batch("DELETE FROM audit.audit_key_tail")
@@ -1731,14 +1735,24 @@ fn seal_key_block(conn: &Connection, end: i64) -> StoreResult<()> {
 }
 
 /// SQL for the indexes of events with token `?{key}` of kind `kind`: each
-/// block's run (newest first), then the tail.
+/// block's run (newest first), then the tail and, for an agent, the rows of
+/// the block not sealed yet. (A set: it may name an index twice.)
 fn keyed_indexes(kind: i64, key: usize) -> String {
+    let unsealed = if kind == KEY_AGENT {
+        format!(
+            " UNION ALL SELECT idx FROM audit.audit_log WHERE idx >= \
+             (SELECT (COALESCE(MAX(idx), -1) + 1) / {KEY_BLOCK} * {KEY_BLOCK} FROM audit.audit_log) \
+             AND agent = ?{key}"
+        )
+    } else {
+        String::new()
+    };
     format!(
         "SELECT r.idx FROM (WITH RECURSIVE b(n) AS \
              (SELECT (SELECT COALESCE(MAX(idx), 0) FROM audit.audit_log) / {KEY_BLOCK} \
               UNION ALL SELECT n - 1 FROM b WHERE n > 0) SELECT n FROM b) AS blocks \
          JOIN audit.audit_key_run r ON r.kind = {kind} AND r.block = blocks.n AND r.key = ?{key} \
-         UNION ALL SELECT idx FROM audit.audit_key_tail WHERE kind = {kind} AND key = ?{key}"
+         UNION ALL SELECT idx FROM audit.audit_key_tail WHERE kind = {kind} AND key = ?{key}{unsealed}"
     )
 }
 
@@ -1779,10 +1793,6 @@ fn append_audit(
         .map_err(backend_err)?;
     for p in e.patients {
         key.execute(params![n as i64, KEY_PATIENT, p])
-            .map_err(backend_err)?;
-    }
-    if let Some(a) = e.agent {
-        key.execute(params![n as i64, KEY_AGENT, a])
             .map_err(backend_err)?;
     }
     if (n as i64 + 1) % KEY_BLOCK == 0 {

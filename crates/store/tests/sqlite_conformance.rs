@@ -286,6 +286,21 @@ async fn audit_lookups_span_sealed_blocks_and_the_tail() {
             .filter(|i| i % 2 == 0 && i % 3 == 2)
             .collect::<Vec<_>>()
     );
+    // An agent's events in the sealed blocks (runs) and in the unsealed one
+    // (read from the log's own rows), each once.
+    let all_a0 = search(AuditQuery {
+        agent: Some("a0".into()),
+        ascending: true,
+        limit: usize::MAX >> 1,
+        ..AuditQuery::default()
+    })
+    .await;
+    assert_eq!(
+        all_a0,
+        (0..N)
+            .filter(|i| i % 2 == 0 && i % 3 == 0)
+            .collect::<Vec<_>>()
+    );
     assert!(
         search(AuditQuery {
             patient: Some("nobody".into()),
@@ -296,6 +311,73 @@ async fn audit_lookups_span_sealed_blocks_and_the_tail() {
         .is_empty()
     );
     store.close();
+}
+
+/// Earlier versions also put an event's agent in the key tail. A data dir
+/// left with such rows in its unsealed block: lookups find those events
+/// once, and sealing the block moves them with the rest, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_rows_left_in_the_tail_by_an_earlier_version_are_found_once() {
+    use custos_store::{AuditAppend, AuditQuery, StoreExt};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    async fn append(store: &SqliteStore, lo: u64, hi: u64) {
+        store
+            .write(move |tx| {
+                for i in lo..hi {
+                    tx.audit_append(&AuditAppend {
+                        at: i as i64,
+                        action: "R",
+                        outcome: 0,
+                        agent: Some(if i % 2 == 0 { "even" } else { "odd" }),
+                        patients: &[],
+                        data: format!("e{i}").as_bytes(),
+                    })?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap()
+    }
+    async fn find(store: &SqliteStore) -> Vec<u64> {
+        let q = AuditQuery {
+            agent: Some("even".into()),
+            ascending: true,
+            limit: usize::MAX >> 1,
+            ..AuditQuery::default()
+        };
+        conformance::audit_indexes(store, q).await
+    }
+    let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
+    append(&store, 0, 8_000).await;
+    store.close();
+    {
+        // What the earlier version wrote besides: a tail row per agent.
+        let c = rusqlite::Connection::open(custos_store::audit_path(&path)).unwrap();
+        c.execute_batch(
+            "INSERT INTO audit_key_tail (idx, kind, key) \
+             SELECT idx, 1, agent FROM audit_log WHERE agent IS NOT NULL ORDER BY idx",
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
+    let evens = |n: u64| (0..n).filter(|i| i % 2 == 0).collect::<Vec<_>>();
+    assert_eq!(find(&store).await, evens(8_000));
+    // Across the block's end: the block seals with both kinds of rows.
+    append(&store, 8_000, 8_300).await;
+    assert_eq!(find(&store).await, evens(8_300));
+    store.close();
+    let c = rusqlite::Connection::open(custos_store::audit_path(&path)).unwrap();
+    let (tail, run): (i64, i64) = c
+        .query_row(
+            "SELECT (SELECT COUNT(*) FROM audit_key_tail), \
+                    (SELECT COUNT(*) FROM audit_key_run WHERE kind = 1 AND block = 0)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(tail, 0, "the sealed block's tail rows are gone");
+    assert_eq!(run, 8_192, "each event of the block has one agent row");
 }
 
 /// A data dir from before the keyed index (patients in `audit_patient`,
