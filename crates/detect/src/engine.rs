@@ -172,7 +172,9 @@ pub struct EngineState {
 
 /// The detectors with their state.
 pub struct Engine {
-    config: DetectConfig,
+    /// Shared so that a detector holds it across `&mut self` calls without
+    /// copying its response rules and strings for every event.
+    config: std::sync::Arc<DetectConfig>,
     forest: Forest,
     state: EngineState,
     /// Principals whose state changed since [`Engine::take_dirty`].
@@ -202,7 +204,7 @@ impl Engine {
 
     pub fn with_state(config: DetectConfig, state: EngineState) -> Engine {
         Engine {
-            config,
+            config: std::sync::Arc::new(config),
             forest: Forest::new(FEATURES.len(), 25, 7, FOREST_SEED),
             state,
             dirty: HashSet::new(),
@@ -357,7 +359,7 @@ impl Engine {
     // ------------------------------------------------------------ credentials
 
     fn credentials(&mut self, ev: &Observed, out: &mut Vec<Finding>) {
-        let cfg = self.config.clone();
+        let cfg = std::sync::Arc::clone(&self.config);
         let window = cfg.attack_window_secs * 1_000_000;
         let failed: Vec<&str> = ev
             .rules
@@ -660,16 +662,17 @@ impl Engine {
         }
         let staff = ev.is_staff();
         let staff_facts = facts.staff(subject);
-        let cfg = self.config.clone();
-        let mut u = self
-            .state
-            .users
-            .remove(subject)
-            .unwrap_or_else(|| UserState {
+        let cfg = std::sync::Arc::clone(&self.config);
+        // Taken out of its slot (not removed: putting it back then needs no
+        // new key, no rehash) while the detectors below also borrow `self`.
+        let mut u = match self.state.users.get_mut(subject) {
+            Some(slot) => std::mem::take(slot),
+            None => UserState {
                 role: role.clone(),
                 first_seen: ev.at,
                 ..UserState::default()
-            });
+            },
+        };
         u.role = role.clone();
         let mut found: Vec<Finding> = Vec::new();
 
@@ -1065,8 +1068,15 @@ impl Engine {
                 ));
             }
         }
-        self.state.users.insert(subject.to_string(), u);
-        self.dirty.insert(subject.to_string());
+        match self.state.users.get_mut(subject) {
+            Some(slot) => *slot = u,
+            None => {
+                self.state.users.insert(subject.to_string(), u);
+            }
+        }
+        if !self.dirty.contains(subject) {
+            self.dirty.insert(subject.to_string());
+        }
         out.extend(found);
     }
 
