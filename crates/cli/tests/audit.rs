@@ -497,10 +497,15 @@ fn truncate_log(dir: &Path, keep: u64) {
     let keep = keep as i64;
     conn.execute("DELETE FROM audit_log WHERE idx >= ?1", [keep])
         .unwrap();
-    for keyed in ["audit_key_tail", "audit_key_run"] {
-        conn.execute(&format!("DELETE FROM {keyed} WHERE idx >= ?1"), [keep])
-            .unwrap();
-    }
+    conn.execute("DELETE FROM audit_key_tail WHERE idx >= ?1", [keep])
+        .unwrap();
+    // Postings list a block's events together: drop those of every block
+    // that reaches past the cut (the index is not what verification checks).
+    conn.execute(
+        "DELETE FROM audit_key_post WHERE (block + 1) * 8192 > ?1",
+        [keep],
+    )
+    .unwrap();
     conn.execute("DELETE FROM audit_hash WHERE n >= ?1", [first_hash])
         .unwrap();
 }
@@ -1365,12 +1370,12 @@ async fn tamper_is_detected_and_named() {
     .unwrap();
     conn.execute_batch(
         "DELETE FROM audit.audit_log; DELETE FROM audit.audit_hash;
-         DELETE FROM audit.audit_key_tail; DELETE FROM audit.audit_key_run;
+         DELETE FROM audit.audit_key_tail; DELETE FROM audit.audit_key_post;
          DELETE FROM sys_log WHERE log = 'audit-checkpoint';
          INSERT INTO audit.audit_log SELECT * FROM other_audit.audit_log;
          INSERT INTO audit.audit_hash SELECT * FROM other_audit.audit_hash;
          INSERT INTO audit.audit_key_tail SELECT * FROM other_audit.audit_key_tail;
-         INSERT INTO audit.audit_key_run SELECT * FROM other_audit.audit_key_run;
+         INSERT INTO audit.audit_key_post SELECT * FROM other_audit.audit_key_post;
          INSERT INTO main.sys_log (log, at, value)
              SELECT log, at, value FROM other.sys_log WHERE log = 'audit-checkpoint' ORDER BY seq;
          DETACH DATABASE other; DETACH DATABASE other_audit;",

@@ -227,13 +227,17 @@ INSERT OR IGNORE INTO meta (k, v) VALUES ('schema_version', '1');
 /// random place in a B-tree (every such page would be rewritten into the
 /// WAL at each group commit, one page per event): an event's patient
 /// tokens go at the end of `audit_key_tail`, and its agent token is the
-/// `agent` column of its own row; when a block fills, both move, sorted, to
-/// the end of `audit_key_run` (keyed by kind, block, token, index), in the
-/// same transaction. A lookup seeks each block's run and scans the tail (a
-/// patient) or the unsealed block's rows (an agent). The agent has no tail
-/// row because `audit_log` holds it anyway: one insert fewer per event.
-/// (Data dirs of earlier versions may still hold agent rows in the tail;
-/// lookups and the seal read those too.)
+/// `agent` column of its own row. When a block fills, both become the
+/// block's postings in `audit_key_post`, in the same transaction: one row
+/// per (kind, token, block) listing the token's events in that block (as
+/// offsets from the block's first index, a JSON array that lookups expand
+/// with `json_each`), so a seal writes a row per distinct token, not per
+/// event, and a lookup is one range of that table's primary key. Lookups
+/// also scan the tail (a patient) or the unsealed block's rows (an agent).
+/// (Earlier versions kept a row per event and token in `audit_key_run`,
+/// and agents in the tail too: the runs become postings at open
+/// ([`migrate_key_runs`]); agent rows left in the tail are read and sealed
+/// like the rest.)
 const AUDIT_SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS audit.audit_log (
     idx INTEGER PRIMARY KEY,
@@ -250,12 +254,20 @@ CREATE TABLE IF NOT EXISTS audit.audit_key_tail (
     kind INTEGER NOT NULL,
     key TEXT NOT NULL
 );
+-- Rows of earlier versions (one per event and token); emptied at open.
 CREATE TABLE IF NOT EXISTS audit.audit_key_run (
     kind INTEGER NOT NULL,
     block INTEGER NOT NULL,
     key TEXT NOT NULL,
     idx INTEGER NOT NULL,
     PRIMARY KEY (kind, block, key, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS audit.audit_key_post (
+    kind INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    block INTEGER NOT NULL,
+    offsets TEXT NOT NULL,
+    PRIMARY KEY (kind, key, block)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS audit.audit_hash (
     n INTEGER PRIMARY KEY,
@@ -299,6 +311,148 @@ fn migrate_audit_keys(conn: &Connection) -> StoreResult<()> {
         let _ = conn.execute_batch("ROLLBACK");
         backend_err(e)
     })
+}
+
+/// Turn the per-event rows of earlier versions (`audit_key_run`) into
+/// postings, once, at open. The run is read in its key order, so each
+/// (kind, block, token) comes as one group, its indexes ascending.
+fn migrate_key_runs(conn: &Connection) -> StoreResult<()> {
+    let any: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM audit.audit_key_run)",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(backend_err)?;
+    if !any {
+        return Ok(());
+    }
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(backend_err)?;
+    let moved = (|| {
+        let mut stmt = conn
+            .prepare("SELECT kind, block, key, idx FROM audit.audit_key_run ORDER BY kind, block, key, idx")
+            .map_err(backend_err)?;
+        let mut rows = stmt.query([]).map_err(backend_err)?;
+        let mut group: Option<(i64, i64, String)> = None;
+        let mut offsets: Vec<i64> = Vec::new();
+        let mut postings = 0u64;
+        while let Some(r) = rows.next().map_err(backend_err)? {
+            let (kind, block, key, idx): (i64, i64, String, i64) = (
+                r.get(0).map_err(backend_err)?,
+                r.get(1).map_err(backend_err)?,
+                r.get(2).map_err(backend_err)?,
+                r.get(3).map_err(backend_err)?,
+            );
+            if group
+                .as_ref()
+                .is_some_and(|(k, b, t)| (*k, *b, t.as_str()) != (kind, block, key.as_str()))
+            {
+                let (k, b, t) = group.take().expect("a group");
+                put_posting(conn, k, &t, b, &mut offsets)?;
+                postings += 1;
+                offsets.clear();
+            }
+            if group.is_none() {
+                group = Some((kind, block, key));
+            }
+            offsets.push(idx - block * KEY_BLOCK);
+        }
+        if let Some((k, b, t)) = group {
+            put_posting(conn, k, &t, b, &mut offsets)?;
+            postings += 1;
+        }
+        conn.execute_batch("DELETE FROM audit.audit_key_run")
+            .map_err(backend_err)?;
+        Ok(postings)
+    })();
+    match moved.and_then(|n| {
+        conn.execute_batch("COMMIT")
+            .map_err(backend_err)
+            .map(|()| n)
+    }) {
+        Ok(n) => {
+            tracing::info!(
+                postings = n,
+                "audit key index: per-event rows moved into postings"
+            );
+            Ok(())
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+/// Offsets as the JSON array `audit_key_post.offsets` holds.
+fn offsets_json(offsets: &[i64]) -> String {
+    let mut out = String::with_capacity(2 + offsets.len() * 5);
+    out.push('[');
+    for (i, o) in offsets.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&o.to_string());
+    }
+    out.push(']');
+    out
+}
+
+/// Parse what [`offsets_json`] wrote.
+fn parse_offsets(json: &str) -> StoreResult<Vec<i64>> {
+    let inner = json
+        .trim()
+        .strip_prefix('[')
+        .and_then(|j| j.strip_suffix(']'))
+        .ok_or_else(|| StoreError::Backend("audit key index: malformed postings".into()))?;
+    inner
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            p.trim()
+                .parse()
+                .map_err(|_| StoreError::Backend("audit key index: malformed postings".into()))
+        })
+        .collect()
+}
+
+/// Write one posting: `offsets` (sorted here, duplicates dropped), merged
+/// with the row already there, if any (a block whose rows came partly from
+/// an earlier version's index).
+fn put_posting(
+    conn: &Connection,
+    kind: i64,
+    key: &str,
+    block: i64,
+    offsets: &mut Vec<i64>,
+) -> StoreResult<()> {
+    offsets.sort_unstable();
+    offsets.dedup();
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO audit.audit_key_post (kind, key, block, offsets) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (kind, key, block) DO NOTHING",
+        )
+        .and_then(|mut s| s.execute(params![kind, key, block, offsets_json(offsets)]))
+        .map_err(backend_err)?;
+    if inserted == 1 {
+        return Ok(());
+    }
+    let old: String = conn
+        .prepare_cached(
+            "SELECT offsets FROM audit.audit_key_post WHERE kind = ?1 AND key = ?2 AND block = ?3",
+        )
+        .and_then(|mut s| s.query_row(params![kind, key, block], |r| r.get(0)))
+        .map_err(backend_err)?;
+    offsets.extend(parse_offsets(&old)?);
+    offsets.sort_unstable();
+    offsets.dedup();
+    conn.prepare_cached(
+        "UPDATE audit.audit_key_post SET offsets = ?4 WHERE kind = ?1 AND key = ?2 AND block = ?3",
+    )
+    .and_then(|mut s| s.execute(params![kind, key, block, offsets_json(offsets)]))
+    .map_err(backend_err)?;
+    Ok(())
 }
 
 /// The audit database file of a store at `db`.
@@ -369,6 +523,7 @@ impl SqliteStore {
         conn.execute_batch(SCHEMA).map_err(backend_err)?;
         conn.execute_batch(AUDIT_SCHEMA).map_err(backend_err)?;
         migrate_audit_keys(&conn)?;
+        migrate_key_runs(&conn)?;
         recover_audit(&conn)?;
         let (tx, rx) = mpsc::channel::<(WriteJob, Reply)>();
         let wal = |db: &Path| {
@@ -1708,18 +1863,33 @@ fn seal_key_block(conn: &Connection, end: i64) -> StoreResult<()> {
         .map_err(backend_err)?;
     let whole = last.is_none_or(|l| l < end);
     let only_block = if whole { "" } else { "WHERE idx < ?1" };
-    // The agents of the block's events come from their rows (?1 is the end
-    // of the block; a whole tail needs no bound, but the rows do).
-    conn.prepare_cached(&format!(
-        "INSERT OR IGNORE INTO audit.audit_key_run (kind, block, key, idx) \
-         SELECT kind, idx / {KEY_BLOCK}, key, idx FROM ( \
-             SELECT kind, key, idx FROM audit.audit_key_tail {only_block} \
-             UNION ALL SELECT {KEY_AGENT}, agent, idx FROM audit.audit_log \
-             WHERE idx >= ?1 - {KEY_BLOCK} AND idx < ?1 AND agent IS NOT NULL) \
-         ORDER BY kind, idx / {KEY_BLOCK}, key, idx"
-    ))
-    .and_then(|mut s| s.execute([end]))
-    .map_err(backend_err)?;
+    // The tail's tokens and the agents of the block's events (from their
+    // rows; ?1 is the end of the block), grouped into postings.
+    let mut postings: std::collections::BTreeMap<(i64, String, i64), Vec<i64>> =
+        std::collections::BTreeMap::new();
+    {
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT kind, key, idx FROM audit.audit_key_tail {only_block} \
+                 UNION ALL SELECT {KEY_AGENT}, agent, idx FROM audit.audit_log \
+                 WHERE idx >= ?1 - {KEY_BLOCK} AND idx < ?1 AND agent IS NOT NULL"
+            ))
+            .map_err(backend_err)?;
+        let mut rows = stmt.query([end]).map_err(backend_err)?;
+        while let Some(r) = rows.next().map_err(backend_err)? {
+            let kind: i64 = r.get(0).map_err(backend_err)?;
+            let key: String = r.get(1).map_err(backend_err)?;
+            let idx: i64 = r.get(2).map_err(backend_err)?;
+            let block = idx.div_euclid(KEY_BLOCK);
+            postings
+                .entry((kind, key, block))
+                .or_default()
+                .push(idx - block * KEY_BLOCK);
+        }
+    }
+    for ((kind, key, block), mut offsets) in postings {
+        put_posting(conn, kind, &key, block, &mut offsets)?;
+    }
     if whole {
         conn.execute_batch("DELETE FROM audit.audit_key_tail")
     } else {
@@ -1734,9 +1904,10 @@ fn seal_key_block(conn: &Connection, end: i64) -> StoreResult<()> {
     .map_err(backend_err)
 }
 
-/// SQL for the indexes of events with token `?{key}` of kind `kind`: each
-/// block's run (newest first), then the tail and, for an agent, the rows of
-/// the block not sealed yet. (A set: it may name an index twice.)
+/// SQL for the indexes of events with token `?{key}` of kind `kind`: the
+/// sealed blocks' postings (one range of their primary key), then the tail
+/// and, for an agent, the rows of the block not sealed yet. (A set: it may
+/// name an index twice.)
 fn keyed_indexes(kind: i64, key: usize) -> String {
     let unsealed = if kind == KEY_AGENT {
         format!(
@@ -1748,10 +1919,8 @@ fn keyed_indexes(kind: i64, key: usize) -> String {
         String::new()
     };
     format!(
-        "SELECT r.idx FROM (WITH RECURSIVE b(n) AS \
-             (SELECT (SELECT COALESCE(MAX(idx), 0) FROM audit.audit_log) / {KEY_BLOCK} \
-              UNION ALL SELECT n - 1 FROM b WHERE n > 0) SELECT n FROM b) AS blocks \
-         JOIN audit.audit_key_run r ON r.kind = {kind} AND r.block = blocks.n AND r.key = ?{key} \
+        "SELECT p.block * {KEY_BLOCK} + j.value FROM audit.audit_key_post p, json_each(p.offsets) j \
+         WHERE p.kind = {kind} AND p.key = ?{key} \
          UNION ALL SELECT idx FROM audit.audit_key_tail WHERE kind = {kind} AND key = ?{key}{unsealed}"
     )
 }

@@ -368,16 +368,23 @@ async fn agent_rows_left_in_the_tail_by_an_earlier_version_are_found_once() {
     assert_eq!(find(&store).await, evens(8_300));
     store.close();
     let c = rusqlite::Connection::open(custos_store::audit_path(&path)).unwrap();
-    let (tail, run): (i64, i64) = c
-        .query_row(
-            "SELECT (SELECT COUNT(*) FROM audit_key_tail), \
-                    (SELECT COUNT(*) FROM audit_key_run WHERE kind = 1 AND block = 0)",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
+    let tail: i64 = c
+        .query_row("SELECT COUNT(*) FROM audit_key_tail", [], |r| r.get(0))
         .unwrap();
     assert_eq!(tail, 0, "the sealed block's tail rows are gone");
-    assert_eq!(run, 8_192, "each event of the block has one agent row");
+    let posted: String = c
+        .query_row(
+            "SELECT offsets FROM audit_key_post WHERE kind = 1 AND key = 'even' AND block = 0",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let listed: Vec<u64> = serde_json::from_str(&posted).unwrap();
+    assert_eq!(
+        listed,
+        evens(8_192),
+        "one posting, each event once, in order"
+    );
 }
 
 /// A data dir from before the keyed index (patients in `audit_patient`,
@@ -425,4 +432,84 @@ async fn an_audit_file_with_the_old_patient_index_is_migrated() {
         )
         .unwrap();
     assert_eq!(old, 0, "the old index is gone");
+}
+
+/// Earlier versions kept a row per event and token (`audit_key_run`), for
+/// the unsealed block too after their own migration. Such rows become
+/// postings at open; sealing that block later merges into them, each event
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_event_key_rows_become_postings_and_merge_when_their_block_seals() {
+    use custos_store::{AuditAppend, AuditQuery, StoreExt};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    async fn append(store: &SqliteStore, lo: u64, hi: u64) {
+        store
+            .write(move |tx| {
+                for i in lo..hi {
+                    let patient = vec![if i == 1 { "p2" } else { "p1" }.to_string()];
+                    tx.audit_append(&AuditAppend {
+                        at: i as i64,
+                        action: "R",
+                        outcome: 0,
+                        agent: Some(if i == 1 { "bob" } else { "alice" }),
+                        patients: &patient,
+                        data: format!("e{i}").as_bytes(),
+                    })?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap()
+    }
+    async fn found(store: &SqliteStore, patient: Option<&str>, agent: Option<&str>) -> Vec<u64> {
+        let q = AuditQuery {
+            patient: patient.map(str::to_string),
+            agent: agent.map(str::to_string),
+            ascending: true,
+            limit: usize::MAX >> 1,
+            ..AuditQuery::default()
+        };
+        conformance::audit_indexes(store, q).await
+    }
+    let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
+    append(&store, 0, 3).await;
+    store.close();
+    {
+        // As an earlier version left them: the tokens in per-event rows.
+        let c = rusqlite::Connection::open(custos_store::audit_path(&path)).unwrap();
+        c.execute_batch(
+            "DELETE FROM audit_key_tail;
+             INSERT INTO audit_key_run (kind, block, key, idx) VALUES
+                 (0, 0, 'p1', 0), (0, 0, 'p2', 1), (0, 0, 'p1', 2),
+                 (1, 0, 'alice', 0), (1, 0, 'bob', 1), (1, 0, 'alice', 2);",
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
+    assert_eq!(found(&store, Some("p1"), None).await, vec![0, 2]);
+    assert_eq!(found(&store, None, Some("bob")).await, vec![1]);
+    assert_eq!(found(&store, Some("p1"), Some("alice")).await, vec![0, 2]);
+    append(&store, 3, 8_200).await;
+    let p1: Vec<u64> = [0].into_iter().chain(2..8_200).collect();
+    assert_eq!(found(&store, Some("p1"), None).await, p1);
+    assert_eq!(found(&store, Some("p1"), Some("alice")).await, p1);
+    assert_eq!(found(&store, Some("p2"), Some("bob")).await, vec![1]);
+    store.close();
+    let c = rusqlite::Connection::open(custos_store::audit_path(&path)).unwrap();
+    let (run, posted): (i64, String) = c
+        .query_row(
+            "SELECT (SELECT COUNT(*) FROM audit_key_run), \
+                    (SELECT offsets FROM audit_key_post WHERE kind = 0 AND key = 'p1' AND block = 0)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(run, 0, "the per-event rows are gone");
+    let listed: Vec<u64> = serde_json::from_str(&posted).unwrap();
+    let expected: Vec<u64> = [0].into_iter().chain(2..8_192).collect();
+    assert_eq!(
+        listed, expected,
+        "merged: each event of the block once, in order"
+    );
 }
