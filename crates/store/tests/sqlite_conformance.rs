@@ -513,3 +513,50 @@ async fn per_event_key_rows_become_postings_and_merge_when_their_block_seals() {
         "merged: each event of the block once, in order"
     );
 }
+
+/// Not a check: a fixed workload of keyed appends (a patient's and an
+/// agent's token on every event, 32 events a commit, two sealed blocks) for
+/// comparing builds by instruction count, which a shared machine's noise
+/// does not move:
+/// `valgrind --tool=callgrind <test binary> --ignored --exact keyed_append_workload`.
+#[test]
+#[ignore]
+fn keyed_append_workload() {
+    use custos_store::{AuditAppend, StoreExt};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(SqliteConfig::new(dir.path().join("db.sqlite"))).unwrap();
+    let hex = |x: u64| format!("{:016x}{:016x}", x, x.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let patients: std::sync::Arc<Vec<String>> =
+        std::sync::Arc::new((0..2_000u64).map(|p| hex(p + 1)).collect());
+    let agents: std::sync::Arc<Vec<String>> =
+        std::sync::Arc::new((0..50u64).map(|a| hex(a + 1_000_000)).collect());
+    rt.block_on(async {
+        for start in (0..16_384u64).step_by(32) {
+            let (patients, agents) = (patients.clone(), agents.clone());
+            store
+                .write(move |tx| {
+                    let leaf = vec![7u8; 550];
+                    for i in start..start + 32 {
+                        let p = (i.wrapping_mul(7919) % 2_000) as usize;
+                        tx.audit_append(&AuditAppend {
+                            at: i as i64,
+                            action: "R",
+                            outcome: 0,
+                            agent: Some(&agents[(i % 50) as usize]),
+                            patients: std::slice::from_ref(&patients[p]),
+                            data: &leaf,
+                        })?;
+                    }
+                    Ok(())
+                })
+                .await
+                .unwrap();
+        }
+    });
+    store.close();
+}
