@@ -123,13 +123,15 @@ struct Inner {
     leader: tokio::sync::watch::Sender<bool>,
     /// Set by [`AuditTrail::close`]: the timers stop and leadership is given up.
     closed: std::sync::atomic::AtomicBool,
-    /// Blind tokens already computed, by domain and value: every event needs
-    /// its agent's and its patients' (an HMAC and its hex each), and the same
-    /// few recur from request to request.
-    tokens: Mutex<lru::LruCache<(&'static [u8], String), String>>,
+    /// Blind tokens already computed, by value: every event needs its
+    /// agent's and its patients' (an HMAC and its hex each), and the same
+    /// few recur from request to request. Looked up by `&str`, so a hit
+    /// allocates nothing.
+    agent_tokens: Mutex<lru::LruCache<String, String>>,
+    patient_tokens: Mutex<lru::LruCache<String, String>>,
 }
 
-/// How many (domain, value) → token pairs the trail remembers.
+/// How many value → token pairs the trail remembers, of each kind.
 const TOKEN_MEMO: usize = 16_384;
 
 impl Inner {
@@ -219,7 +221,10 @@ impl AuditTrail {
             lease: tokio::sync::Mutex::new(None),
             leader: tokio::sync::watch::channel(false).0,
             closed: std::sync::atomic::AtomicBool::new(false),
-            tokens: Mutex::new(lru::LruCache::new(
+            agent_tokens: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(TOKEN_MEMO).expect("non-zero"),
+            )),
+            patient_tokens: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(TOKEN_MEMO).expect("non-zero"),
             )),
         });
@@ -354,17 +359,21 @@ impl AuditTrail {
 
     /// A blind token for a patient id (what the log is searched by).
     pub fn patient_token(&self, patient: &str) -> String {
-        self.token(b"custos-audit-patient", patient)
+        self.token(&self.inner.patient_tokens, b"custos-audit-patient", patient)
     }
 
     /// A blind token for an agent's subject.
     pub fn agent_token(&self, subject: &str) -> String {
-        self.token(b"custos-audit-agent", subject)
+        self.token(&self.inner.agent_tokens, b"custos-audit-agent", subject)
     }
 
-    fn token(&self, domain: &'static [u8], value: &str) -> String {
-        let key = (domain, value.to_string());
-        if let Some(t) = self.inner.tokens.lock().get(&key) {
+    fn token(
+        &self,
+        memo: &Mutex<lru::LruCache<String, String>>,
+        domain: &[u8],
+        value: &str,
+    ) -> String {
+        if let Some(t) = memo.lock().get(value) {
             return t.clone();
         }
         let t = self
@@ -374,7 +383,7 @@ impl AuditTrail {
             .blind()
             .token(&[domain, value.as_bytes()]);
         let t = custos_crypto::to_hex(&t);
-        self.inner.tokens.lock().put(key, t.clone());
+        memo.lock().put(value.to_string(), t.clone());
         t
     }
 
