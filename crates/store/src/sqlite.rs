@@ -337,28 +337,23 @@ fn migrate_key_runs(conn: &Connection) -> StoreResult<()> {
         let mut offsets: Vec<i64> = Vec::new();
         let mut postings = 0u64;
         while let Some(r) = rows.next().map_err(backend_err)? {
-            let (kind, block, key, idx): (i64, i64, String, i64) = (
+            let this: (i64, i64, String) = (
                 r.get(0).map_err(backend_err)?,
                 r.get(1).map_err(backend_err)?,
                 r.get(2).map_err(backend_err)?,
-                r.get(3).map_err(backend_err)?,
             );
-            if group
-                .as_ref()
-                .is_some_and(|(k, b, t)| (*k, *b, t.as_str()) != (kind, block, key.as_str()))
+            let idx: i64 = r.get(3).map_err(backend_err)?;
+            if group.as_ref() != Some(&this)
+                && let Some((kind, block, key)) = group.replace(this.clone())
             {
-                let (k, b, t) = group.take().expect("a group");
-                put_posting(conn, k, &t, b, &mut offsets)?;
+                put_posting(conn, kind, &key, block, &mut offsets)?;
                 postings += 1;
                 offsets.clear();
             }
-            if group.is_none() {
-                group = Some((kind, block, key));
-            }
-            offsets.push(idx - block * KEY_BLOCK);
+            offsets.push(idx - this.1 * KEY_BLOCK);
         }
-        if let Some((k, b, t)) = group {
-            put_posting(conn, k, &t, b, &mut offsets)?;
+        if let Some((kind, block, key)) = group {
+            put_posting(conn, kind, &key, block, &mut offsets)?;
             postings += 1;
         }
         conn.execute_batch("DELETE FROM audit.audit_key_run")
@@ -398,27 +393,9 @@ fn offsets_json(offsets: &[i64]) -> String {
     out
 }
 
-/// Parse what [`offsets_json`] wrote.
-fn parse_offsets(json: &str) -> StoreResult<Vec<i64>> {
-    let inner = json
-        .trim()
-        .strip_prefix('[')
-        .and_then(|j| j.strip_suffix(']'))
-        .ok_or_else(|| StoreError::Backend("audit key index: malformed postings".into()))?;
-    inner
-        .split(',')
-        .filter(|p| !p.trim().is_empty())
-        .map(|p| {
-            p.trim()
-                .parse()
-                .map_err(|_| StoreError::Backend("audit key index: malformed postings".into()))
-        })
-        .collect()
-}
-
 /// Write one posting: `offsets` (sorted here, duplicates dropped), merged
-/// with the row already there, if any (a block whose rows came partly from
-/// an earlier version's index).
+/// by SQLite with the row already there, if any (a block whose rows came
+/// partly from an earlier version's index).
 fn put_posting(
     conn: &Connection,
     kind: i64,
@@ -428,27 +405,12 @@ fn put_posting(
 ) -> StoreResult<()> {
     offsets.sort_unstable();
     offsets.dedup();
-    let inserted = conn
-        .prepare_cached(
-            "INSERT INTO audit.audit_key_post (kind, key, block, offsets) VALUES (?1, ?2, ?3, ?4) \
-             ON CONFLICT (kind, key, block) DO NOTHING",
-        )
-        .and_then(|mut s| s.execute(params![kind, key, block, offsets_json(offsets)]))
-        .map_err(backend_err)?;
-    if inserted == 1 {
-        return Ok(());
-    }
-    let old: String = conn
-        .prepare_cached(
-            "SELECT offsets FROM audit.audit_key_post WHERE kind = ?1 AND key = ?2 AND block = ?3",
-        )
-        .and_then(|mut s| s.query_row(params![kind, key, block], |r| r.get(0)))
-        .map_err(backend_err)?;
-    offsets.extend(parse_offsets(&old)?);
-    offsets.sort_unstable();
-    offsets.dedup();
     conn.prepare_cached(
-        "UPDATE audit.audit_key_post SET offsets = ?4 WHERE kind = ?1 AND key = ?2 AND block = ?3",
+        "INSERT INTO audit.audit_key_post (kind, key, block, offsets) VALUES (?1, ?2, ?3, ?4) \
+         ON CONFLICT (kind, key, block) DO UPDATE SET offsets = \
+             (SELECT json_group_array(value ORDER BY value) FROM \
+                 (SELECT value FROM json_each(audit_key_post.offsets) \
+                  UNION SELECT value FROM json_each(excluded.offsets)))",
     )
     .and_then(|mut s| s.execute(params![kind, key, block, offsets_json(offsets)]))
     .map_err(backend_err)?;
