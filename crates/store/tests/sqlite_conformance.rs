@@ -361,7 +361,7 @@ async fn keyed(store: &SqliteStore, patient: Option<&str>, agent: Option<&str>) 
 async fn agent_rows_left_in_the_tail_by_an_earlier_version_are_found_once() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db.sqlite");
-    let parity = |i: u64| (Some(if i % 2 == 0 { "even" } else { "odd" }), None);
+    let parity = |i: u64| (Some(if i.is_multiple_of(2) { "even" } else { "odd" }), None);
     let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
     append_keyed(&store, 0, 8_000, parity).await;
     store.close();
