@@ -12,6 +12,7 @@
 //! while the trait stays async and backend-neutral.
 
 pub mod conformance;
+mod key_seal;
 mod model;
 mod postgres;
 mod sqlite;

@@ -17,6 +17,7 @@ use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params, params_from_iter};
 use tokio::sync::oneshot;
 
+use crate::key_seal::KeySealer;
 use crate::model::*;
 use crate::{ReadJob, Store, WriteJob};
 
@@ -225,15 +226,17 @@ INSERT OR IGNORE INTO meta (k, v) VALUES ('schema_version', '1');
 /// Events are found by patient and by agent through keyed tokens, indexed
 /// in blocks of [`KEY_BLOCK`] events so that an append never inserts at a
 /// random place in a B-tree (every such page would be rewritten into the
-/// WAL at each group commit, one page per event): an event's patient
-/// tokens go at the end of `audit_key_tail`, and its agent token is the
-/// `agent` column of its own row. When a block fills, both become the
-/// block's postings in `audit_key_post`, in the same transaction: one row
-/// per (kind, token, block) listing the token's events in that block (as
-/// offsets from the block's first index, a JSON array that lookups expand
-/// with `json_each`), so a seal writes a row per distinct token, not per
-/// event, and a lookup is one range of that table's primary key. Lookups
-/// also scan the tail (a patient) or the unsealed block's rows (an agent).
+/// WAL at each group commit, one page per event): an event's agent token
+/// and its one patient's token are columns of its own row (`agent`,
+/// `patient`); an event of several patients appends their tokens at the end
+/// of `audit_key_tail`. Once a block is full, its tokens become the block's
+/// postings in `audit_key_post`, written a few at a time beside later group
+/// commits (see `key_seal.rs`): one row per (kind, token, block) listing
+/// the token's events in that block (as offsets from the block's first
+/// index, a JSON array that lookups expand with `json_each`), so a seal
+/// writes a row per distinct token, not per event, and a lookup is one
+/// range of that table's primary key, plus the tail and the log's rows of
+/// the blocks not sealed yet (from `audit_key_sealed.through` on).
 /// (Earlier versions kept a row per event and token in `audit_key_run`,
 /// and agents in the tail too: the runs become postings at open
 /// ([`migrate_key_runs`]); agent rows left in the tail are read and sealed
@@ -245,7 +248,8 @@ CREATE TABLE IF NOT EXISTS audit.audit_log (
     action TEXT NOT NULL,
     outcome INTEGER NOT NULL,
     agent TEXT,
-    data BLOB NOT NULL
+    data BLOB NOT NULL,
+    patient TEXT
 );
 CREATE INDEX IF NOT EXISTS audit.audit_log_at ON audit_log (at);
 DROP INDEX IF EXISTS audit.audit_log_agent;
@@ -269,6 +273,11 @@ CREATE TABLE IF NOT EXISTS audit.audit_key_post (
     offsets TEXT NOT NULL,
     PRIMARY KEY (kind, key, block)
 ) WITHOUT ROWID;
+-- The keyed index's blocks below `through` are sealed: their agents are
+-- in postings (see `key_seal.rs`). One row.
+CREATE TABLE IF NOT EXISTS audit.audit_key_sealed (
+    through INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit.audit_hash (
     n INTEGER PRIMARY KEY,
     hash BLOB NOT NULL
@@ -276,11 +285,29 @@ CREATE TABLE IF NOT EXISTS audit.audit_hash (
 "#;
 
 /// Events per block of the keyed audit index (see [`AUDIT_SCHEMA`]).
-const KEY_BLOCK: i64 = 8192;
+pub(crate) const KEY_BLOCK: i64 = 8192;
 /// `audit_key_*.kind` of a patient token.
-const KEY_PATIENT: i64 = 0;
+pub(crate) const KEY_PATIENT: i64 = 0;
 /// `audit_key_*.kind` of an agent token.
-const KEY_AGENT: i64 = 1;
+pub(crate) const KEY_AGENT: i64 = 1;
+
+/// `audit_log.patient` (an event's one patient token) came after the log:
+/// add it to a log of an earlier version (its rows keep their patients in
+/// the tail or in postings).
+fn add_log_patient_column(conn: &Connection) -> StoreResult<()> {
+    let has: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('audit_log', 'audit') WHERE name = 'patient')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(backend_err)?;
+    if !has {
+        conn.execute_batch("ALTER TABLE audit.audit_log ADD COLUMN patient TEXT")
+            .map_err(backend_err)?;
+    }
+    Ok(())
+}
 
 /// Before the keyed index, patients were indexed in `audit_patient`
 /// (patient, idx) and agents by an index on `audit_log.agent`: move both
@@ -346,14 +373,14 @@ fn migrate_key_runs(conn: &Connection) -> StoreResult<()> {
             if group.as_ref() != Some(&this)
                 && let Some((kind, block, key)) = group.replace(this.clone())
             {
-                put_posting(conn, kind, &key, block, &mut offsets)?;
+                put_posting(conn, kind, &key, block, &offsets)?;
                 postings += 1;
                 offsets.clear();
             }
             offsets.push(idx - this.1 * KEY_BLOCK);
         }
         if let Some((kind, block, key)) = group {
-            put_posting(conn, kind, &key, block, &mut offsets)?;
+            put_posting(conn, kind, &key, block, &offsets)?;
             postings += 1;
         }
         conn.execute_batch("DELETE FROM audit.audit_key_run")
@@ -393,18 +420,16 @@ fn offsets_json(offsets: &[i64]) -> String {
     out
 }
 
-/// Write one posting: `offsets` (sorted here, duplicates dropped), merged
-/// by SQLite with the row already there, if any (a block whose rows came
-/// partly from an earlier version's index).
-fn put_posting(
+/// Write one posting: `offsets` (ascending, each once), merged by SQLite
+/// with the row already there, if any (a block whose rows came partly from
+/// an earlier version's index, or a seal written again after a crash).
+pub(crate) fn put_posting(
     conn: &Connection,
     kind: i64,
     key: &str,
     block: i64,
-    offsets: &mut Vec<i64>,
+    offsets: &[i64],
 ) -> StoreResult<()> {
-    offsets.sort_unstable();
-    offsets.dedup();
     conn.prepare_cached(
         "INSERT INTO audit.audit_key_post (kind, key, block, offsets) VALUES (?1, ?2, ?3, ?4) \
          ON CONFLICT (kind, key, block) DO UPDATE SET offsets = \
@@ -424,7 +449,7 @@ pub fn audit_path(db: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-fn backend_err(e: rusqlite::Error) -> StoreError {
+pub(crate) fn backend_err(e: rusqlite::Error) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
@@ -484,9 +509,11 @@ impl SqliteStore {
         let conn = open_connection(&config, false)?;
         conn.execute_batch(SCHEMA).map_err(backend_err)?;
         conn.execute_batch(AUDIT_SCHEMA).map_err(backend_err)?;
+        add_log_patient_column(&conn)?;
         migrate_audit_keys(&conn)?;
         migrate_key_runs(&conn)?;
         recover_audit(&conn)?;
+        let sealer = KeySealer::recover(&conn);
         let (tx, rx) = mpsc::channel::<(WriteJob, Reply)>();
         let wal = |db: &Path| {
             let mut w = db.as_os_str().to_owned();
@@ -501,7 +528,7 @@ impl SqliteStore {
         let writer_copied = copied.clone();
         let handle = std::thread::Builder::new()
             .name("custos-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, wal, limit, writer_signal, writer_copied))
+            .spawn(move || writer_loop(conn, rx, wal, limit, writer_signal, writer_copied, sealer))
             .map_err(|e| StoreError::Backend(e.to_string()))?;
         let ck_conn = open_connection(&config, false)?;
         let (stop, stopped) = mpsc::channel::<()>();
@@ -588,18 +615,36 @@ fn writer_loop(
     wal_limit: u64,
     signal: Arc<SysSignal>,
     copied: Arc<AtomicBool>,
+    mut sealer: KeySealer,
 ) {
     // Outbox rows up to this seq belong to committed batches: both files
     // hold their events, so the next batch that writes the main file anyway
     // removes them.
     let mut outbox_done: Option<i64> = None;
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < GROUP_MAX {
+    loop {
+        // With a block to seal and no job waiting, a step commits on its own.
+        let first = if sealer.has_work() {
+            match rx.try_recv() {
+                Ok(job) => Some(job),
+                Err(mpsc::TryRecvError::Empty) => None,
+                Err(mpsc::TryRecvError::Disconnected) => break,
+            }
+        } else {
+            match rx.recv() {
+                Ok(job) => Some(job),
+                Err(_) => break,
+            }
+        };
+        let mut batch: Vec<(WriteJob, Reply)> = first.into_iter().collect();
+        while !batch.is_empty() && batch.len() < GROUP_MAX {
             match rx.try_recv() {
                 Ok(job) => batch.push(job),
                 Err(_) => break,
             }
+        }
+        if batch.is_empty() {
+            seal_alone(&conn, &mut sealer, false);
+            continue;
         }
         let mut results: Vec<(StoreResult<Box<dyn Any + Send>>, Reply)> =
             Vec::with_capacity(batch.len());
@@ -613,13 +658,17 @@ fn writer_loop(
         let mut sys_changed = false;
         let mut main_dirty = false;
         let mut outbox_last = None;
+        let mut appended = Vec::new();
         for (job, reply) in batch {
             let (result, effects) = run_in_savepoint(&mut conn, job);
             sys_changed |= effects.sys_changed;
             main_dirty |= effects.main_dirty;
             outbox_last = effects.outbox_last.or(outbox_last);
+            appended.extend(effects.appended);
             results.push((result, reply));
         }
+        // A step of the key index seal rides on the commit.
+        seal_steps(&conn, &mut sealer);
         if main_dirty
             && let Some(done) = outbox_done
             && conn
@@ -634,7 +683,14 @@ fn writer_loop(
             for (_, reply) in results {
                 let _ = reply.send(Err(StoreError::Backend(e.to_string())));
             }
+            sealer = KeySealer::recover(&conn);
             continue;
+        }
+        for a in &appended {
+            sealer.committed(a.idx, a.agent.as_deref(), &a.patients, a.tail_rowid);
+        }
+        if sealer.is_stale() {
+            sealer = KeySealer::recover(&conn);
         }
         // Signal after the commit and before any answer, so that whoever
         // learns of the change also finds the signal moved.
@@ -662,7 +718,63 @@ fn writer_loop(
     if let Some(done) = outbox_done {
         let _ = conn.execute("DELETE FROM main.audit_outbox WHERE seq <= ?1", [done]);
     }
+    // Closing: finish the seal now rather than at the next start.
+    seal_alone(&conn, &mut sealer, true);
     let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+}
+
+/// Take the seal's step for this commit (more while more than one block
+/// waits), in a savepoint: a failed step is undone and leaves the batch be.
+fn seal_steps(conn: &Connection, sealer: &mut KeySealer) {
+    if !sealer.has_work() {
+        return;
+    }
+    if let Err(e) = conn.execute_batch("SAVEPOINT seal") {
+        tracing::warn!(error = %e, "the audit key index seal could not start a savepoint");
+        sealer.rolled_back();
+        return;
+    }
+    let mut result = sealer.step(conn);
+    while result.is_ok() && sealer.behind() {
+        result = sealer.step(conn);
+    }
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "an audit key index seal step failed; it is retried");
+        let _ = conn.execute_batch("ROLLBACK TO seal");
+        sealer.rolled_back();
+    }
+    let _ = conn.execute_batch("RELEASE seal");
+}
+
+/// Seal steps in a transaction of their own: one while the writer is idle
+/// (it then looks for jobs again), or all that are left (`finish`) when it
+/// closes; whatever fails is retried after a rebuild, or at the next start.
+fn seal_alone(conn: &Connection, sealer: &mut KeySealer, finish: bool) {
+    let mut rebuilt = false;
+    while sealer.has_work() {
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            tracing::warn!(error = %e, "the audit key index seal could not begin");
+            return;
+        }
+        let mut result = sealer.step(conn);
+        while result.is_ok() && sealer.has_work() && (finish || sealer.behind()) {
+            result = sealer.step(conn);
+        }
+        if let Err(e) = result.and_then(|()| conn.execute_batch("COMMIT").map_err(backend_err)) {
+            tracing::warn!(error = %e, "audit key index seal steps failed; they are retried");
+            let _ = conn.execute_batch("ROLLBACK");
+            sealer.rolled_back();
+        }
+        if sealer.is_stale() {
+            *sealer = KeySealer::recover(conn);
+            if !finish || rebuilt {
+                return;
+            }
+            rebuilt = true;
+        } else if !finish {
+            return;
+        }
+    }
 }
 
 /// What a write job did besides its result.
@@ -672,6 +784,8 @@ struct JobEffects {
     main_dirty: bool,
     /// The last outbox row it inserted.
     outbox_last: Option<i64>,
+    /// The audit events it appended.
+    appended: Vec<Appended>,
 }
 
 /// Run one job in its own savepoint; also tells whether it changed system records.
@@ -727,19 +841,25 @@ fn run_in_savepoint(
     if let Err(e) = exec(conn, "RELEASE job") {
         return (Err(e), JobEffects::default());
     }
+    if result.is_err() {
+        appended.clear();
+    }
     (
         result,
         JobEffects {
             sys_changed,
             main_dirty,
             outbox_last,
+            appended,
         },
     )
 }
 
-/// An audit event as appended, kept for the outbox.
+/// An audit event as appended, kept for the outbox and the key index seal.
 struct Appended {
     idx: u64,
+    /// The rowid of its last `audit_key_tail` row.
+    tail_rowid: Option<i64>,
     at: i64,
     action: String,
     outcome: u8,
@@ -786,6 +906,7 @@ fn recover_audit(conn: &Connection) -> StoreResult<()> {
                     r.get(0)?,
                     Appended {
                         idx: r.get::<_, i64>(1)? as u64,
+                        tail_rowid: None,
                         at: r.get(2)?,
                         action: r.get(3)?,
                         outcome: r.get(4)?,
@@ -1750,7 +1871,7 @@ impl tlog_tiles::HashReader for TxHashes<'_> {
 /// hashes it wrote (the next appends read mostly those), so a burst of
 /// appends in one job costs inserts, not lookups.
 #[derive(Default)]
-struct AppendCache {
+pub(crate) struct AppendCache {
     next: Option<u64>,
     hashes: std::collections::VecDeque<(u64, [u8; 32])>,
 }
@@ -1811,100 +1932,50 @@ impl SqliteTx<'_> {
     }
 }
 
-/// Move the tail's tokens into the runs when the block ending at `end`
-/// fills: sorted, so they land at the end of the run B-tree. The tail then
-/// holds only that block's rows (indexes are dense and sealed in order), so
-/// it is emptied whole, which SQLite does by dropping its pages rather than
-/// deleting row by row. Should it ever hold later rows, only the block's
-/// move, row by row.
-fn seal_key_block(conn: &Connection, end: i64) -> StoreResult<()> {
-    // Rows are appended in index order: the last one has the highest.
-    let last: Option<i64> = conn
-        .prepare_cached("SELECT idx FROM audit.audit_key_tail ORDER BY rowid DESC LIMIT 1")
-        .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())
-        .map_err(backend_err)?;
-    let whole = last.is_none_or(|l| l < end);
-    let only_block = if whole { "" } else { "WHERE idx < ?1" };
-    // The tail's tokens and the agents of the block's events (from their
-    // rows; ?1 is the end of the block), grouped into postings.
-    let mut postings: std::collections::BTreeMap<(i64, String, i64), Vec<i64>> =
-        std::collections::BTreeMap::new();
-    {
-        let mut stmt = conn
-            .prepare_cached(&format!(
-                "SELECT kind, key, idx FROM audit.audit_key_tail {only_block} \
-                 UNION ALL SELECT {KEY_AGENT}, agent, idx FROM audit.audit_log \
-                 WHERE idx >= ?1 - {KEY_BLOCK} AND idx < ?1 AND agent IS NOT NULL"
-            ))
-            .map_err(backend_err)?;
-        let mut rows = stmt.query([end]).map_err(backend_err)?;
-        while let Some(r) = rows.next().map_err(backend_err)? {
-            let kind: i64 = r.get(0).map_err(backend_err)?;
-            let key: String = r.get(1).map_err(backend_err)?;
-            let idx: i64 = r.get(2).map_err(backend_err)?;
-            let block = idx.div_euclid(KEY_BLOCK);
-            postings
-                .entry((kind, key, block))
-                .or_default()
-                .push(idx - block * KEY_BLOCK);
-        }
-    }
-    for ((kind, key, block), mut offsets) in postings {
-        put_posting(conn, kind, &key, block, &mut offsets)?;
-    }
-    if whole {
-        conn.execute_batch("DELETE FROM audit.audit_key_tail")
-    } else {
-        tracing::warn!(
-            end,
-            "the audit key tail held tokens past its block; moved the block's only"
-        );
-        conn.prepare_cached("DELETE FROM audit.audit_key_tail WHERE idx < ?1")
-            .and_then(|mut s| s.execute([end]))
-            .map(drop)
-    }
-    .map_err(backend_err)
-}
-
 /// SQL for the indexes of events with token `?{key}` of kind `kind`: the
 /// sealed blocks' postings (one range of their primary key), then the tail
-/// and, for an agent, the rows of the block not sealed yet. (A set: it may
-/// name an index twice.)
-fn keyed_indexes(kind: i64, key: usize) -> String {
-    let unsealed = if kind == KEY_AGENT {
-        format!(
-            " UNION ALL SELECT idx FROM audit.audit_log WHERE idx >= \
-             (SELECT (COALESCE(MAX(idx), -1) + 1) / {KEY_BLOCK} * {KEY_BLOCK} FROM audit.audit_log) \
-             AND agent = ?{key}"
-        )
+/// and the log's rows from `audit_key_sealed.through` on (the blocks whose
+/// seal has not finished; an agent and a lone patient are columns of the
+/// event's row). (A set: it may name an index twice.)
+pub(crate) fn keyed_indexes(kind: i64, key: usize) -> String {
+    let column = if kind == KEY_AGENT {
+        "agent"
     } else {
-        String::new()
+        "patient"
     };
     format!(
         "SELECT p.block * {KEY_BLOCK} + j.value FROM audit.audit_key_post p, json_each(p.offsets) j \
          WHERE p.kind = {kind} AND p.key = ?{key} \
-         UNION ALL SELECT idx FROM audit.audit_key_tail WHERE kind = {kind} AND key = ?{key}{unsealed}"
+         UNION ALL SELECT idx FROM audit.audit_key_tail WHERE kind = {kind} AND key = ?{key} \
+         UNION ALL SELECT idx FROM audit.audit_log WHERE idx >= \
+         (SELECT COALESCE(MAX(through), 0) FROM audit.audit_key_sealed) AND {column} = ?{key}"
     )
 }
 
 /// Append an event to the audit file: its leaf and its Merkle hashes.
-fn append_audit(
+pub(crate) fn append_audit(
     conn: &Connection,
     cache: &mut AppendCache,
     e: &AuditAppend<'_>,
-) -> StoreResult<u64> {
+) -> StoreResult<(u64, Option<i64>)> {
     let n = match cache.next {
         Some(n) => n,
         None => audit_size_of(conn)?,
+    };
+    // An event of one patient (every read of a record) keeps its token in
+    // its own row; several go to the tail.
+    let only_patient = match e.patients {
+        [p] => Some(p.as_str()),
+        _ => None,
     };
     let leaf = tlog_tiles::record_hash(e.data);
     let hashes = tlog_tiles::stored_hashes_for_record_hash(n, leaf, &TxHashes(conn, cache))
         .map_err(|err| StoreError::Backend(format!("audit tree: {err}")))?;
     conn.prepare_cached(
-        "INSERT INTO audit.audit_log (idx, at, action, outcome, agent, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO audit.audit_log (idx, at, action, outcome, agent, patient, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )
     .map_err(backend_err)?
-    .execute(params![n as i64, e.at, e.action, e.outcome, e.agent, e.data])
+    .execute(params![n as i64, e.at, e.action, e.outcome, e.agent, only_patient, e.data])
     .map_err(backend_err)?;
     let first = tlog_tiles::stored_hash_index(0, n);
     let mut put = conn
@@ -1922,21 +1993,23 @@ fn append_audit(
     let mut key = conn
         .prepare_cached("INSERT INTO audit.audit_key_tail (idx, kind, key) VALUES (?1, ?2, ?3)")
         .map_err(backend_err)?;
-    for p in e.patients {
-        key.execute(params![n as i64, KEY_PATIENT, p])
-            .map_err(backend_err)?;
+    let mut tail_rowid = None;
+    if only_patient.is_none() {
+        for p in e.patients {
+            key.execute(params![n as i64, KEY_PATIENT, p])
+                .map_err(backend_err)?;
+            tail_rowid = Some(conn.last_insert_rowid());
+        }
     }
-    if (n as i64 + 1) % KEY_BLOCK == 0 {
-        seal_key_block(conn, n as i64 + 1)?;
-    }
-    Ok(n)
+    Ok((n, tail_rowid))
 }
 
 impl WriteTx for SqliteTx<'_> {
     fn audit_append(&mut self, e: &AuditAppend<'_>) -> StoreResult<u64> {
-        let n = append_audit(self.conn, self.append_cache, e)?;
+        let (n, tail_rowid) = append_audit(self.conn, self.append_cache, e)?;
         self.appended.push(Appended {
             idx: n,
+            tail_rowid,
             at: e.at,
             action: e.action.to_string(),
             outcome: e.outcome,
