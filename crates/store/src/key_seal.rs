@@ -1,29 +1,29 @@
 //! Sealing the audit key index off the commit path (SQLite backend).
 //!
-//! Appends leave an event's patient tokens in `audit_key_tail` and its agent
-//! in its own `audit_log` row (see `AUDIT_SCHEMA` in `sqlite.rs`). Once a
-//! block of [`KEY_BLOCK`] events is full, its tokens become postings in
-//! `audit_key_post`, one row per (kind, token, block).
+//! An append leaves an event's agent token and its one patient's token in
+//! its own `audit_log` row (`agent`, `patient`), and the tokens of an event
+//! of several patients in `audit_key_tail` (see `AUDIT_SCHEMA` in
+//! `sqlite.rs`). Once a block of [`KEY_BLOCK`] events is full, its tokens
+//! become postings in `audit_key_post`, one row per (kind, token, block).
 //!
 //! Doing that inside the append that fills the block stalled every request
 //! waiting on that group commit: reading the block back (16,000 rows) and
 //! writing its postings took about 4 ms, once per 8,192 events, which
-//! alone raised the read benchmark's p99 by 2 ms. So the writer keeps the
-//! block's postings in memory as its appends commit ([`KeySealer::committed`]),
-//! and writes a full block's postings a few dozen at a time, one step per
-//! group commit (or in commits of their own while no job waits). A step is
-//! a bounded piece of work: at most [`POSTINGS_PER_STEP`] postings or
+//! alone raised the read benchmark's p99 by 1 to 2 ms. So the writer keeps
+//! the block's postings in memory as its appends commit
+//! ([`KeySealer::committed`]), and writes a full block's postings one step
+//! per group commit (or in commits of their own while no job waits). A step
+//! is a bounded piece of work: at most [`POSTINGS_PER_STEP`] postings or
 //! [`TAIL_ROWS_PER_STEP`] tail rows.
 //!
 //! Lookups stay exact throughout, because nothing is removed before what
-//! replaces it has committed: a patient's events are in the tail until the
-//! block's postings are all written (a lookup may then see an event twice,
-//! which it treats as one), and an agent's events are scanned in the log
-//! from `audit_key_sealed.through` on, which moves only with the block's
-//! last postings. The memory is only a cache of what the tail and the log
-//! hold: [`KeySealer::recover`] rebuilds it from them when the writer
-//! starts, so a crash loses no index entry, and postings written twice
-//! merge into one (see `put_posting`).
+//! replaces it has committed: lookups scan the log's rows from
+//! `audit_key_sealed.through` on, which moves past a block only with its
+//! last postings, and the tail's rows go only after that (meanwhile a
+//! lookup may see an event twice, which it treats as one). The memory is
+//! only a cache of what the log and the tail hold: [`KeySealer::recover`]
+//! rebuilds it from them when the store opens, so a crash loses no index
+//! entry, and postings written twice merge into one (see `put_posting`).
 use std::collections::{HashMap, VecDeque};
 
 use rusqlite::{Connection, OptionalExtension, params};
