@@ -406,10 +406,7 @@ impl BenchServer {
         authenticated: bool,
         audit: bool,
     ) -> anyhow::Result<BenchServer> {
-        let dir = TempDir::new(label)?;
-        crate::init_dir(dir.path(), false)?;
-        let opened =
-            crate::open_data(FileConfig::default(), dir.path().to_path_buf(), sealer).await?;
+        let (dir, opened) = scratch_data(label, sealer).await?;
         let auth_config = authenticated.then(|| custos_auth::AuthConfig {
             // Long enough for the longest phase.
             access_token_secs: 4 * 3600,
@@ -741,6 +738,18 @@ struct ReadResult {
     cpu_us: Option<f64>,
     lat: Lat,
     failures: Failures,
+}
+
+/// A fresh data dir under the system's temp dir (removed when the
+/// [`TempDir`] drops, after the returned store) with its store opened.
+async fn scratch_data(
+    label: &str,
+    sealer: Arc<dyn Sealer>,
+) -> anyhow::Result<(TempDir, crate::Opened)> {
+    let dir = TempDir::new(label)?;
+    crate::init_dir(dir.path(), false)?;
+    let opened = crate::open_data(FileConfig::default(), dir.path().to_path_buf(), sealer).await?;
+    Ok((dir, opened))
 }
 
 /// `conns` keep-alive loops of `GET /{Type}/{id}` for 1 s of warm-up and then `secs` measured seconds.

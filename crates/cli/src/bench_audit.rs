@@ -11,7 +11,6 @@ use super::{
     BenchServer, IngestData, Lat, Plan, ReadResult, Row, ingest, read_bench, read_paths, row,
     thousands,
 };
-use crate::config::FileConfig;
 
 const INGEST_RATIO_TARGET: f64 = 0.85;
 const VERIFY_TARGET: f64 = 1_000_000.0;
@@ -104,14 +103,7 @@ async fn keyed_appends(plan: &Plan, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     // Eight blocks of the keyed index (each seals once), or two for a quick run.
     let n: u64 = if plan.quick { 16_384 } else { 65_536 };
     const GROUP: u64 = 32;
-    let dir = super::TempDir::new("audit-keyed")?;
-    crate::init_dir(dir.path(), false)?;
-    let opened = crate::open_data(
-        FileConfig::default(),
-        dir.path().to_path_buf(),
-        Arc::new(GcmSealer),
-    )
-    .await?;
+    let (_dir, opened) = super::scratch_data("audit-keyed", Arc::new(GcmSealer)).await?;
     let hex = |x: u64| format!("{:016x}{:016x}", x, x.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     // 2,000 patients and 50 agents, as blind tokens look (32 hex digits).
     let patients: Arc<Vec<String>> = Arc::new((0..2_000u64).map(|p| hex(p + 1)).collect());
@@ -177,14 +169,7 @@ async fn keyed_appends(plan: &Plan, rows: &mut Vec<Row>) -> anyhow::Result<()> {
 /// A log of many entries: fill it, prove inclusion at random, verify it all.
 async fn large_log(plan: &Plan, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let n: u64 = plan.audit_entries;
-    let dir = super::TempDir::new("audit-log")?;
-    crate::init_dir(dir.path(), false)?;
-    let opened = crate::open_data(
-        FileConfig::default(),
-        dir.path().to_path_buf(),
-        Arc::new(GcmSealer),
-    )
-    .await?;
+    let (dir, opened) = super::scratch_data("audit-log", Arc::new(GcmSealer)).await?;
     let trail = AuditTrail::open(
         &opened.records,
         AuditConfig {
