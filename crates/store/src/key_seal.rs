@@ -65,8 +65,8 @@ pub(crate) struct KeySealer {
     filling_tail_last: Option<i64>,
     /// Full blocks, oldest first.
     queue: VecDeque<BlockSeal>,
-    /// A step's transaction did not commit: the state is rebuilt from the
-    /// database after it ([`KeySealer::recover`]).
+    /// A step failed or its transaction did not commit: the state is
+    /// rebuilt from the database after it ([`KeySealer::recover`]).
     stale: bool,
     /// Set when the state could not be rebuilt: then nothing is sealed (and
     /// no tail row removed) until a restart; lookups stay exact, only slower.
@@ -205,20 +205,12 @@ impl KeySealer {
     }
 
     /// Do the next step of the oldest full block's seal in the open
-    /// transaction, and count it done. If that transaction then does not
-    /// commit, call [`KeySealer::rolled_back`].
+    /// transaction, and count it done. If the step fails, or its
+    /// transaction does not commit, call [`KeySealer::rolled_back`].
     pub(crate) fn step(&mut self, conn: &Connection) -> StoreResult<()> {
         if !self.has_work() {
             return Ok(());
         }
-        let result = self.try_step(conn);
-        if result.is_err() {
-            self.stale = true;
-        }
-        result
-    }
-
-    fn try_step(&mut self, conn: &Connection) -> StoreResult<()> {
         let Some(seal) = self.queue.front_mut() else {
             return Ok(());
         };

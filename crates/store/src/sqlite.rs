@@ -7,6 +7,7 @@
 //! connections on the blocking thread pool; WAL gives them consistent
 //! snapshots while the writer works.
 use std::any::Any;
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -273,8 +274,9 @@ CREATE TABLE IF NOT EXISTS audit.audit_key_post (
     offsets TEXT NOT NULL,
     PRIMARY KEY (kind, key, block)
 ) WITHOUT ROWID;
--- The keyed index's blocks below `through` are sealed: their agents are
--- in postings (see `key_seal.rs`). One row.
+-- The keyed index's blocks below `through` are sealed: the tokens of
+-- their events' own rows (agent, lone patient) are in postings (see
+-- `key_seal.rs`). One row.
 CREATE TABLE IF NOT EXISTS audit.audit_key_sealed (
     through INTEGER NOT NULL
 );
@@ -414,7 +416,7 @@ fn offsets_json(offsets: &[i64]) -> String {
         if i > 0 {
             out.push(',');
         }
-        out.push_str(&o.to_string());
+        let _ = write!(out, "{o}");
     }
     out.push(']');
     out
@@ -731,7 +733,6 @@ fn seal_steps(conn: &Connection, sealer: &mut KeySealer) {
     }
     if let Err(e) = conn.execute_batch("SAVEPOINT seal") {
         tracing::warn!(error = %e, "the audit key index seal could not start a savepoint");
-        sealer.rolled_back();
         return;
     }
     let mut result = sealer.step(conn);
