@@ -65,6 +65,7 @@ where
     history_scopes(fresh().await).await;
     deletion_drops_index(fresh().await).await;
     failed_job_rolls_back(fresh().await).await;
+    failing_jobs_in_one_group(fresh().await).await;
     data_keys_and_erasure(fresh().await).await;
     concurrent_writers_conflict(fresh().await).await;
     system_records_and_logs(fresh().await).await;
@@ -979,6 +980,92 @@ pub async fn failed_job_rolls_back(store: Arc<dyn Store>) {
         ..IndexQuery::all("Patient", 10)
     };
     assert_eq!(store.read(move |tx| tx.search(&q)).await.unwrap().len(), 1);
+}
+
+/// Jobs queued together (one group commit) that fail first, in the middle
+/// and last each roll back alone; the jobs between them commit, however
+/// the writer runs them (the first bare, the rest in savepoints).
+pub async fn failing_jobs_in_one_group(store: Arc<dyn Store>) {
+    #[derive(Debug, thiserror::Error)]
+    #[error("deliberate")]
+    struct Deliberate;
+    // Hold the writer in a job until the others are queued behind it.
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let holder = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .write(move |_tx| {
+                    let _ = started_tx.send(());
+                    let _ = release_rx.recv_timeout(std::time::Duration::from_secs(30));
+                    Ok(())
+                })
+                .await
+        })
+    };
+    tokio::task::spawn_blocking(move || started_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let job = |id: &'static str, fail: bool| {
+        let store = store.clone();
+        async move {
+            store
+                .write(move |tx| {
+                    tx.put(
+                        &version("Patient", id, 1, 1),
+                        &index(&["g"], &[]),
+                        Expect::Absent,
+                    )?;
+                    if fail {
+                        Err(StoreError::abort(Deliberate))
+                    } else {
+                        Ok(())
+                    }
+                })
+                .await
+        }
+    };
+    // `join!` polls in order, so the jobs queue in this order before the
+    // holder lets the writer go.
+    let (f1, f2, ok1, f3, ok2, f4, ()) = tokio::join!(
+        job("f1", true),
+        job("f2", true),
+        job("ok1", false),
+        job("f3", true),
+        job("ok2", false),
+        job("f4", true),
+        async {
+            release_tx.send(()).unwrap();
+        }
+    );
+    holder.await.unwrap().unwrap();
+    for failed in [f1, f2, f3, f4] {
+        assert!(failed.unwrap_err().into_aborted::<Deliberate>().is_ok());
+    }
+    ok1.unwrap();
+    ok2.unwrap();
+    for (id, present) in [
+        ("f1", false),
+        ("f2", false),
+        ("ok1", true),
+        ("f3", false),
+        ("ok2", true),
+        ("f4", false),
+    ] {
+        let found = store
+            .read(move |tx| tx.current("Patient", id))
+            .await
+            .unwrap()
+            .is_some();
+        assert_eq!(found, present, "Patient/{id}");
+    }
+    let q = IndexQuery {
+        filters: vec![Filter::AnyToken(vec![tok("g")])],
+        ..IndexQuery::all("Patient", 10)
+    };
+    assert_eq!(store.read(move |tx| tx.search(&q)).await.unwrap().len(), 2);
 }
 
 /// Wrapped keys are stored once; erasing a compartment drops its key and index.

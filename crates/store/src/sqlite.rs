@@ -2,8 +2,8 @@
 //!
 //! One writer thread owns the only write connection and **group-commits**:
 //! it drains every queued write job into one SQLite transaction, each job
-//! inside its own savepoint, so that a failing job rolls back alone and a
-//! burst of small writes costs one commit. Readers use a pool of read-only
+//! after the first that succeeds inside its own savepoint, so that a failing
+//! job rolls back alone and a burst of small writes costs one commit. Readers use a pool of read-only
 //! connections on the blocking thread pool; WAL gives them consistent
 //! snapshots while the writer works.
 use std::any::Any;
@@ -661,13 +661,43 @@ fn writer_loop(
         let mut main_dirty = false;
         let mut outbox_last = None;
         let mut appended = Vec::new();
+        // Until one job has succeeded the transaction holds nothing, so a
+        // job runs bare there: if it fails, rolling the whole transaction
+        // back undoes it alone. That spares the usual batch of one (the
+        // audit appender's) every savepoint, whose sub-journal copies each
+        // page on its first change (a quarter of an index insert's cost).
+        let mut empty = true;
+        let mut began = true;
         for (job, reply) in batch {
-            let (result, effects) = run_in_savepoint(&mut conn, job);
+            if !began {
+                match conn.execute_batch("BEGIN IMMEDIATE") {
+                    Ok(()) => began = true,
+                    Err(e) => {
+                        let _ = reply.send(Err(StoreError::Backend(e.to_string())));
+                        continue;
+                    }
+                }
+            }
+            let (result, effects) = run_job(&mut conn, job, !empty);
+            if empty && result.is_err() {
+                // Undo the failed job; the next job begins anew.
+                if let Err(e) = conn.execute_batch("ROLLBACK") {
+                    tracing::warn!(error = %e, "rolling back a failed write job failed");
+                }
+                began = false;
+                let _ = reply.send(result);
+                continue;
+            }
+            empty = false;
             sys_changed |= effects.sys_changed;
             main_dirty |= effects.main_dirty;
             outbox_last = effects.outbox_last.or(outbox_last);
             appended.extend(effects.appended);
             results.push((result, reply));
+        }
+        if !began {
+            // Every job failed and was rolled back: nothing to commit.
+            continue;
         }
         // A step of the key index seal rides on the commit.
         seal_steps(&conn, &mut sealer);
@@ -789,17 +819,20 @@ struct JobEffects {
     appended: Vec<Appended>,
 }
 
-/// Run one job in its own savepoint; also tells whether it changed system records.
-fn run_in_savepoint(
+/// Run one job, in its own savepoint if `savepoint` (otherwise a failed
+/// job leaves its changes for the caller to roll back with the whole
+/// transaction); also tells what it changed.
+fn run_job(
     conn: &mut Connection,
     job: WriteJob,
+    savepoint: bool,
 ) -> (StoreResult<Box<dyn Any + Send>>, JobEffects) {
     let exec = |conn: &Connection, sql: &str| {
         conn.prepare_cached(sql)
             .and_then(|mut s| s.execute([]))
             .map_err(backend_err)
     };
-    if let Err(e) = exec(conn, "SAVEPOINT job") {
+    if savepoint && let Err(e) = exec(conn, "SAVEPOINT job") {
         return (Err(e), JobEffects::default());
     }
     let mut sys_changed = false;
@@ -835,11 +868,11 @@ fn run_in_savepoint(
         sys_changed = false;
         main_dirty = false;
         outbox_last = None;
-        if let Err(e) = exec(conn, "ROLLBACK TO job") {
+        if savepoint && let Err(e) = exec(conn, "ROLLBACK TO job") {
             return (Err(e), JobEffects::default());
         }
     }
-    if let Err(e) = exec(conn, "RELEASE job") {
+    if savepoint && let Err(e) = exec(conn, "RELEASE job") {
         return (Err(e), JobEffects::default());
     }
     if result.is_err() {

@@ -505,6 +505,19 @@ async fn per_event_key_rows_become_postings_and_merge_when_their_block_seals() {
     );
 }
 
+/// The runtime (one worker, as instruction counts need a fixed shape), the
+/// directory and the fresh store of a fixed workload.
+fn workload_setup() -> (tokio::runtime::Runtime, tempfile::TempDir, SqliteStore) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(SqliteConfig::new(dir.path().join("db.sqlite"))).unwrap();
+    (rt, dir, store)
+}
+
 /// A fixed workload of keyed appends (a patient's and an agent's token on
 /// every event, 32 events a commit, two sealed blocks), ignored by default:
 /// it is there to compare builds by instruction count, which a shared
@@ -514,13 +527,7 @@ async fn per_event_key_rows_become_postings_and_merge_when_their_block_seals() {
 #[ignore]
 fn keyed_append_workload() {
     use custos_store::{AuditAppend, StoreExt};
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(SqliteConfig::new(dir.path().join("db.sqlite"))).unwrap();
+    let (rt, _dir, store) = workload_setup();
     let hex = |x: u64| format!("{:016x}{:016x}", x, x.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let patients: std::sync::Arc<Vec<String>> =
         std::sync::Arc::new((0..2_000u64).map(|p| hex(p + 1)).collect());
@@ -551,6 +558,73 @@ fn keyed_append_workload() {
         // It also checks: an agent's events across both sealed blocks, once each.
         let first_agent: Vec<u64> = (0..16_384).filter(|i| i % 50 == 0).collect();
         assert_eq!(keyed(&store, None, Some(&agents[0])).await, first_agent);
+    });
+    store.close();
+}
+
+/// A fixed ingest-shaped workload (jobs of 64 resources, each with 14
+/// random 16-byte tokens, 4 ranges, a 1 KB body), ignored by default: it is
+/// there to compare builds by instruction count, as `keyed_append_workload`
+/// does for audit appends (it checks one token's lookup at the end):
+/// `valgrind --tool=callgrind <test binary> --ignored --exact ingest_write_workload`.
+#[test]
+#[ignore]
+fn ingest_write_workload() {
+    use custos_store::{
+        Expect, Filter, IndexEntries, IndexQuery, NewVersion, RangeEntry, StoreExt,
+    };
+    let (rt, _dir, store) = workload_setup();
+    // A fixed pseudo-random sequence (splitmix64), so every run is the same.
+    let mix = |x: u64| {
+        let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let token = move |x: u64| {
+        let mut t = [0u8; 16];
+        t[..8].copy_from_slice(&mix(x).to_le_bytes());
+        t[8..].copy_from_slice(&mix(!x).to_le_bytes());
+        t
+    };
+    rt.block_on(async {
+        for job in 0..200u64 {
+            store
+                .write(move |tx| {
+                    for r in job * 64..job * 64 + 64 {
+                        let v = NewVersion {
+                            rtype: "Observation".into(),
+                            id: format!("{:032x}", mix(r) as u128 * 3),
+                            version: 1,
+                            last_updated: r as i64,
+                            deleted: false,
+                            key_name: format!("patient/{job}"),
+                            compartment: Some(format!("{job}")),
+                            body: vec![(r % 251) as u8; 1024],
+                        };
+                        let ix = IndexEntries {
+                            tokens: (0..14).map(|k| token(r * 16 + k)).collect(),
+                            ranges: (0..4)
+                                .map(|k| RangeEntry {
+                                    pkey: k,
+                                    lo: (mix(r * 4 + k as u64) % 1_000_000) as f64,
+                                    hi: (mix(r * 4 + k as u64) % 1_000_000) as f64 + 1.0,
+                                    sortable: k == 0,
+                                })
+                                .collect(),
+                        };
+                        tx.put(&v, &ix, Expect::Absent)?;
+                    }
+                    Ok(())
+                })
+                .await
+                .unwrap();
+        }
+        let q = IndexQuery {
+            filters: vec![Filter::AnyToken(vec![token(100 * 16 + 3)])],
+            ..IndexQuery::all("Observation", 10)
+        };
+        assert_eq!(store.read(move |tx| tx.search(&q)).await.unwrap().len(), 1);
     });
     store.close();
 }
