@@ -3,9 +3,9 @@
 //! One writer thread owns the only write connection and **group-commits**:
 //! it drains every queued write job into one SQLite transaction, each job
 //! after the first that succeeds inside its own savepoint, so that a failing
-//! job rolls back alone and a burst of small writes costs one commit. Readers use a pool of read-only
-//! connections on the blocking thread pool; WAL gives them consistent
-//! snapshots while the writer works.
+//! job rolls back alone and a burst of small writes costs one commit.
+//! Readers use a pool of read-only connections on the blocking thread pool;
+//! WAL gives them consistent snapshots while the writer works.
 use std::any::Any;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -293,17 +293,20 @@ pub(crate) const KEY_PATIENT: i64 = 0;
 /// `audit_key_*.kind` of an agent token.
 pub(crate) const KEY_AGENT: i64 = 1;
 
+/// Whether `query` (a `SELECT 1 ...`) has a row.
+fn exists(conn: &Connection, query: &str) -> StoreResult<bool> {
+    conn.query_row(&format!("SELECT EXISTS ({query})"), [], |r| r.get(0))
+        .map_err(backend_err)
+}
+
 /// `audit_log.patient` (an event's one patient token) came after the log:
 /// add it to a log of an earlier version (its rows keep their patients in
 /// the tail or in postings).
 fn add_log_patient_column(conn: &Connection) -> StoreResult<()> {
-    let has: bool = conn
-        .query_row(
-            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('audit_log', 'audit') WHERE name = 'patient')",
-            [],
-            |r| r.get(0),
-        )
-        .map_err(backend_err)?;
+    let has = exists(
+        conn,
+        "SELECT 1 FROM pragma_table_info('audit_log', 'audit') WHERE name = 'patient'",
+    )?;
     if !has {
         conn.execute_batch("ALTER TABLE audit.audit_log ADD COLUMN patient TEXT")
             .map_err(backend_err)?;
@@ -315,13 +318,10 @@ fn add_log_patient_column(conn: &Connection) -> StoreResult<()> {
 /// (patient, idx) and agents by an index on `audit_log.agent`: move both
 /// into the runs once, at open.
 fn migrate_audit_keys(conn: &Connection) -> StoreResult<()> {
-    let old: bool = conn
-        .query_row(
-            "SELECT EXISTS (SELECT 1 FROM audit.sqlite_master WHERE type = 'table' AND name = 'audit_patient')",
-            [],
-            |r| r.get(0),
-        )
-        .map_err(backend_err)?;
+    let old = exists(
+        conn,
+        "SELECT 1 FROM audit.sqlite_master WHERE type = 'table' AND name = 'audit_patient'",
+    )?;
     if !old {
         return Ok(());
     }
@@ -346,13 +346,7 @@ fn migrate_audit_keys(conn: &Connection) -> StoreResult<()> {
 /// postings, once, at open. The run is read in its key order, so each
 /// (kind, block, token) comes as one group, its indexes ascending.
 fn migrate_key_runs(conn: &Connection) -> StoreResult<()> {
-    let any: bool = conn
-        .query_row(
-            "SELECT EXISTS (SELECT 1 FROM audit.audit_key_run)",
-            [],
-            |r| r.get(0),
-        )
-        .map_err(backend_err)?;
+    let any = exists(conn, "SELECT 1 FROM audit.audit_key_run")?;
     if !any {
         return Ok(());
     }
@@ -650,24 +644,17 @@ fn writer_loop(
         }
         let mut results: Vec<(StoreResult<Box<dyn Any + Send>>, Reply)> =
             Vec::with_capacity(batch.len());
-        let begin = conn.execute_batch("BEGIN IMMEDIATE");
-        if let Err(e) = begin {
-            for (_, reply) in batch {
-                let _ = reply.send(Err(StoreError::Backend(e.to_string())));
-            }
-            continue;
-        }
         let mut sys_changed = false;
         let mut main_dirty = false;
         let mut outbox_last = None;
         let mut appended = Vec::new();
-        // Until one job has succeeded the transaction holds nothing, so a
-        // job runs bare there: if it fails, rolling the whole transaction
-        // back undoes it alone. That spares the usual batch of one (the
-        // audit appender's) every savepoint, whose sub-journal copies each
-        // page on its first change (a quarter of an index insert's cost).
-        let mut empty = true;
-        let mut began = true;
+        // Until one job has succeeded (`results` is empty) the transaction
+        // holds nothing, so a job runs bare there: if it fails, rolling the
+        // whole transaction back undoes it alone, and the next job begins
+        // anew. That spares the usual batch of one (the audit appender's)
+        // every savepoint, whose sub-journal copies each page on its first
+        // change (a quarter of an index insert's cost).
+        let mut began = false;
         for (job, reply) in batch {
             if !began {
                 match conn.execute_batch("BEGIN IMMEDIATE") {
@@ -678,9 +665,9 @@ fn writer_loop(
                     }
                 }
             }
+            let empty = results.is_empty();
             let (result, effects) = run_job(&mut conn, job, !empty);
             if empty && result.is_err() {
-                // Undo the failed job; the next job begins anew.
                 if let Err(e) = conn.execute_batch("ROLLBACK") {
                     tracing::warn!(error = %e, "rolling back a failed write job failed");
                 }
@@ -688,7 +675,6 @@ fn writer_loop(
                 let _ = reply.send(result);
                 continue;
             }
-            empty = false;
             sys_changed |= effects.sys_changed;
             main_dirty |= effects.main_dirty;
             outbox_last = effects.outbox_last.or(outbox_last);
@@ -696,7 +682,7 @@ fn writer_loop(
             results.push((result, reply));
         }
         if !began {
-            // Every job failed and was rolled back: nothing to commit.
+            // Every job failed (rolled back) or could not begin: nothing to commit.
             continue;
         }
         // A step of the key index seal rides on the commit.
