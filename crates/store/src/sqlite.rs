@@ -2010,11 +2010,12 @@ pub(crate) fn append_audit(
         cache.hashes.pop_front();
     }
     cache.next = Some(n + 1);
-    let mut key = conn
-        .prepare_cached("INSERT INTO audit.audit_key_tail (idx, kind, key) VALUES (?1, ?2, ?3)")
-        .map_err(backend_err)?;
     let mut tail_rowid = None;
-    if only_patient.is_none() {
+    // Most events have one patient or none: no tail statement to look up.
+    if only_patient.is_none() && !e.patients.is_empty() {
+        let mut key = conn
+            .prepare_cached("INSERT INTO audit.audit_key_tail (idx, kind, key) VALUES (?1, ?2, ?3)")
+            .map_err(backend_err)?;
         for p in e.patients {
             key.execute(params![n as i64, KEY_PATIENT, p])
                 .map_err(backend_err)?;
