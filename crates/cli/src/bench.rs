@@ -388,6 +388,16 @@ struct BenchServer {
 }
 
 impl BenchServer {
+    /// Detection's distance behind the log: events not yet judged, and its
+    /// busy time so far (µs). `None` without detection.
+    async fn detection_lag(&self) -> Option<(u64, u64)> {
+        let d = self.server.detection.as_ref()?;
+        use custos_store::StoreExt;
+        let size = self.store.read(|tx| tx.audit_size()).await.ok()?;
+        let stats = d.stats();
+        Some((size.saturating_sub(stats.cursor), stats.busy_us))
+    }
+
     /// A fresh server; with `authenticated`, a backend client is registered
     /// and the load generator signs in as it (SMART Backend Services).
     async fn start(
@@ -1439,7 +1449,9 @@ async fn bench(plan: Plan, postgres: Option<String>) -> anyhow::Result<()> {
         thousands(plan.search_patients as f64),
         thousands(load_rate)
     );
+    let before = server.detection_lag().await;
     let s = search_bench(&server.client, &plan).await?;
+    let after = server.detection_lag().await;
     println!(
         ".. searches: {} in {:.1} s; identifier p50 / p99 / max {}; family {}",
         thousands((s.identifier.n + s.family.n) as f64),
@@ -1448,6 +1460,25 @@ async fn bench(plan: Plan, postgres: Option<String>) -> anyhow::Result<()> {
         s.family.text()
     );
     s.failures.print("search");
+    // Detection judges the load's events behind it (enriching each new
+    // patient), on the same CPUs as the searches: how far behind it was
+    // tells how much of that work the searches competed with.
+    let lag = match (before, after, &server.server.detection) {
+        (Some(b), Some(a), Some(d)) => {
+            d.caught_up(Duration::from_secs(300)).await;
+            let total_busy = d.stats().busy_us;
+            println!(
+                ".. detection: {} / {} events behind at the start / end of the timed searches; \
+                 {:.1} s judging during them, {:.1} s since the server started",
+                thousands(b.0 as f64),
+                thousands(a.0 as f64),
+                a.1.saturating_sub(b.1) as f64 / 1e6,
+                total_busy as f64 / 1e6
+            );
+            Some((b.0, a.0, a.1.saturating_sub(b.1), total_busy))
+        }
+        _ => None,
+    };
     server.stop().await?;
     rows.push(row(
         "search",
@@ -1489,6 +1520,19 @@ async fn bench(plan: Plan, postgres: Option<String>) -> anyhow::Result<()> {
         )
         .want(at, s.family.p99 <= SEARCH_P99_TARGET_US),
     );
+    if let Some((b, a, during, total)) = lag {
+        rows.push(row(
+            "search",
+            "detection behind the load: events behind at start / end of the searches; s judging during them / in all",
+            format!(
+                "{} / {}; {:.1} / {:.1} s",
+                thousands(b as f64),
+                thousands(a as f64),
+                during as f64 / 1e6,
+                total as f64 / 1e6
+            ),
+        ));
+    }
     rows.push(
         row(
             "search",

@@ -900,7 +900,23 @@ impl Detection {
             self.load_staff(Some(s)).await;
         }
         let records = &self.inner.records;
-        for w in &mut ev.writes {
+        // Patients this event created: their facts come from the bodies read
+        // here, not from reading them again (after a bulk load that second
+        // read and an Encounter search per patient were most of detection's
+        // catch-up, competing with the requests for the CPUs). A Patient at
+        // version 1 has no Encounter older than this event when references
+        // must resolve (its id was new, and an Encounter of another event
+        // naming it would have been refused), so this event's Encounters are
+        // all of its departments.
+        let complete = records.config().check_references;
+        let mut created: Vec<(String, crate::facts::PatientFacts)> = Vec::new();
+        // The versions to read, all in one store read (a Bundle's event
+        // writes hundreds): each write's new version and, for an update,
+        // the one before. `slots`: (write, its version's place, the
+        // previous version's place).
+        let mut wanted: Vec<(String, String, i64)> = Vec::new();
+        let mut slots: Vec<(usize, usize, Option<usize>)> = Vec::new();
+        for (k, w) in ev.writes.iter().enumerate() {
             match w.rtype.as_str() {
                 "Patient" => self.inner.facts.forget_patient(&w.id),
                 "Encounter" | "CareTeam" => {
@@ -913,16 +929,39 @@ impl Detection {
             if w.interaction == "delete" {
                 continue;
             }
-            let needs_body = matches!(w.rtype.as_str(), "Patient" | "Coverage" | "Encounter")
-                || (w.interaction == "update" && w.version > 1);
-            if !needs_body {
+            let updated = w.interaction == "update" && w.version > 1;
+            if !(updated || matches!(w.rtype.as_str(), "Patient" | "Coverage" | "Encounter")) {
                 continue;
             }
-            let Ok(new) = records.vread(&w.rtype, &w.id, &w.version.to_string()).await else {
+            wanted.push((w.rtype.clone(), w.id.clone(), w.version));
+            let previous = updated.then(|| {
+                wanted.push((w.rtype.clone(), w.id.clone(), w.version - 1));
+                wanted.len() - 1
+            });
+            slots.push((
+                k,
+                wanted.len() - 1 - usize::from(previous.is_some()),
+                previous,
+            ));
+        }
+        let opened = if wanted.is_empty() {
+            Vec::new()
+        } else {
+            records.vread_many(&wanted).await
+        };
+        for (k, at, previous) in slots {
+            let Ok(new) = &opened[at] else {
                 continue;
             };
+            let w = &mut ev.writes[k];
             let r = &new.resource;
             match w.rtype.as_str() {
+                "Patient" if complete && w.version == 1 => {
+                    let facts = self.inner.tokenizer.patient(r);
+                    w.identity = facts.person.identity;
+                    w.identifiers = facts.identifiers.clone();
+                    created.push((w.id.clone(), facts));
+                }
                 "Patient" => {
                     w.identity = self.inner.tokenizer.person(r).identity;
                     w.identifiers = self.inner.tokenizer.identifiers(r);
@@ -936,14 +975,27 @@ impl Detection {
                 }
                 _ => {}
             }
-            if w.interaction == "update"
-                && w.version > 1
-                && let Ok(old) = records
-                    .vread(&w.rtype, &w.id, &(w.version - 1).to_string())
-                    .await
+            if let Some(p) = previous
+                && let Ok(old) = &opened[p]
             {
                 w.high_entropy = rewritten_to_high_entropy(&old.resource, r);
             }
+        }
+        let mut sites: HashMap<&str, Vec<&String>> = HashMap::new();
+        for w in &ev.writes {
+            if w.rtype == "Encounter"
+                && let (Some(p), Some(site)) = (&w.patient, &w.site)
+            {
+                sites.entry(p.as_str()).or_default().push(site);
+            }
+        }
+        for (id, mut facts) in created {
+            for site in sites.get(id.as_str()).into_iter().flatten() {
+                if !facts.departments.contains(site) {
+                    facts.departments.push((*site).clone());
+                }
+            }
+            self.remember_patient(&id, facts);
         }
         let patients: Vec<String> = ev.accesses.iter().map(|a| a.patient.clone()).collect();
         for p in patients {
@@ -953,16 +1005,18 @@ impl Detection {
         }
     }
 
-    async fn load_patient(&self, id: &str) {
+    fn remember_patient(&self, id: &str, facts: crate::facts::PatientFacts) {
         if self.inner.facts.patients_len() > FACTS_CAP {
             // Forget everything rather than grow without bound.
             self.inner.facts.clear_patients();
         }
+        self.inner.facts.set_patient(id, facts);
+    }
+
+    async fn load_patient(&self, id: &str) {
         let records = &self.inner.records;
         let Ok(p) = records.read("Patient", id).await else {
-            self.inner
-                .facts
-                .set_patient(id, crate::facts::PatientFacts::default());
+            self.remember_patient(id, crate::facts::PatientFacts::default());
             return;
         };
         let mut facts = self.inner.tokenizer.patient(&p.resource);
@@ -984,7 +1038,7 @@ impl Detection {
                 }
             }
         }
-        self.inner.facts.set_patient(id, facts);
+        self.remember_patient(id, facts);
     }
 
     // -------------------------------------------------------------- sinks

@@ -5,13 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use custos_audit::{AuditConfig, AuditRecord, AuditTrail};
-use custos_auth::{AuthConfig, AuthService};
-use custos_crypto::{FileKekProvider, GcmSealer};
+use custos_audit::{AuditRecord, AuditTrail};
 use custos_detect::{DetectConfig, Detection, EventSource, SealedEvent, Source, SourceError};
-use custos_records::{Records, RecordsConfig};
-use custos_store::{SqliteConfig, SqliteStore, Store, Synchronous};
 use parking_lot::Mutex;
+
+mod common;
 
 /// Replays the log from three events before `from` (duplicates the
 /// pipeline must skip); records the cursors it is told were saved.
@@ -72,33 +70,8 @@ async fn append(trail: &AuditTrail, n: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_external_source_is_judged_once_and_acknowledged_after_saves() {
-    let dir = tempfile::tempdir().unwrap();
-    let kf = dir.path().join("keys.json");
-    FileKekProvider::create(&kf).unwrap();
-    let mut sc = SqliteConfig::new(dir.path().join("custos.db"));
-    sc.synchronous = Synchronous::Normal;
-    let store = Arc::new(SqliteStore::open(sc).unwrap());
-    let records = Records::open(
-        store as Arc<dyn Store>,
-        Arc::new(FileKekProvider::open(&kf).unwrap()),
-        Arc::new(GcmSealer),
-        RecordsConfig::default(),
-    )
-    .await
-    .unwrap();
-    let trail = AuditTrail::open(&records, AuditConfig::default())
-        .await
-        .unwrap();
-    let auth = Arc::new(
-        AuthService::open(
-            &records,
-            AuthConfig::default(),
-            "http://custos.test",
-            trail.clone(),
-        )
-        .await
-        .unwrap(),
-    );
+    let w = common::world().await;
+    let (records, trail, auth) = (w.records.clone(), w.trail.clone(), w.auth.clone());
     for n in 0..40 {
         append(&trail, n).await;
     }

@@ -407,6 +407,63 @@ impl Records {
             })
     }
 
+    /// Read several versions (`(type, id, version)`) in one store read:
+    /// one trip to a reader thread instead of one per version, for a caller
+    /// that needs many at once (detection enriching a Bundle's writes). Each
+    /// answer is what [`Records::vread`] would have given, in order.
+    pub async fn vread_many(
+        &self,
+        wanted: &[(String, String, i64)],
+    ) -> Vec<Result<Opened, FhirError>> {
+        let mut out: Vec<Option<Result<Opened, FhirError>>> = Vec::with_capacity(wanted.len());
+        let mut ask = Vec::with_capacity(wanted.len());
+        for (k, (t, i, v)) in wanted.iter().enumerate() {
+            match self.before_read(t, i).await {
+                Ok(()) => {
+                    ask.push((k, t.clone(), i.clone(), *v));
+                    out.push(None);
+                }
+                Err(e) => out.push(Some(Err(e))),
+            }
+        }
+        let this = self.clone();
+        let found = self
+            .store()
+            .read(move |tx| {
+                let mut found = Vec::with_capacity(ask.len());
+                for (k, t, i, v) in ask {
+                    let f = tx
+                        .version(&t, &i, v)?
+                        .map(|sv| (sv.key_name.clone(), this.open_version(tx, sv)));
+                    found.push((k, t, i, v, f));
+                }
+                Ok(found)
+            })
+            .await
+            .map_err(store_err);
+        match found {
+            Ok(found) => {
+                for (k, t, i, v, f) in found {
+                    let answer = self.after_read(&t, &i, f).await.map_err(|e| match e.kind {
+                        ErrorKind::NotFound => {
+                            FhirError::not_found(format!("{t}/{i} has no version {v}"))
+                        }
+                        _ => e,
+                    });
+                    out[k] = Some(answer);
+                }
+            }
+            Err(e) => {
+                for slot in out.iter_mut().filter(|o| o.is_none()) {
+                    *slot = Some(Err(e.clone()));
+                }
+            }
+        }
+        out.into_iter()
+            .map(|o| o.expect("every version answered"))
+            .collect()
+    }
+
     /// Checks before a read touches data: valid type and id, and the
     /// caller's right to read the type at all.
     async fn before_read(&self, rtype: &str, id: &str) -> Result<(), FhirError> {
