@@ -912,8 +912,8 @@ impl Detection {
         let mut created: Vec<(String, crate::facts::PatientFacts)> = Vec::new();
         // The versions to read, all in one store read (a Bundle's event
         // writes hundreds): each write's new version and, for an update,
-        // the one before. `slots`: (write, its version's place, the
-        // previous version's place).
+        // the one before. `slots`: (write, where its version is in
+        // `wanted`, where the previous one is).
         let mut wanted: Vec<(String, String, i64)> = Vec::new();
         let mut slots: Vec<(usize, usize, Option<usize>)> = Vec::new();
         for (k, w) in ev.writes.iter().enumerate() {
@@ -933,22 +933,14 @@ impl Detection {
             if !(updated || matches!(w.rtype.as_str(), "Patient" | "Coverage" | "Encounter")) {
                 continue;
             }
+            let at = wanted.len();
             wanted.push((w.rtype.clone(), w.id.clone(), w.version));
-            let previous = updated.then(|| {
+            if updated {
                 wanted.push((w.rtype.clone(), w.id.clone(), w.version - 1));
-                wanted.len() - 1
-            });
-            slots.push((
-                k,
-                wanted.len() - 1 - usize::from(previous.is_some()),
-                previous,
-            ));
+            }
+            slots.push((k, at, updated.then_some(at + 1)));
         }
-        let opened = if wanted.is_empty() {
-            Vec::new()
-        } else {
-            records.vread_many(&wanted).await
-        };
+        let opened = records.vread_many(&wanted).await;
         for (k, at, previous) in slots {
             let Ok(new) = &opened[at] else {
                 continue;
@@ -956,15 +948,13 @@ impl Detection {
             let w = &mut ev.writes[k];
             let r = &new.resource;
             match w.rtype.as_str() {
-                "Patient" if complete && w.version == 1 => {
+                "Patient" => {
                     let facts = self.inner.tokenizer.patient(r);
                     w.identity = facts.person.identity;
                     w.identifiers = facts.identifiers.clone();
-                    created.push((w.id.clone(), facts));
-                }
-                "Patient" => {
-                    w.identity = self.inner.tokenizer.person(r).identity;
-                    w.identifiers = self.inner.tokenizer.identifiers(r);
+                    if complete && w.version == 1 {
+                        created.push((w.id.clone(), facts));
+                    }
                 }
                 "Coverage" => w.identifiers = self.inner.tokenizer.identifiers(r),
                 "Encounter" => {

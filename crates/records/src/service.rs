@@ -192,6 +192,16 @@ pub(crate) fn aad(rtype: &str, id: &str, version: i64, key_name: &str) -> Vec<u8
     format!("custos-v1|{rtype}|{id}|{version}|{key_name}").into_bytes()
 }
 
+/// A version read found nothing: say which version is missing.
+fn no_such_version(e: FhirError, rtype: &str, id: &str, version: i64) -> FhirError {
+    match e.kind {
+        ErrorKind::NotFound => {
+            FhirError::not_found(format!("{rtype}/{id} has no version {version}"))
+        }
+        _ => e,
+    }
+}
+
 /// A new, unguessable resource id (a random UUID: 122 random bits).
 pub fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()
@@ -399,12 +409,7 @@ impl Records {
             .map_err(store_err)?;
         self.after_read(rtype, id, found)
             .await
-            .map_err(|e| match e.kind {
-                ErrorKind::NotFound => {
-                    FhirError::not_found(format!("{rtype}/{id} has no version {v}"))
-                }
-                _ => e,
-            })
+            .map_err(|e| no_such_version(e, rtype, id, v))
     }
 
     /// Read several versions (`(type, id, version)`) in one store read:
@@ -426,6 +431,10 @@ impl Records {
                 Err(e) => out.push(Some(Err(e))),
             }
         }
+        if ask.is_empty() {
+            // Nothing to read (the usual case for a read's event): no trip.
+            return out.into_iter().flatten().collect();
+        }
         let this = self.clone();
         let found = self
             .store()
@@ -444,13 +453,8 @@ impl Records {
         match found {
             Ok(found) => {
                 for (k, t, i, v, f) in found {
-                    let answer = self.after_read(&t, &i, f).await.map_err(|e| match e.kind {
-                        ErrorKind::NotFound => {
-                            FhirError::not_found(format!("{t}/{i} has no version {v}"))
-                        }
-                        _ => e,
-                    });
-                    out[k] = Some(answer);
+                    let answer = self.after_read(&t, &i, f).await;
+                    out[k] = Some(answer.map_err(|e| no_such_version(e, &t, &i, v)));
                 }
             }
             Err(e) => {
