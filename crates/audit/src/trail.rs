@@ -74,6 +74,15 @@ pub struct Issued {
     pub note: Vec<u8>,
 }
 
+/// Events waiting for their group commit.
+#[derive(Default)]
+struct Queue {
+    events: Vec<Pending>,
+    /// A commit job is queued at the store's writer and has not yet taken
+    /// the events: the next event rides on it instead of queueing another.
+    armed: bool,
+}
+
 struct Pending {
     leaf: Vec<u8>,
     at: i64,
@@ -87,7 +96,7 @@ struct Pending {
     done: tokio::sync::oneshot::Sender<Result<u64, String>>,
 }
 
-/// Events the appender committed, in index order, for the in-process
+/// Events the group commits committed, in index order, for the in-process
 /// consumer of the log (the detection pipeline): it takes them from here
 /// instead of reading the leaves back and opening them again, which cost
 /// more CPU than anything else detection does. Bounded: what the consumer
@@ -103,12 +112,10 @@ struct Inner {
     config: AuditConfig,
     /// The data key of the current hour.
     key: Mutex<Option<(String, Arc<DataKey>)>>,
-    pending: Mutex<Vec<Pending>>,
+    pending: Mutex<Queue>,
     /// How many committed events [`Recent`] holds at most (0: none, no consumer asked).
     recent_capacity: AtomicUsize,
     recent: Mutex<Recent>,
-    /// Signalled when `pending` gets an event (the appender thread waits on it).
-    wake: parking_lot::Condvar,
     /// Serializes checkpoint issuance; holds the last one issued.
     last: tokio::sync::Mutex<Option<Issued>>,
     /// When this process last signed one.
@@ -200,7 +207,7 @@ fn now_micros() -> i64 {
 
 impl AuditTrail {
     /// Open the trail: load (or create) the checkpoint signing key, sealed
-    /// in the store, and start the appender and the checkpoint timer.
+    /// in the store, and start the checkpoint timer.
     pub async fn open(records: &Records, config: AuditConfig) -> Result<AuditTrail, AuditError> {
         let signer = load_signer(records).await?;
         let inner = Arc::new(Inner {
@@ -208,12 +215,11 @@ impl AuditTrail {
             signer,
             config,
             key: Mutex::new(None),
-            pending: Mutex::new(Vec::new()),
+            pending: Mutex::new(Queue::default()),
             recent_capacity: AtomicUsize::new(0),
             recent: Mutex::new(Recent {
                 events: VecDeque::new(),
             }),
-            wake: parking_lot::Condvar::new(),
             last: tokio::sync::Mutex::new(None),
             signed_at: Mutex::new(None),
             committed: Arc::new(tokio::sync::Notify::new()),
@@ -229,7 +235,6 @@ impl AuditTrail {
             )),
         });
         let trail = AuditTrail { inner };
-        trail.spawn_appender()?;
         trail.spawn_checkpointer();
         Ok(trail)
     }
@@ -287,7 +292,7 @@ impl AuditTrail {
 
     /// Events queued on this node and not yet committed (its audit lag).
     pub fn pending_appends(&self) -> usize {
-        self.inner.pending.lock().len()
+        self.inner.pending.lock().events.len()
     }
 
     /// The size of the last checkpoint this node signed or loaded, if any.
@@ -337,7 +342,7 @@ impl AuditTrail {
     }
 
     /// Signal that a write's events committed (they commit with the write,
-    /// outside the trail's own appender).
+    /// outside the trail's own group commits).
     pub fn signal_commit(&self) {
         self.inner.committed.notify_one();
         self.inner.changed.notify_one();
@@ -428,21 +433,27 @@ impl AuditTrail {
             .collect();
         let agent = rec.agent.subject.as_deref().map(|s| self.agent_token(s));
         let (done, wait) = tokio::sync::oneshot::channel();
-        self.inner.pending.lock().push(Pending {
-            leaf,
-            at: rec.at,
-            action: rec.action_code(),
-            outcome: rec.outcome_code(),
-            agent,
-            patients,
-            rec: (self.inner.recent_capacity.load(Ordering::Relaxed) > 0).then_some(rec),
-            done,
-        });
-        self.inner.wake.notify_one();
+        let arm = {
+            let mut queue = self.inner.pending.lock();
+            queue.events.push(Pending {
+                leaf,
+                at: rec.at,
+                action: rec.action_code(),
+                outcome: rec.outcome_code(),
+                agent,
+                patients,
+                rec: (self.inner.recent_capacity.load(Ordering::Relaxed) > 0).then_some(rec),
+                done,
+            });
+            !std::mem::replace(&mut queue.armed, true)
+        };
+        if arm {
+            Self::arm_commit(&self.inner);
+        }
         match wait.await {
             Ok(Ok(index)) => Ok(index),
             Ok(Err(e)) => Err(AuditError::Store(e)),
-            Err(_) => Err(AuditError::Store("the audit appender stopped".into())),
+            Err(_) => Err(AuditError::Store("the audit commit was abandoned".into())),
         }
     }
 
@@ -489,74 +500,52 @@ impl AuditTrail {
         })
     }
 
-    /// The appender: a thread of its own, so that taking the next batch
-    /// never waits behind request tasks in the runtime's queues (on a busy
-    /// runtime that wait alone would add to every audited request).
-    fn spawn_appender(&self) -> Result<(), AuditError> {
-        let weak = Arc::downgrade(&self.inner);
-        let runtime = tokio::runtime::Handle::current();
-        std::thread::Builder::new()
-            .name("custos-audit-appender".into())
-            .spawn(move || runtime.block_on(Self::append_batches(weak)))
-            .map(drop)
-            .map_err(|e| {
-                AuditError::Store(format!("the audit appender thread could not start: {e}"))
-            })
-    }
-
-    async fn append_batches(weak: std::sync::Weak<Inner>) {
-        loop {
-            let Some(inner) = weak.upgrade() else { break };
-            // Group commit without a delay: the events that arrive while
-            // one commit is in flight make the next batch, so batches
-            // grow with the load. (A fixed delay only added latency: the
-            // runtime timer's millisecond granularity made a 1 ms wait
-            // cost 1-2 ms on every audited request.) Look again now and
-            // then to notice shutdown.
-            let batch = {
-                let mut pending = inner.pending.lock();
-                if pending.is_empty() {
-                    inner.wake.wait_for(&mut pending, Duration::from_secs(1));
-                }
-                std::mem::take(&mut *pending)
+    /// Queue the job that group-commits the waiting events. It takes them
+    /// when the writer runs it, not when it is queued: the events that
+    /// arrive while the writer is busy (the previous commit's fsync, other
+    /// writes) ride on it, so batches grow with the load, and no delay is
+    /// ever added. The writer answers each event's task directly after the
+    /// commit. (An appender thread of our own between the request tasks and
+    /// the writer cost two more thread wake-ups per commit, on the path of
+    /// every audited request.)
+    fn arm_commit(inner: &Arc<Inner>) {
+        let taken: Arc<Mutex<Vec<Pending>>> = Arc::default();
+        let job_weak = Arc::downgrade(inner);
+        let job_taken = taken.clone();
+        let job: custos_store::WriteJob = Box::new(move |tx| {
+            let Some(inner) = job_weak.upgrade() else {
+                return Ok(Box::new(Vec::<u64>::new()));
             };
-            if batch.is_empty() {
-                continue;
-            }
-            let store = inner.records.store().clone();
-            drop(inner);
-            let mut recs = Vec::with_capacity(batch.len());
-            let (jobs, replies): (Vec<_>, Vec<_>) = batch
-                .into_iter()
-                .map(|p| {
-                    recs.push(p.rec);
-                    (
-                        (p.leaf, p.at, p.action, p.outcome, p.agent, p.patients),
-                        p.done,
-                    )
-                })
-                .unzip();
-            let result = store
-                .write(move |tx| {
-                    let mut indexes = Vec::with_capacity(jobs.len());
-                    for (leaf, at, action, outcome, agent, patients) in &jobs {
-                        indexes.push(tx.audit_append(&AuditAppend {
-                            at: *at,
-                            action,
-                            outcome: *outcome,
-                            agent: agent.as_deref(),
-                            patients,
-                            data: leaf,
-                        })?);
-                    }
-                    Ok(indexes)
-                })
-                .await;
-            match result {
+            let batch = {
+                let mut queue = inner.pending.lock();
+                queue.armed = false;
+                std::mem::take(&mut queue.events)
+            };
+            let mut indexes = Vec::with_capacity(batch.len());
+            let result = batch.iter().try_for_each(|p| {
+                indexes.push(tx.audit_append(&AuditAppend {
+                    at: p.at,
+                    action: p.action,
+                    outcome: p.outcome,
+                    agent: p.agent.as_deref(),
+                    patients: &p.patients,
+                    data: &p.leaf,
+                })?);
+                Ok(())
+            });
+            *job_taken.lock() = batch;
+            result.map(|()| Box::new(indexes) as Box<dyn std::any::Any + Send>)
+        });
+        let done_weak = Arc::downgrade(inner);
+        let done: custos_store::WriteDone = Box::new(move |result| {
+            let batch = std::mem::take(&mut *taken.lock());
+            let inner = done_weak.upgrade();
+            match result.map(|any| *any.downcast::<Vec<u64>>().expect("indexes")) {
                 Ok(indexes) => {
+                    let (recs, replies): (Vec<_>, Vec<_>) =
+                        batch.into_iter().map(|p| (p.rec, p.done)).unzip();
                     // Held before anyone hears of the commit: once an append
                     // returns, its event is there for the consumer.
-                    let inner = weak.upgrade();
                     if let Some(inner) = &inner {
                         inner.keep_committed(indexes.iter().copied().zip(recs));
                     }
@@ -568,11 +557,22 @@ impl AuditTrail {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(events = replies.len(), error = %e, "audit events could not be appended");
-                    for done in replies {
-                        let _ = done.send(Err(e.to_string()));
+                    tracing::error!(events = batch.len(), error = %e, "audit events could not be appended");
+                    for p in batch {
+                        let _ = p.done.send(Err(e.to_string()));
                     }
                 }
+            }
+        });
+        if let Err(e) = inner.records.store().submit_write(job, done) {
+            // The store is closed: nothing will take these events.
+            let batch = {
+                let mut queue = inner.pending.lock();
+                queue.armed = false;
+                std::mem::take(&mut queue.events)
+            };
+            for p in batch {
+                let _ = p.done.send(Err(e.to_string()));
             }
         }
     }

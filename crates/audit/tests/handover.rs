@@ -139,11 +139,7 @@ async fn handed_over_events_are_what_the_store_holds_each_once() {
     for n in 41..50 {
         trail.append(event(n)).await.unwrap();
     }
-    assert_eq!(
-        trail.held_commits(),
-        46,
-        "the appender's commits since the ask"
-    );
+    assert_eq!(trail.held_commits(), 46, "the group commits since the ask");
     let expected = stored(&trail, 0, 50).await;
     assert_eq!(expected.len(), 50);
     let got = consume(&trail, 0, 50, 7).await;

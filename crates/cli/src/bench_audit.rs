@@ -96,7 +96,7 @@ pub(super) async fn audit_bench(
 }
 
 /// Appending events that carry a patient's and an agent's token (every
-/// authenticated request's do), in group commits of the size the appender
+/// authenticated request's do), in group commits of the size the trail
 /// makes under load, so that the keyed index (tail, seals, postings) is
 /// part of the cost: events/s on one writer.
 async fn keyed_appends(plan: &Plan, rows: &mut Vec<Row>) -> anyhow::Result<()> {

@@ -53,6 +53,18 @@ async fn put(
     store.write(move |tx| tx.put(&v, &ix, expect)).await
 }
 
+/// Assert which of the Patients `(id, present)` exist.
+async fn assert_patients(store: &Arc<dyn Store>, expected: &[(&'static str, bool)]) {
+    for &(id, present) in expected {
+        let found = store
+            .read(move |tx| tx.current("Patient", id))
+            .await
+            .unwrap()
+            .is_some();
+        assert_eq!(found, present, "Patient/{id}");
+    }
+}
+
 /// Run every check against stores made by `fresh` (each check gets a new, empty store).
 pub async fn run_all<F, Fut>(fresh: F)
 where
@@ -66,6 +78,7 @@ where
     deletion_drops_index(fresh().await).await;
     failed_job_rolls_back(fresh().await).await;
     failing_jobs_in_one_group(fresh().await).await;
+    submitted_writes_call_back_after_commit(fresh().await).await;
     data_keys_and_erasure(fresh().await).await;
     concurrent_writers_conflict(fresh().await).await;
     system_records_and_logs(fresh().await).await;
@@ -1046,26 +1059,69 @@ pub async fn failing_jobs_in_one_group(store: Arc<dyn Store>) {
     }
     ok1.unwrap();
     ok2.unwrap();
-    for (id, present) in [
-        ("f1", false),
-        ("f2", false),
-        ("ok1", true),
-        ("f3", false),
-        ("ok2", true),
-        ("f4", false),
-    ] {
-        let found = store
-            .read(move |tx| tx.current("Patient", id))
-            .await
-            .unwrap()
-            .is_some();
-        assert_eq!(found, present, "Patient/{id}");
-    }
+    assert_patients(
+        &store,
+        &[
+            ("f1", false),
+            ("f2", false),
+            ("ok1", true),
+            ("f3", false),
+            ("ok2", true),
+            ("f4", false),
+        ],
+    )
+    .await;
     let q = IndexQuery {
         filters: vec![Filter::AnyToken(vec![tok("g")])],
         ..IndexQuery::all("Patient", 10)
     };
     assert_eq!(store.read(move |tx| tx.search(&q)).await.unwrap().len(), 2);
+}
+
+/// [`Store::submit_write`]: the callback gets the job's result, and when it
+/// runs the job's changes are committed (a read on another connection sees
+/// them); a failing job's callback gets its error and nothing of it stays.
+pub async fn submitted_writes_call_back_after_commit(store: Arc<dyn Store>) {
+    #[derive(Debug, thiserror::Error)]
+    #[error("deliberate")]
+    struct Deliberate;
+    let submit = |id: &'static str, fail: bool| {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        store
+            .submit_write(
+                Box::new(move |wtx| {
+                    wtx.put(
+                        &version("Patient", id, 1, 1),
+                        &index(&["s"], &[]),
+                        Expect::Absent,
+                    )?;
+                    if fail {
+                        return Err(StoreError::abort(Deliberate));
+                    }
+                    Ok(Box::new(id.len()) as Box<dyn std::any::Any + Send>)
+                }),
+                Box::new(move |result| {
+                    let _ = tx.send(result.map(|any| *any.downcast::<usize>().expect("usize")));
+                }),
+            )
+            .expect("the store is open");
+        rx
+    };
+    let (ok, failed) = (submit("sub-ok", false), submit("sub-failed", true));
+    assert_eq!(ok.await.expect("the callback ran").unwrap(), "sub-ok".len());
+    let err = failed.await.expect("the callback ran").unwrap_err();
+    assert!(
+        err.into_aborted::<Deliberate>().is_ok(),
+        "the job's own error comes back"
+    );
+    assert_patients(&store, &[("sub-ok", true), ("sub-failed", false)]).await;
+    store.close();
+    assert!(
+        store
+            .submit_write(Box::new(|_| Ok(Box::new(()))), Box::new(|_| {}))
+            .is_err(),
+        "a closed store refuses the job"
+    );
 }
 
 /// Wrapped keys are stored once; erasing a compartment drops its key and index.

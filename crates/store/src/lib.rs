@@ -27,6 +27,50 @@ use std::any::Any;
 pub type ReadJob = Box<dyn FnOnce(&mut dyn ReadTx) -> StoreResult<Box<dyn Any + Send>> + Send>;
 /// A job run in a write transaction: all of its changes commit or none do.
 pub type WriteJob = Box<dyn FnOnce(&mut dyn WriteTx) -> StoreResult<Box<dyn Any + Send>> + Send>;
+/// Called with a submitted write job's result once its transaction has
+/// committed (or failed): see [`Store::submit_write`].
+pub type WriteDone = Box<dyn FnOnce(StoreResult<Box<dyn Any + Send>>) + Send>;
+
+/// Where a backend's writer delivers a job's result.
+pub(crate) enum WriteReply {
+    /// To a task awaiting [`Store::run_write`].
+    Wait(tokio::sync::oneshot::Sender<StoreResult<Box<dyn Any + Send>>>),
+    /// To the callback of [`Store::submit_write`], run on the writer's thread.
+    Call(WriteDone),
+}
+
+impl WriteReply {
+    /// Deliver `result`. A callback that panics is contained here, so that
+    /// it cannot stop the writer.
+    pub(crate) fn send(self, result: StoreResult<Box<dyn Any + Send>>) {
+        match self {
+            WriteReply::Wait(tx) => {
+                let _ = tx.send(result);
+            }
+            WriteReply::Call(done) => {
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| done(result))).is_err()
+                {
+                    tracing::error!("a write job's completion callback panicked");
+                }
+            }
+        }
+    }
+}
+
+/// Hand `job` to a backend's writer thread, which answers through `reply`.
+pub(crate) fn queue_write(
+    writer: &parking_lot::Mutex<Option<std::sync::mpsc::Sender<(WriteJob, WriteReply)>>>,
+    job: WriteJob,
+    reply: WriteReply,
+) -> StoreResult<()> {
+    let writer = writer.lock();
+    let sender = writer
+        .as_ref()
+        .ok_or_else(|| StoreError::Backend("store is closed".into()))?;
+    sender
+        .send((job, reply))
+        .map_err(|_| StoreError::Backend("writer thread stopped".into()))
+}
 
 /// A storage backend.
 #[async_trait::async_trait]
@@ -42,6 +86,13 @@ pub trait Store: Send + Sync + 'static {
     /// Run `job` in a write transaction. An `Err` from the job rolls back
     /// everything it did; other jobs are unaffected.
     async fn run_write(&self, job: WriteJob) -> StoreResult<Box<dyn Any + Send>>;
+    /// Queue `job` like [`Store::run_write`] without waiting for it: `done`
+    /// gets its result after the commit, on the writer's own thread (so it
+    /// must be quick: wake someone, never block). On `Err` (the store is
+    /// closed) the job was not queued and `done` is not called. This spares
+    /// a caller that only relays the result (the audit trail's group
+    /// commit) a thread hand-off per commit.
+    fn submit_write(&self, job: WriteJob, done: WriteDone) -> StoreResult<()>;
     /// The version of one system record (`0` if absent), as cheaply as the
     /// backend can tell it: asked on every request for the security epoch.
     /// The default is a point read.

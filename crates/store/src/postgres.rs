@@ -388,7 +388,7 @@ impl r2d2::ManageConnection for Manager {
     }
 }
 
-type Reply = oneshot::Sender<StoreResult<Box<dyn Any + Send>>>;
+type Reply = crate::WriteReply;
 
 /// The PostgreSQL store of one node.
 pub struct PostgresStore {
@@ -652,7 +652,7 @@ fn writer_loop(
                 Ok(c) => conn = c,
                 Err(e) => {
                     for (_, reply) in batch {
-                        let _ = reply.send(Err(StoreError::Backend(format!("database pool: {e}"))));
+                        reply.send(Err(StoreError::Backend(format!("database pool: {e}"))));
                     }
                     continue;
                 }
@@ -665,7 +665,7 @@ fn writer_loop(
         if let Err(e) = begin {
             let _ = conn.batch("ROLLBACK");
             for (_, reply) in batch {
-                let _ = reply.send(Err(StoreError::Backend(e.to_string())));
+                reply.send(Err(StoreError::Backend(e.to_string())));
             }
             continue;
         }
@@ -677,12 +677,12 @@ fn writer_loop(
         if let Err(e) = conn.batch("COMMIT") {
             let _ = conn.batch("ROLLBACK");
             for (_, reply) in results {
-                let _ = reply.send(Err(StoreError::Backend(e.to_string())));
+                reply.send(Err(StoreError::Backend(e.to_string())));
             }
             continue;
         }
         for (result, reply) in results {
-            let _ = reply.send(result);
+            reply.send(result);
         }
     }
 }
@@ -791,17 +791,13 @@ impl Store for PostgresStore {
 
     async fn run_write(&self, job: WriteJob) -> StoreResult<Box<dyn Any + Send>> {
         let (reply, wait) = oneshot::channel();
-        {
-            let writer = self.writer.lock();
-            let sender = writer
-                .as_ref()
-                .ok_or_else(|| StoreError::Backend("store is closed".into()))?;
-            sender
-                .send((job, reply))
-                .map_err(|_| StoreError::Backend("writer thread stopped".into()))?;
-        }
+        crate::queue_write(&self.writer, job, Reply::Wait(reply))?;
         wait.await
             .map_err(|_| StoreError::Backend("writer thread stopped".into()))?
+    }
+
+    fn submit_write(&self, job: WriteJob, done: crate::WriteDone) -> StoreResult<()> {
+        crate::queue_write(&self.writer, job, Reply::Call(done))
     }
 
     async fn migrations(&self) -> StoreResult<Vec<(i64, String)>> {

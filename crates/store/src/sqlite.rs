@@ -70,7 +70,7 @@ impl SqliteConfig {
     }
 }
 
-type Reply = oneshot::Sender<StoreResult<Box<dyn Any + Send>>>;
+type Reply = crate::WriteReply;
 
 /// The SQLite store.
 pub struct SqliteStore {
@@ -679,7 +679,7 @@ fn writer_loop(
         // Until one job has succeeded (`results` is empty) the transaction
         // holds nothing, so a job runs bare there: if it fails, rolling the
         // whole transaction back undoes it alone, and the next job begins
-        // anew. That spares the usual batch of one (the audit appender's)
+        // anew. That spares the usual batch of one (the audit trail's group commit)
         // every savepoint, whose sub-journal copies each page on its first
         // change (a quarter of an index insert's cost).
         let mut began = false;
@@ -688,7 +688,7 @@ fn writer_loop(
                 match conn.execute_batch("BEGIN IMMEDIATE") {
                     Ok(()) => began = true,
                     Err(e) => {
-                        let _ = reply.send(Err(StoreError::Backend(e.to_string())));
+                        reply.send(Err(StoreError::Backend(e.to_string())));
                         continue;
                     }
                 }
@@ -700,7 +700,7 @@ fn writer_loop(
                     tracing::warn!(error = %e, "rolling back a failed write job failed");
                 }
                 began = false;
-                let _ = reply.send(result);
+                reply.send(result);
                 continue;
             }
             sys_changed |= effects.sys_changed;
@@ -727,7 +727,7 @@ fn writer_loop(
         if let Err(e) = conn.execute_batch("COMMIT") {
             let _ = conn.execute_batch("ROLLBACK");
             for (_, reply) in results {
-                let _ = reply.send(Err(StoreError::Backend(e.to_string())));
+                reply.send(Err(StoreError::Backend(e.to_string())));
             }
             sealer = KeySealer::recover(&conn);
             continue;
@@ -747,7 +747,7 @@ fn writer_loop(
             outbox_done = outbox_last;
         }
         for (result, reply) in results {
-            let _ = reply.send(result);
+            reply.send(result);
         }
         if copied.swap(false, Ordering::AcqRel)
             && let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
@@ -1042,17 +1042,13 @@ impl Store for SqliteStore {
 
     async fn run_write(&self, job: WriteJob) -> StoreResult<Box<dyn Any + Send>> {
         let (reply, wait) = oneshot::channel();
-        {
-            let writer = self.writer.lock();
-            let sender = writer
-                .as_ref()
-                .ok_or_else(|| StoreError::Backend("store is closed".into()))?;
-            sender
-                .send((job, reply))
-                .map_err(|_| StoreError::Backend("writer thread stopped".into()))?;
-        }
+        crate::queue_write(&self.writer, job, Reply::Wait(reply))?;
         wait.await
             .map_err(|_| StoreError::Backend("writer thread stopped".into()))?
+    }
+
+    fn submit_write(&self, job: WriteJob, done: crate::WriteDone) -> StoreResult<()> {
+        crate::queue_write(&self.writer, job, Reply::Call(done))
     }
 
     async fn sys_version(&self, kind: &str, key: &str) -> StoreResult<i64> {
