@@ -142,6 +142,14 @@ struct Inner {
 const TOKEN_MEMO: usize = 16_384;
 
 impl Inner {
+    /// Take every waiting event and disarm (the next event queues a new
+    /// commit job).
+    fn take_queue(&self) -> Vec<Pending> {
+        let mut queue = self.pending.lock();
+        queue.armed = false;
+        std::mem::take(&mut queue.events)
+    }
+
     /// Hold committed events for the consumer (those it asked for), dropping
     /// the oldest beyond the capacity.
     fn keep_committed(&self, committed: impl Iterator<Item = (u64, Option<AuditRecord>)>) {
@@ -509,18 +517,15 @@ impl AuditTrail {
     /// the writer cost two more thread wake-ups per commit, on the path of
     /// every audited request.)
     fn arm_commit(inner: &Arc<Inner>) {
-        let taken: Arc<Mutex<Vec<Pending>>> = Arc::default();
+        // The events the job took (`None` until it runs).
+        let taken: Arc<Mutex<Option<Vec<Pending>>>> = Arc::default();
         let job_weak = Arc::downgrade(inner);
         let job_taken = taken.clone();
         let job: custos_store::WriteJob = Box::new(move |tx| {
             let Some(inner) = job_weak.upgrade() else {
                 return Ok(Box::new(Vec::<u64>::new()));
             };
-            let batch = {
-                let mut queue = inner.pending.lock();
-                queue.armed = false;
-                std::mem::take(&mut queue.events)
-            };
+            let batch = inner.take_queue();
             let mut indexes = Vec::with_capacity(batch.len());
             let result = batch.iter().try_for_each(|p| {
                 indexes.push(tx.audit_append(&AuditAppend {
@@ -533,13 +538,19 @@ impl AuditTrail {
                 })?);
                 Ok(())
             });
-            *job_taken.lock() = batch;
+            *job_taken.lock() = Some(batch);
             result.map(|()| Box::new(indexes) as Box<dyn std::any::Any + Send>)
         });
         let done_weak = Arc::downgrade(inner);
         let done: custos_store::WriteDone = Box::new(move |result| {
-            let batch = std::mem::take(&mut *taken.lock());
             let inner = done_weak.upgrade();
+            // A job that never ran (its writer stopped) took nothing: the
+            // events still wait in the queue, which nothing will take now.
+            let batch = match (taken.lock().take(), &inner) {
+                (Some(batch), _) => batch,
+                (None, Some(inner)) => inner.take_queue(),
+                (None, None) => Vec::new(),
+            };
             match result.map(|any| *any.downcast::<Vec<u64>>().expect("indexes")) {
                 Ok(indexes) => {
                     let (recs, replies): (Vec<_>, Vec<_>) =
@@ -566,12 +577,7 @@ impl AuditTrail {
         });
         if let Err(e) = inner.records.store().submit_write(job, done) {
             // The store is closed: nothing will take these events.
-            let batch = {
-                let mut queue = inner.pending.lock();
-                queue.armed = false;
-                std::mem::take(&mut queue.events)
-            };
-            for p in batch {
+            for p in inner.take_queue() {
                 let _ = p.done.send(Err(e.to_string()));
             }
         }

@@ -36,40 +36,72 @@ pub(crate) enum WriteReply {
     /// To a task awaiting [`Store::run_write`].
     Wait(tokio::sync::oneshot::Sender<StoreResult<Box<dyn Any + Send>>>),
     /// To the callback of [`Store::submit_write`], run on the writer's thread.
-    Call(WriteDone),
+    Call(CallOnce),
+}
+
+/// A [`WriteDone`] that is called exactly once: with the job's result, or,
+/// if the job is dropped unanswered (the writer thread died), with an error,
+/// so that whoever relies on the callback is never left waiting.
+pub(crate) struct CallOnce(Option<WriteDone>);
+
+impl CallOnce {
+    fn call(&mut self, result: StoreResult<Box<dyn Any + Send>>) {
+        if let Some(done) = self.0.take()
+            && std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| done(result))).is_err()
+        {
+            // Contained here, so that a callback cannot stop the writer.
+            tracing::error!("a write job's completion callback panicked");
+        }
+    }
+}
+
+impl Drop for CallOnce {
+    fn drop(&mut self) {
+        self.call(Err(StoreError::Backend("writer thread stopped".into())));
+    }
 }
 
 impl WriteReply {
-    /// Deliver `result`. A callback that panics is contained here, so that
-    /// it cannot stop the writer.
+    /// Deliver `result`.
     pub(crate) fn send(self, result: StoreResult<Box<dyn Any + Send>>) {
         match self {
             WriteReply::Wait(tx) => {
                 let _ = tx.send(result);
             }
-            WriteReply::Call(done) => {
-                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| done(result))).is_err()
-                {
-                    tracing::error!("a write job's completion callback panicked");
-                }
-            }
+            WriteReply::Call(mut done) => done.call(result),
         }
+    }
+
+    /// A callback for [`Store::submit_write`].
+    pub(crate) fn call(done: WriteDone) -> WriteReply {
+        WriteReply::Call(CallOnce(Some(done)))
     }
 }
 
 /// Hand `job` to a backend's writer thread, which answers through `reply`.
+/// If it cannot be queued, nothing is answered (a callback is not called):
+/// the error is the answer.
 pub(crate) fn queue_write(
     writer: &parking_lot::Mutex<Option<std::sync::mpsc::Sender<(WriteJob, WriteReply)>>>,
     job: WriteJob,
     reply: WriteReply,
 ) -> StoreResult<()> {
     let writer = writer.lock();
-    let sender = writer
-        .as_ref()
-        .ok_or_else(|| StoreError::Backend("store is closed".into()))?;
-    sender
-        .send((job, reply))
-        .map_err(|_| StoreError::Backend("writer thread stopped".into()))
+    let Some(sender) = writer.as_ref() else {
+        defuse(reply);
+        return Err(StoreError::Backend("store is closed".into()));
+    };
+    sender.send((job, reply)).map_err(|e| {
+        defuse((e.0).1);
+        StoreError::Backend("writer thread stopped".into())
+    })
+}
+
+/// Drop `reply` without answering it.
+fn defuse(reply: WriteReply) {
+    if let WriteReply::Call(mut once) = reply {
+        once.0 = None;
+    }
 }
 
 /// A storage backend.
@@ -88,7 +120,8 @@ pub trait Store: Send + Sync + 'static {
     async fn run_write(&self, job: WriteJob) -> StoreResult<Box<dyn Any + Send>>;
     /// Queue `job` like [`Store::run_write`] without waiting for it: `done`
     /// gets its result after the commit, on the writer's own thread (so it
-    /// must be quick: wake someone, never block). On `Err` (the store is
+    /// must be quick: wake someone, never block); if the writer stops with
+    /// the job still queued, `done` gets an error. On `Err` (the store is
     /// closed) the job was not queued and `done` is not called. This spares
     /// a caller that only relays the result (the audit trail's group
     /// commit) a thread hand-off per commit.
@@ -210,3 +243,64 @@ pub trait StoreExt: Store {
 }
 
 impl<S: Store + ?Sized> StoreExt for S {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// What a callback was called with.
+    type Seen = Arc<Mutex<Vec<Result<(), String>>>>;
+
+    fn recorder() -> (WriteDone, Seen) {
+        let seen: Seen = Arc::default();
+        let s = seen.clone();
+        let done: WriteDone = Box::new(move |r| {
+            s.lock()
+                .unwrap()
+                .push(r.map(drop).map_err(|e| e.to_string()));
+        });
+        (done, seen)
+    }
+
+    /// A callback whose job is dropped unanswered (its writer died) still
+    /// hears of it, once.
+    #[test]
+    fn an_unanswered_callback_gets_an_error() {
+        let (done, seen) = recorder();
+        drop(WriteReply::call(done));
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        assert!(
+            seen[0]
+                .as_ref()
+                .unwrap_err()
+                .contains("writer thread stopped")
+        );
+    }
+
+    /// An answered callback is called once, with the answer.
+    #[test]
+    fn an_answered_callback_is_called_once() {
+        let (done, seen) = recorder();
+        WriteReply::call(done).send(Ok(Box::new(())));
+        assert_eq!(*seen.lock().unwrap(), vec![Ok(())]);
+    }
+
+    /// A job that cannot be queued is answered by the error alone.
+    #[test]
+    fn a_job_not_queued_does_not_call_back() {
+        let (done, seen) = recorder();
+        let closed = parking_lot::Mutex::new(None);
+        let job: WriteJob = Box::new(|_| Ok(Box::new(())));
+        assert!(queue_write(&closed, job, WriteReply::call(done)).is_err());
+        let (tx, rx) = std::sync::mpsc::channel();
+        drop(rx);
+        let stopped = parking_lot::Mutex::new(Some(tx));
+        let (done, seen2) = recorder();
+        let job: WriteJob = Box::new(|_| Ok(Box::new(())));
+        assert!(queue_write(&stopped, job, WriteReply::call(done)).is_err());
+        assert!(seen.lock().unwrap().is_empty());
+        assert!(seen2.lock().unwrap().is_empty());
+    }
+}

@@ -797,7 +797,7 @@ impl Store for PostgresStore {
     }
 
     fn submit_write(&self, job: WriteJob, done: crate::WriteDone) -> StoreResult<()> {
-        crate::queue_write(&self.writer, job, Reply::Call(done))
+        crate::queue_write(&self.writer, job, Reply::call(done))
     }
 
     async fn migrations(&self) -> StoreResult<Vec<(i64, String)>> {

@@ -1048,7 +1048,7 @@ impl Store for SqliteStore {
     }
 
     fn submit_write(&self, job: WriteJob, done: crate::WriteDone) -> StoreResult<()> {
-        crate::queue_write(&self.writer, job, Reply::Call(done))
+        crate::queue_write(&self.writer, job, Reply::call(done))
     }
 
     async fn sys_version(&self, kind: &str, key: &str) -> StoreResult<i64> {
