@@ -525,9 +525,12 @@ impl AuditTrail {
             let Some(inner) = job_weak.upgrade() else {
                 return Ok(Box::new(Vec::<u64>::new()));
             };
-            let batch = inner.take_queue();
+            // Kept in the slot before anything can fail, so that the callback
+            // answers exactly these events even if an append panics.
+            let mut slot = job_taken.lock();
+            let batch = slot.insert(inner.take_queue());
             let mut indexes = Vec::with_capacity(batch.len());
-            let result = batch.iter().try_for_each(|p| {
+            for p in batch.iter() {
                 indexes.push(tx.audit_append(&AuditAppend {
                     at: p.at,
                     action: p.action,
@@ -536,16 +539,15 @@ impl AuditTrail {
                     patients: &p.patients,
                     data: &p.leaf,
                 })?);
-                Ok(())
-            });
-            *job_taken.lock() = Some(batch);
-            result.map(|()| Box::new(indexes) as Box<dyn std::any::Any + Send>)
+            }
+            Ok(Box::new(indexes) as Box<dyn std::any::Any + Send>)
         });
         let done_weak = Arc::downgrade(inner);
         let done: custos_store::WriteDone = Box::new(move |result| {
             let inner = done_weak.upgrade();
-            // A job that never ran (its writer stopped) took nothing: the
-            // events still wait in the queue, which nothing will take now.
+            // A job that never ran (its writer stopped) took nothing and
+            // is the only one armed: the events still wait in the queue,
+            // which nothing will take now.
             let batch = match (taken.lock().take(), &inner) {
                 (Some(batch), _) => batch,
                 (None, Some(inner)) => inner.take_queue(),
