@@ -1467,13 +1467,17 @@ async fn bench(plan: Plan, postgres: Option<String>) -> anyhow::Result<()> {
     let lag = match (before, after, &server.server.detection) {
         (Some(b), Some(a), Some(d)) => {
             d.caught_up(Duration::from_secs(300)).await;
-            let busy = d.stats().busy_us;
+            let stats = d.stats();
+            let busy = stats.busy_us;
             println!(
                 ".. detection: {} / {} events behind at the start / end of the timed searches; \
-                 {:.1} s judging since the server started",
+                 {:.1} s judging since the server started; written versions that enriched events: \
+                 {} handed over by the write path, {} read back",
                 thousands(b as f64),
                 thousands(a as f64),
-                busy as f64 / 1e6
+                busy as f64 / 1e6,
+                thousands(stats.versions_handed_over as f64),
+                thousands(stats.versions_read_back as f64)
             );
             Some((b, a, busy))
         }

@@ -57,6 +57,12 @@ const LOG_PASS_EVERY: Duration = Duration::from_millis(20);
 /// (so that it need not read them back and open them): well over what
 /// commits between two passes at full load.
 const HANDED_OVER: usize = 16_384;
+/// Versions written in this process that the record service holds for the
+/// pipeline (so that it need not read them back): over ten Bundles of a
+/// bulk load of patients.
+const WRITTEN_HANDED_OVER: usize = 12_000;
+/// The types of the versions whose bodies enrich a write event.
+const ENRICHING_TYPES: [&str; 3] = ["Patient", "Coverage", "Encounter"];
 /// Patients' facts kept in memory at most (then the cache starts over).
 const FACTS_CAP: usize = 200_000;
 
@@ -100,6 +106,34 @@ pub struct Stats {
     /// Time spent judging (reading the log, opening, enriching, the
     /// detectors, the sinks), in µs: `processed / busy` is the pipeline's rate.
     pub busy_us: u64,
+    /// Written versions that enriched events: handed over by this
+    /// process's write path, and read back from the store.
+    pub versions_handed_over: u64,
+    pub versions_read_back: u64,
+}
+
+/// Cases changed by a batch's findings, not yet saved (each once, as last changed).
+#[derive(Default)]
+struct Unsaved {
+    cases: Vec<Case>,
+    /// Case id → its place in `cases`.
+    at: HashMap<String, usize>,
+}
+
+impl Unsaved {
+    fn add(&mut self, case: Case) {
+        match self.at.get(&case.id) {
+            Some(&i) => self.cases[i] = case,
+            None => {
+                self.at.insert(case.id.clone(), self.cases.len());
+                self.cases.push(case);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.cases.is_empty()
+    }
 }
 
 #[derive(Default)]
@@ -161,6 +195,8 @@ struct Inner {
     webhook: Option<Webhook>,
     processed: Mutex<(u64, u64)>,
     busy_us: Mutex<u64>,
+    /// Written versions handed over and read back (see [`Stats`]).
+    versions: Mutex<(u64, u64)>,
     /// The next audit index whose findings have all reached the sinks.
     sunk: std::sync::atomic::AtomicU64,
     alert_latency: Mutex<VecDeque<u64>>,
@@ -327,6 +363,7 @@ impl Detection {
     pub async fn stop(&self) -> Result<(), DetectError> {
         self.inner.stop.send_replace(true);
         self.inner.trail.hand_over_commits(0);
+        self.inner.records.hand_over_writes(0, &[]);
         let task = self.inner.task.lock().take();
         match task {
             Some(t) => t
@@ -434,6 +471,7 @@ impl Detection {
             webhook,
             processed: Mutex::new((0, 0)),
             busy_us: Mutex::new(0),
+            versions: Mutex::new((0, 0)),
             sunk: std::sync::atomic::AtomicU64::new(restored_cursor),
             alert_latency: Mutex::new(VecDeque::new()),
             event_latency: Mutex::new(VecDeque::new()),
@@ -459,6 +497,7 @@ impl Detection {
         let (processed, findings) = *self.inner.processed.lock();
         let a = self.inner.alert_latency.lock();
         let e = self.inner.event_latency.lock();
+        let versions = *self.inner.versions.lock();
         Stats {
             processed,
             cursor: self.inner.engine.lock().state().cursor,
@@ -468,6 +507,8 @@ impl Detection {
             alert_latency_p99_us: percentile(&a, 0.99),
             event_latency_p99_us: percentile(&e, 0.99),
             busy_us: *self.inner.busy_us.lock(),
+            versions_handed_over: versions.0,
+            versions_read_back: versions.1,
         }
     }
 
@@ -603,6 +644,9 @@ impl Detection {
         if matches!(source, Source::Log) {
             self.inner.trail.hand_over_commits(HANDED_OVER);
         }
+        self.inner
+            .records
+            .hand_over_writes(WRITTEN_HANDED_OVER, &ENRICHING_TYPES);
         let task = tokio::spawn(async move {
             let mut last_save = Instant::now();
             let mut last_global = Instant::now();
@@ -748,6 +792,7 @@ impl Detection {
                 .events(cursor, size, BATCH)
                 .await
                 .map_err(store_err)?;
+
             if events.is_empty() {
                 break;
             }
@@ -758,8 +803,13 @@ impl Detection {
         Ok(())
     }
 
-    /// Judge events, in index order: enrich, detect, sink.
+    /// Judge events, in index order: enrich, detect, sink. The cases the
+    /// findings opened or joined are saved together after the batch (see
+    /// [`Detection::save_cases`]); responses are taken at once.
     async fn judge(&self, events: Vec<(u64, AuditRecord)>) {
+        let mut unsaved = Unsaved::default();
+        // The index after the last event judged whose cases wait to be saved.
+        let mut judged = None;
         for (index, rec) in events {
             let mut ev = Observed::from_record(index, &rec);
             self.enrich(&mut ev, &rec).await;
@@ -777,11 +827,23 @@ impl Detection {
             }
             for f in found {
                 push_sample(&self.inner.alert_latency, (now - f.at).max(0) as u64);
-                self.sink(f).await;
+                if let Some(case) = self.sink(f).await {
+                    unsaved.add(case);
+                }
             }
+            if unsaved.is_empty() {
+                self.inner
+                    .sunk
+                    .store(index + 1, std::sync::atomic::Ordering::Release);
+            } else {
+                judged = Some(index + 1);
+            }
+        }
+        self.save_cases(unsaved).await;
+        if let Some(next) = judged {
             self.inner
                 .sunk
-                .store(index + 1, std::sync::atomic::Ordering::Release);
+                .store(next, std::sync::atomic::Ordering::Release);
         }
     }
 
@@ -789,9 +851,13 @@ impl Detection {
     async fn tick(&self) {
         let mut found = Vec::new();
         self.inner.engine.lock().tick(now_micros(), &mut found);
+        let mut unsaved = Unsaved::default();
         for f in found {
-            self.sink(f).await;
+            if let Some(case) = self.sink(f).await {
+                unsaved.add(case);
+            }
         }
+        self.save_cases(unsaved).await;
     }
 
     /// Save the principals' changed state and, when `global`, the rest
@@ -930,7 +996,7 @@ impl Detection {
                 continue;
             }
             let updated = w.interaction == "update" && w.version > 1;
-            if !(updated || matches!(w.rtype.as_str(), "Patient" | "Coverage" | "Encounter")) {
+            if !(updated || ENRICHING_TYPES.contains(&w.rtype.as_str())) {
                 continue;
             }
             let at = wanted.len();
@@ -940,7 +1006,28 @@ impl Detection {
             }
             slots.push((k, at, updated.then_some(at + 1)));
         }
-        let opened = records.vread_many(&wanted).await;
+        // Versions written by this process come from the record service's
+        // hand-over (opened once, by the write); the rest are read.
+        let held = records.take_written(&wanted).await;
+        let missing: Vec<(String, String, i64)> = wanted
+            .iter()
+            .zip(&held)
+            .filter(|(_, h)| h.is_none())
+            .map(|(w, _)| w.clone())
+            .collect();
+        {
+            let mut v = self.inner.versions.lock();
+            v.0 += (wanted.len() - missing.len()) as u64;
+            v.1 += missing.len() as u64;
+        }
+        let mut read = records.vread_many(&missing).await.into_iter();
+        let opened: Vec<Result<custos_records::Opened, custos_fhir::FhirError>> = held
+            .into_iter()
+            .map(|h| match h {
+                Some(o) => Ok(o),
+                None => read.next().expect("every missing version was read"),
+            })
+            .collect();
         for (k, at, previous) in slots {
             let Ok(new) = &opened[at] else {
                 continue;
@@ -1033,7 +1120,9 @@ impl Detection {
 
     // -------------------------------------------------------------- sinks
 
-    async fn sink(&self, f: Finding) {
+    /// Join a finding to its case (or open one), take the responses, call
+    /// the webhook, announce the case; returns the case to save, if it changed.
+    async fn sink(&self, f: Finding) -> Option<Case> {
         // A case worked by an officer through another node is read again
         // before a finding joins it (a dismissed case does not take more).
         let active = self.inner.cases.lock().active.get(&f.case_key()).cloned();
@@ -1053,7 +1142,7 @@ impl Detection {
                         .iter()
                         .any(|g| g.kind == f.kind && g.evidence.first() == f.evidence.first())
                     {
-                        return;
+                        return None;
                     }
                     let before = case.severity;
                     case.join(f.clone());
@@ -1113,10 +1202,36 @@ impl Detection {
                 );
             }
         }
-        if let Err(e) = self.save_case(&case).await {
-            tracing::error!(error = %e, "a detection case could not be saved");
+        let _ = self.inner.alerts.send(case.clone());
+        Some(case)
+    }
+
+    /// Save the cases of a batch in one write. One save per finding, each
+    /// waiting its turn at the store's single writer, had held the pipeline
+    /// behind a bulk load: a Bundle of 1,000 patients with a few duplicate
+    /// identities waited behind the next Bundle's commit for every finding.
+    async fn save_cases(&self, unsaved: Unsaved) {
+        if unsaved.cases.is_empty() {
+            return;
         }
-        let _ = self.inner.alerts.send(case);
+        let vault = self.inner.auth.vault().clone();
+        let rows: Vec<(String, Vec<u8>)> = unsaved
+            .cases
+            .iter()
+            .map(|c| (c.id.clone(), vault.seal(CASE_KIND, &c.id, c)))
+            .collect();
+        let saved = vault
+            .write(move |tx, _| {
+                for (id, sealed) in &rows {
+                    tx.sys_put(CASE_KIND, id, sealed, None)
+                        .map_err(|e| custos_auth::AuthError::Internal(e.to_string()))?;
+                }
+                Ok(())
+            })
+            .await;
+        if let Err(e) = saved {
+            tracing::error!(error = %e, cases = unsaved.cases.len(), "detection cases could not be saved");
+        }
     }
 
     async fn save_case(&self, case: &Case) -> Result<(), DetectError> {

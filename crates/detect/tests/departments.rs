@@ -189,6 +189,13 @@ async fn a_department_that_treats_the_patient_explains_a_read() {
         vec![Some(live.clone())],
         "{cases:?}"
     );
+    // The written Patient and Encounter came from the write path, not read back.
+    let stats = d.stats();
+    assert_eq!(
+        (stats.versions_handed_over, stats.versions_read_back),
+        (2, 0),
+        "{stats:?}"
+    );
     d.stop().await.unwrap();
 
     // A patient first met in a read (its admission judged by an earlier
@@ -199,6 +206,13 @@ async fn a_department_that_treats_the_patient_explains_a_read() {
         .await
         .unwrap();
     assert!(d.caught_up(Duration::from_secs(20)).await);
+    // Written before the pipeline asked for them: read back.
+    let stats = d.stats();
+    assert_eq!(
+        (stats.versions_handed_over, stats.versions_read_back),
+        (0, 2),
+        "{stats:?}"
+    );
     d.stop().await.unwrap();
     let d = Detection::start(w.records.clone(), w.auth.clone(), DetectConfig::default())
         .await

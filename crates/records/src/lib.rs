@@ -10,6 +10,7 @@
 mod access;
 mod bundles;
 mod capability;
+mod handover;
 mod index;
 mod keys;
 mod relations;

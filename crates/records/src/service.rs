@@ -69,6 +69,36 @@ pub struct Opened {
 }
 
 impl Opened {
+    /// Move the body out (leaving `Null`) into a copy of the rest.
+    pub(crate) fn take_body(&mut self) -> Opened {
+        Opened {
+            rtype: self.rtype.clone(),
+            id: self.id.clone(),
+            version: self.version,
+            last_updated: self.last_updated,
+            resource: std::mem::take(&mut self.resource),
+            key_name: self.key_name.clone(),
+            rid: self.rid,
+            sort_key: self.sort_key,
+            raw: self.raw.take(),
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn for_test(rtype: &str, id: &str, version: i64, resource: Value) -> Opened {
+        Opened {
+            rtype: rtype.into(),
+            id: id.into(),
+            version,
+            last_updated: 0,
+            resource,
+            key_name: crate::keys::SHARED_KEY_NAME.into(),
+            rid: 0,
+            sort_key: None,
+            raw: None,
+        }
+    }
+
     fn stored(
         sv: StoredVersion,
         resource: Value,
@@ -160,6 +190,8 @@ pub(crate) struct Inner {
     clock: AtomicI64,
     relations_gen: AtomicU64,
     consents_gen: AtomicU64,
+    /// Committed versions held for the in-process consumer of the audit log.
+    written: crate::handover::WrittenBodies,
 }
 
 /// The record service; cheap to clone. Each handle carries the [`Guard`]
@@ -224,6 +256,7 @@ impl Records {
                 clock: AtomicI64::new(0),
                 relations_gen: AtomicU64::new(0),
                 consents_gen: AtomicU64::new(0),
+                written: Default::default(),
             }),
             guard: Arc::new(Unrestricted),
             audit: None,
@@ -410,6 +443,62 @@ impl Records {
         self.after_read(rtype, id, found)
             .await
             .map_err(|e| no_such_version(e, rtype, id, v))
+    }
+
+    /// Hold, from now on, up to `capacity` of the versions that writes
+    /// commit, opened, of the resource `types`, for the in-process consumer
+    /// of the audit log (detection), which takes them with
+    /// [`Records::take_written`] instead of reading them back. 0 stops and
+    /// forgets what is held. See the `handover` module.
+    pub fn hand_over_writes(&self, capacity: usize, types: &[&str]) {
+        self.inner.written.configure(capacity, types);
+    }
+
+    /// Take the committed versions held for the consumer (see
+    /// [`Records::hand_over_writes`]): each asked-for version that is held,
+    /// once, as [`Records::vread`] would have opened it; `None` for the
+    /// rest, which the caller reads. This handle's guard decides as for a read.
+    pub async fn take_written(&self, wanted: &[(String, String, i64)]) -> Vec<Option<Opened>> {
+        let taken = self.inner.written.take(wanted);
+        let mut out = Vec::with_capacity(taken.len());
+        for o in taken {
+            out.push(match o {
+                Some(o) => {
+                    let allowed = self.before_read(&o.rtype, &o.id).await.is_ok()
+                        && self
+                            .guard
+                            .check_resource(
+                                Interaction::Read,
+                                &o.rtype,
+                                &o.id,
+                                compartment_of_key(&o.key_name),
+                            )
+                            .await
+                            .is_ok();
+                    allowed.then_some(o)
+                }
+                None => None,
+            });
+        }
+        out
+    }
+
+    /// Leave the versions a write committed for the consumer, if one asked
+    /// for their types: moved out of `done` when the caller does not return
+    /// bodies (`keep` false), copied otherwise.
+    pub(crate) fn hand_over<'a>(
+        &self,
+        committed: impl Iterator<Item = &'a mut Opened>,
+        keep: bool,
+    ) {
+        let w = &self.inner.written;
+        let handed: Vec<Opened> = committed
+            .filter(|o| w.wants(&o.rtype))
+            .map(|o| if keep { o.clone() } else { o.take_body() })
+            .collect();
+        if !handed.is_empty() {
+            w.keep(handed);
+        }
     }
 
     /// Read several versions (`(type, id, version)`) in one store read:
@@ -734,6 +823,7 @@ impl Records {
             .await
             .map_err(store_err)?;
         self.keys().forget(&key_name);
+        self.inner.written.forget_key(&key_name);
         Ok(n)
     }
 

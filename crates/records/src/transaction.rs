@@ -362,7 +362,9 @@ impl Records {
         base: &str,
         representation: bool,
     ) -> Result<Value, FhirError> {
-        let done = self.run_entries(entries, base, false).await?;
+        let done = self
+            .run_entries(entries, base, false, representation)
+            .await?;
         let entries: Vec<Value> = done
             .iter()
             .map(|d| response_entry(base, d, representation))
@@ -389,11 +391,16 @@ impl Records {
     /// If another write got in between (a conditional answers differently,
     /// a version moved), the commit rolls back and the whole transaction is
     /// prepared again, a few times at most.
+    ///
+    /// `bodies`: whether the caller returns the resources written (otherwise
+    /// the versions handed over to detection are moved out of the result,
+    /// not copied).
     async fn run_entries(
         &self,
         entries: Vec<Entry>,
         base: &str,
         single: bool,
+        bodies: bool,
     ) -> Result<Vec<Done>, FhirError> {
         const ATTEMPTS: usize = 4;
         for e in &entries {
@@ -429,7 +436,8 @@ impl Records {
                 })
                 .await;
             match committed {
-                Ok(done) => {
+                Ok(mut done) => {
+                    self.hand_over(done.iter_mut().filter_map(|d| d.opened.as_mut()), bodies);
                     let writes = entries.iter().filter(|e| e.method != Method::Get);
                     let (mut relations, mut consents) = (false, false);
                     for e in writes {
@@ -877,7 +885,7 @@ impl Records {
         Records::validate_body(rtype, None, &body)?;
         let e = Entry::single(Method::Post, rtype, None, if_none_exist, None, Some(body));
         let done = self
-            .run_entries(vec![e], "", true)
+            .run_entries(vec![e], "", true, true)
             .await?
             .pop()
             .expect("one entry");
@@ -914,7 +922,7 @@ impl Records {
             Some(body),
         );
         let done = self
-            .run_entries(vec![e], "", true)
+            .run_entries(vec![e], "", true, true)
             .await?
             .pop()
             .expect("one entry");
@@ -946,7 +954,7 @@ impl Records {
             None,
             None,
         );
-        self.run_entries(vec![e], "", true).await?;
+        self.run_entries(vec![e], "", true, true).await?;
         Ok(())
     }
 
