@@ -1479,7 +1479,13 @@ async fn bench(plan: Plan, postgres: Option<String>) -> anyhow::Result<()> {
                 thousands(stats.versions_handed_over as f64),
                 thousands(stats.versions_read_back as f64)
             );
-            Some((b, a, busy))
+            Some((
+                b,
+                a,
+                busy,
+                stats.versions_handed_over,
+                stats.versions_read_back,
+            ))
         }
         _ => None,
     };
@@ -1524,7 +1530,7 @@ async fn bench(plan: Plan, postgres: Option<String>) -> anyhow::Result<()> {
         )
         .want(at, s.family.p99 <= SEARCH_P99_TARGET_US),
     );
-    if let Some((b, a, busy)) = lag {
+    if let Some((b, a, busy, handed, read_back)) = lag {
         rows.push(row(
             "search",
             "detection behind the load: events behind at start / end of the searches; s judging in all",
@@ -1533,6 +1539,15 @@ async fn bench(plan: Plan, postgres: Option<String>) -> anyhow::Result<()> {
                 thousands(b as f64),
                 thousands(a as f64),
                 busy as f64 / 1e6
+            ),
+        ));
+        rows.push(row(
+            "search",
+            "detection: written versions taken from the write path / read back",
+            format!(
+                "{} / {}",
+                thousands(handed as f64),
+                thousands(read_back as f64)
             ),
         ));
     }
