@@ -494,21 +494,28 @@ impl Detection {
 
     /// The pipeline's figures.
     pub fn stats(&self) -> Stats {
+        // One lock at a time, each released before the next is taken.
         let (processed, findings) = *self.inner.processed.lock();
-        let a = self.inner.alert_latency.lock();
-        let e = self.inner.event_latency.lock();
-        let versions = *self.inner.versions.lock();
+        let (alert_latency_p50_us, alert_latency_p99_us) = {
+            let a = self.inner.alert_latency.lock();
+            (percentile(&a, 0.5), percentile(&a, 0.99))
+        };
+        let event_latency_p99_us = percentile(&self.inner.event_latency.lock(), 0.99);
+        let cursor = self.inner.engine.lock().state().cursor;
+        let cases = self.inner.cases.lock().by_id.len();
+        let busy_us = *self.inner.busy_us.lock();
+        let (versions_handed_over, versions_read_back) = *self.inner.versions.lock();
         Stats {
             processed,
-            cursor: self.inner.engine.lock().state().cursor,
+            cursor,
             findings,
-            cases: self.inner.cases.lock().by_id.len(),
-            alert_latency_p50_us: percentile(&a, 0.5),
-            alert_latency_p99_us: percentile(&a, 0.99),
-            event_latency_p99_us: percentile(&e, 0.99),
-            busy_us: *self.inner.busy_us.lock(),
-            versions_handed_over: versions.0,
-            versions_read_back: versions.1,
+            cases,
+            alert_latency_p50_us,
+            alert_latency_p99_us,
+            event_latency_p99_us,
+            busy_us,
+            versions_handed_over,
+            versions_read_back,
         }
     }
 
