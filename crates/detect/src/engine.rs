@@ -156,9 +156,13 @@ pub struct EngineState {
     network_failures: HashMap<String, VecDeque<(i64, String)>>,
     /// Networks seen per department (site).
     site_networks: HashMap<String, HashSet<String>>,
-    /// Identifier → (identity, patient) as first registered.
+    /// Identifier → (identity, patient) as first registered. Grows with the
+    /// patients, so it is saved entry by entry ([`RegistryEntry`]), never in
+    /// the global state (read from a global state of an earlier release).
+    #[serde(default, skip_serializing)]
     identifiers: HashMap<Tok, (Option<Tok>, String)>,
-    /// Patient → (site, start µs) of its latest encounter.
+    /// Patient → (site, start µs) of its latest encounter (saved as the identifiers are).
+    #[serde(default, skip_serializing)]
     encounters: HashMap<String, (String, i64)>,
     /// Server-wide updates and deletes (µs), the last minute.
     server_writes: VecDeque<i64>,
@@ -179,6 +183,33 @@ pub struct Engine {
     state: EngineState,
     /// Principals whose state changed since [`Engine::take_dirty`].
     dirty: HashSet<String>,
+    /// Identifiers registered since [`Engine::take_dirty_registry`].
+    dirty_identifiers: HashSet<Tok>,
+    /// Patients whose latest encounter changed since [`Engine::take_dirty_registry`].
+    dirty_encounters: HashSet<String>,
+}
+
+/// One entry of detection's registry of patients (identifiers as first
+/// registered, latest encounters), saved on its own: the registry grows with the patients (two identifiers each, say), so
+/// saving it whole, as the global state is saved, would rewrite tens of
+/// megabytes at 100,000 patients every time; entry by entry, a save
+/// writes only what changed since the last.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegistryEntry {
+    /// An identifier as first registered: its token, the identity token of
+    /// the demographics it came with, the patient.
+    Identifier {
+        identifier: Tok,
+        identity: Option<Tok>,
+        patient: String,
+    },
+    /// A patient's latest encounter: where and when it started (µs).
+    Encounter {
+        patient: String,
+        site: String,
+        start: i64,
+    },
 }
 
 /// Seed of the shared Half-Space Trees structure (fixed: every model of
@@ -208,20 +239,77 @@ impl Engine {
             forest: Forest::new(FEATURES.len(), 25, 7, FOREST_SEED),
             state,
             dirty: HashSet::new(),
+            dirty_identifiers: HashSet::new(),
+            dirty_encounters: HashSet::new(),
         }
     }
 
-    /// Restore from what [`Engine::global_state`] and [`Engine::take_dirty`] saved.
+    /// Restore from what [`Engine::global_state`], [`Engine::take_dirty`]
+    /// and [`Engine::take_dirty_registry`] saved.
     pub fn restore(
         config: DetectConfig,
         global: &[u8],
         users: impl IntoIterator<Item = (String, Vec<u8>)>,
+        registry: impl IntoIterator<Item = RegistryEntry>,
     ) -> Result<Engine, serde_json::Error> {
         let mut state: EngineState = serde_json::from_slice(global)?;
         for (subject, bytes) in users {
             state.users.insert(subject, serde_json::from_slice(&bytes)?);
         }
-        Ok(Engine::with_state(config, state))
+        // A global state saved by an earlier release carries the registry
+        // itself: its entries are saved again, one by one, at the next save.
+        let (old_identifiers, old_encounters) = (
+            state.identifiers.keys().copied().collect::<HashSet<_>>(),
+            state.encounters.keys().cloned().collect::<HashSet<_>>(),
+        );
+        for fact in registry {
+            match fact {
+                RegistryEntry::Identifier {
+                    identifier,
+                    identity,
+                    patient,
+                } => {
+                    state.identifiers.insert(identifier, (identity, patient));
+                }
+                RegistryEntry::Encounter {
+                    patient,
+                    site,
+                    start,
+                } => {
+                    state.encounters.insert(patient, (site, start));
+                }
+            }
+        }
+        let mut engine = Engine::with_state(config, state);
+        engine.dirty_identifiers = old_identifiers;
+        engine.dirty_encounters = old_encounters;
+        Ok(engine)
+    }
+
+    /// The registry entries added or changed since the last call.
+    pub fn take_dirty_registry(&mut self) -> Vec<RegistryEntry> {
+        let identifiers = std::mem::take(&mut self.dirty_identifiers);
+        let encounters = std::mem::take(&mut self.dirty_encounters);
+        let mut out = Vec::with_capacity(identifiers.len() + encounters.len());
+        for identifier in identifiers {
+            if let Some((identity, patient)) = self.state.identifiers.get(&identifier) {
+                out.push(RegistryEntry::Identifier {
+                    identifier,
+                    identity: *identity,
+                    patient: patient.clone(),
+                });
+            }
+        }
+        for patient in encounters {
+            if let Some((site, start)) = self.state.encounters.get(&patient) {
+                out.push(RegistryEntry::Encounter {
+                    site: site.clone(),
+                    start: *start,
+                    patient,
+                });
+            }
+        }
+        out
     }
 
     /// Everything but the principals' own state, serialized.
@@ -551,6 +639,7 @@ impl Engine {
                             self.state
                                 .identifiers
                                 .insert(*id, (w.identity, patient.clone()));
+                            self.dirty_identifiers.insert(*id);
                         }
                     }
                 }
@@ -581,6 +670,7 @@ impl Engine {
                 self.state
                     .encounters
                     .insert(patient.clone(), (site.clone(), start));
+                self.dirty_encounters.insert(patient.clone());
             }
         }
     }

@@ -21,7 +21,7 @@ pub mod webhook;
 
 pub use alerts::{Case, CaseStatus, Detector, Finding, Outcome, Severity};
 pub use config::{Action, DetectConfig, ResponseRule};
-pub use engine::{Engine, EngineState};
+pub use engine::{Engine, EngineState, RegistryEntry};
 pub use facts::{Facts, MemoryFacts, PatientFacts, PersonFacts, StaffFacts, Tokenizer};
 pub use live::{CaseUpdate, DetectError, Detection, Stats};
 pub use observe::{Access, Kind, Observed, Written};

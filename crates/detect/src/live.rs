@@ -33,7 +33,7 @@ use serde_json::json;
 
 use crate::alerts::{Case, CaseStatus, Finding, Note, Outcome, Taken};
 use crate::config::{Action, DetectConfig};
-use crate::engine::Engine;
+use crate::engine::{Engine, RegistryEntry};
 use crate::facts::{MemoryFacts, StaffFacts, Tokenizer, rewritten_to_high_entropy};
 use crate::observe::Observed;
 use crate::source::{EXTERNAL_WAIT, EventSource, SealedEvent, Source};
@@ -43,6 +43,11 @@ use crate::webhook::Webhook;
 const CASE_KIND: &str = "detect-case";
 const STATE_KIND: &str = "detect-state";
 const USER_STATE_KIND: &str = "detect-user";
+/// Kind of the saved [`RegistryEntry`]s, one record each: an identifier's
+/// (keyed by its token, itself keyed) and a patient's latest encounter
+/// (keyed by a blind token of the patient).
+const IDENTIFIER_KIND: &str = "detect-identifier";
+const ENCOUNTER_KIND: &str = "detect-encounter";
 /// Events read per batch.
 const BATCH: usize = 1024;
 /// Least time between two passes over the local log, unless a write
@@ -422,8 +427,20 @@ impl Detection {
                 })
                 .collect::<Result<_, DetectError>>()?
         };
+        let mut registry: Vec<RegistryEntry> = Vec::new();
+        for kind in [IDENTIFIER_KIND, ENCOUNTER_KIND] {
+            let rows = store
+                .read(move |tx| tx.sys_list(kind))
+                .await
+                .map_err(store_err)?;
+            registry.reserve(rows.len());
+            for r in &rows {
+                let bytes = vault.open_bytes(r).map_err(store_err)?;
+                registry.push(serde_json::from_slice(&bytes).map_err(store_err)?);
+            }
+        }
         let engine = match global.filter(|_| restore) {
-            Some(g) => Engine::restore(config.clone(), &g, users).map_err(|e| {
+            Some(g) => Engine::restore(config.clone(), &g, users, registry).map_err(|e| {
                 DetectError::Store(format!("the saved detection state does not decode: {e}"))
             })?,
             None => Engine::new(config.clone()),
@@ -871,18 +888,19 @@ impl Detection {
     /// with the cursor. Returns the cursor that the save made durable, if it
     /// saved one.
     async fn save_state(&self, global: bool) -> Result<Option<u64>, DetectError> {
-        let (dirty, g, cursor) = {
+        let (dirty, registry, g, cursor) = {
             let mut e = self.inner.engine.lock();
             let dirty = e.take_dirty();
+            let registry = e.take_dirty_registry();
             let cursor = e.state().cursor;
-            (dirty, global.then(|| e.global_state()), cursor)
+            (dirty, registry, global.then(|| e.global_state()), cursor)
         };
-        if dirty.is_empty() && g.is_none() {
+        if dirty.is_empty() && registry.is_empty() && g.is_none() {
             return Ok(None);
         }
         let saved = g.is_some().then_some(cursor);
         let vault = self.inner.auth.vault().clone();
-        let rows: Vec<(String, Vec<u8>)> = dirty
+        let rows: Vec<(&str, String, Vec<u8>)> = dirty
             .into_iter()
             .map(|(subject, state)| {
                 let key = vault.blind_key("detect-user", &subject);
@@ -891,19 +909,25 @@ impl Detection {
                 )
                 .expect("valid JSON");
                 let value = serde_json::to_vec(&(subject, raw)).expect("serializes");
-                (key, value)
+                (USER_STATE_KIND, key, value)
             })
+            .chain(registry.into_iter().map(|entry| {
+                let (kind, key) = match &entry {
+                    RegistryEntry::Identifier { identifier, .. } => {
+                        (IDENTIFIER_KIND, format!("{identifier:016x}"))
+                    }
+                    RegistryEntry::Encounter { patient, .. } => {
+                        (ENCOUNTER_KIND, vault.blind_key(ENCOUNTER_KIND, patient))
+                    }
+                };
+                (kind, key, serde_json::to_vec(&entry).expect("serializes"))
+            }))
             .collect();
         vault
             .write(move |tx, v| {
-                for (key, value) in &rows {
-                    tx.sys_put(
-                        USER_STATE_KIND,
-                        key,
-                        &v.seal_bytes(USER_STATE_KIND, key, value),
-                        None,
-                    )
-                    .map_err(|e| custos_auth::AuthError::Internal(e.to_string()))?;
+                for (kind, key, value) in &rows {
+                    tx.sys_put(kind, key, &v.seal_bytes(kind, key, value), None)
+                        .map_err(|e| custos_auth::AuthError::Internal(e.to_string()))?;
                 }
                 if let Some(g) = &g {
                     tx.sys_put(

@@ -3,7 +3,7 @@
 use custos_detect::facts::Labels;
 use custos_detect::{
     Access, DetectConfig, Detector, Engine, Finding, Kind, MemoryFacts, Observed, PatientFacts,
-    PersonFacts, StaffFacts, Written,
+    PersonFacts, RegistryEntry, StaffFacts, Written,
 };
 
 const HOUR: i64 = 3_600_000_000;
@@ -597,21 +597,7 @@ fn ransomware_bursts_and_high_entropy_rewrites() {
 #[test]
 fn medical_identity_theft() {
     let mut w = World::new();
-    let patient = |id: &str, identity: u64| {
-        let mut ev = read("user:clerk", "registration-clerk", T0, id, "new-patient");
-        ev.interaction = "create".into();
-        ev.writes = vec![Written {
-            rtype: "Patient".into(),
-            id: id.into(),
-            version: 1,
-            patient: Some(id.into()),
-            interaction: "create".into(),
-            identity: Some(identity),
-            identifiers: vec![4242],
-            ..Written::default()
-        }];
-        ev
-    };
+    let patient = |id: &str, identity: u64| registered(id, identity, 4242, T0);
     w.feed(patient("a", 1));
     let mut again = patient("a", 1);
     again.writes[0].interaction = "update".into();
@@ -651,6 +637,95 @@ fn medical_identity_theft() {
         w.raised(Detector::IdentityTheft)[0].kind,
         "impossible-travel"
     );
+}
+
+/// A Patient created with one identifier and an identity token, by a clerk.
+fn registered(id: &str, identity: u64, identifier: u64, at: i64) -> Observed {
+    let mut ev = read("user:clerk", "registration-clerk", at, id, "new-patient");
+    ev.interaction = "create".into();
+    ev.writes = vec![Written {
+        rtype: "Patient".into(),
+        id: id.into(),
+        version: 1,
+        patient: Some(id.into()),
+        interaction: "create".into(),
+        identity: Some(identity),
+        identifiers: vec![identifier],
+        ..Written::default()
+    }];
+    ev
+}
+
+#[test]
+fn the_patient_registry_is_saved_entry_by_entry_and_survives_a_restart() {
+    let mut w = World::new();
+    for i in 0..2_000u64 {
+        w.feed(registered(&format!("p{i}"), i, 10_000 + i, T0 + i as i64));
+    }
+    let global = w.engine.global_state();
+    // The global state does not grow with the patients: it holds none of them.
+    assert!(
+        global.len() < 4_096,
+        "global state of {} bytes",
+        global.len()
+    );
+    let users = w.engine.take_dirty();
+    let facts = w.engine.take_dirty_registry();
+    assert_eq!(facts.len(), 2_000);
+    assert!(facts.contains(&RegistryEntry::Identifier {
+        identifier: 10_007,
+        identity: Some(7),
+        patient: "p7".into(),
+    }));
+    // Taken once: only what changes afterwards is saved next time.
+    assert!(w.engine.take_dirty_registry().is_empty());
+    w.feed(registered("p2000", 2_000, 12_000, T0 + DAY));
+    assert_eq!(w.engine.take_dirty_registry().len(), 1);
+
+    let mut restarted = World::new();
+    restarted.engine = Engine::restore(DetectConfig::default(), &global, users, facts).unwrap();
+    restarted.next = w.next;
+    assert!(restarted.engine.take_dirty_registry().is_empty());
+    // p7's identifier, registered before the restart, on someone else.
+    restarted.feed(registered("intruder", 99_999, 10_007, T0 + 2 * DAY));
+    let f = restarted.raised(Detector::IdentityTheft);
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!(f[0].kind, "identifier-reused");
+}
+
+#[test]
+fn a_global_state_that_still_holds_the_registry_is_restored_and_saved_anew() {
+    // The shape an earlier release saved: identifiers and encounters inside.
+    let old = serde_json::json!({
+        "cursor": 5,
+        "users": {}, "roles": {}, "failures": {}, "totp_failures": {},
+        "network_failures": {}, "site_networks": {},
+        "identifiers": { "4242": [1, "a"] },
+        "encounters": { "a": ["Organization/north", T0] },
+        "server_writes": [], "server_minute": null, "server_minute_start": 0,
+        "server_minute_count": 0, "server_fired_until": 0, "credential_fired": {}
+    });
+    let bytes = serde_json::to_vec(&old).unwrap();
+    let mut engine = Engine::restore(DetectConfig::default(), &bytes, [], []).unwrap();
+    let mut facts = engine.take_dirty_registry();
+    facts.sort_by_key(|f| matches!(f, RegistryEntry::Encounter { .. }));
+    assert_eq!(
+        facts,
+        vec![
+            RegistryEntry::Identifier {
+                identifier: 4242,
+                identity: Some(1),
+                patient: "a".into()
+            },
+            RegistryEntry::Encounter {
+                patient: "a".into(),
+                site: "Organization/north".into(),
+                start: T0
+            },
+        ]
+    );
+    let again = engine.global_state();
+    assert!(!String::from_utf8(again).unwrap().contains("4242"));
 }
 
 #[test]
@@ -735,7 +810,8 @@ fn state_survives_a_restart() {
     let users = w.engine.take_dirty();
     assert!(!users.is_empty());
     let mut restarted = World::new();
-    restarted.engine = Engine::restore(DetectConfig::default(), &global, users).unwrap();
+    let facts = w.engine.take_dirty_registry();
+    restarted.engine = Engine::restore(DetectConfig::default(), &global, users, facts).unwrap();
     restarted.next = w.next;
     for i in 2..5 {
         restarted.feed(login(
