@@ -54,10 +54,10 @@ impl WrittenBodies {
         }
     }
 
-    /// Whether a consumer wants bodies of `rtype`.
-    pub(crate) fn wants(&self, rtype: &str) -> bool {
+    /// The resource types a consumer wants bodies of; `None` when nobody asked.
+    pub(crate) fn wanted_types(&self) -> Option<Vec<String>> {
         let h = self.held.lock();
-        h.capacity > 0 && h.types.iter().any(|t| t == rtype)
+        (h.capacity > 0).then(|| h.types.clone())
     }
 
     /// Keep committed versions (those of the wanted types), dropping the

@@ -464,18 +464,14 @@ impl Records {
         for o in taken {
             out.push(match o {
                 Some(o) => {
-                    let allowed = self.before_read(&o.rtype, &o.id).await.is_ok()
-                        && self
-                            .guard
-                            .check_resource(
-                                Interaction::Read,
-                                &o.rtype,
-                                &o.id,
-                                compartment_of_key(&o.key_name),
-                            )
+                    let (rtype, id, key_name) = (o.rtype.clone(), o.id.clone(), o.key_name.clone());
+                    match self.before_read(&rtype, &id).await {
+                        Ok(()) => self
+                            .after_read(&rtype, &id, Some((key_name, Ok(o))))
                             .await
-                            .is_ok();
-                    allowed.then_some(o)
+                            .ok(),
+                        Err(_) => None,
+                    }
                 }
                 None => None,
             });
@@ -492,8 +488,12 @@ impl Records {
         keep: bool,
     ) {
         let w = &self.inner.written;
+        // Asked once per commit, not once per version.
+        let Some(types) = w.wanted_types() else {
+            return;
+        };
         let handed: Vec<Opened> = committed
-            .filter(|o| w.wants(&o.rtype))
+            .filter(|o| types.contains(&o.rtype))
             .map(|o| if keep { o.clone() } else { o.take_body() })
             .collect();
         if !handed.is_empty() {
