@@ -190,10 +190,11 @@ pub struct Engine {
 }
 
 /// One entry of detection's registry of patients (identifiers as first
-/// registered, latest encounters), saved on its own: the registry grows with the patients (two identifiers each, say), so
-/// saving it whole, as the global state is saved, would rewrite tens of
-/// megabytes at 100,000 patients every time; entry by entry, a save
-/// writes only what changed since the last.
+/// registered, latest encounters), saved on its own: the registry grows
+/// with the patients (two identifiers each, say), so saving it whole, as
+/// the global state is saved, would rewrite tens of megabytes at 100,000
+/// patients every time; entry by entry, a save writes only what changed
+/// since the last.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RegistryEntry {
@@ -262,8 +263,8 @@ impl Engine {
             state.identifiers.keys().copied().collect::<HashSet<_>>(),
             state.encounters.keys().cloned().collect::<HashSet<_>>(),
         );
-        for fact in registry {
-            match fact {
+        for entry in registry {
+            match entry {
                 RegistryEntry::Identifier {
                     identifier,
                     identity,

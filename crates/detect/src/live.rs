@@ -427,8 +427,14 @@ impl Detection {
                 })
                 .collect::<Result<_, DetectError>>()?
         };
+        // The registry grows with the patients: read only when it is used.
         let mut registry: Vec<RegistryEntry> = Vec::new();
-        for kind in [IDENTIFIER_KIND, ENCOUNTER_KIND] {
+        let kinds: &[&'static str] = if restore && global.is_some() {
+            &[IDENTIFIER_KIND, ENCOUNTER_KIND]
+        } else {
+            &[]
+        };
+        for &kind in kinds {
             let rows = store
                 .read(move |tx| tx.sys_list(kind))
                 .await
