@@ -603,15 +603,24 @@ const WAL_LIMIT_BYTES: u64 = 256 * 1024 * 1024;
 /// milliseconds, then sets `copied` for the writer to finish the job (see
 /// `writer_loop`). PASSIVE checkpoints never block the writer or readers;
 /// the writer bounds the WAL itself.
+///
+/// Each pass is followed at once by a second, short one that copies the
+/// frames committed while the first ran. The writer's own checkpoint,
+/// which every request waiting on a group commit waits behind, then copies
+/// only the frames of that short pass, not of the long one: under a
+/// stream of audited reads (about 50 MB of WAL a second) this cut their
+/// p99 by about 0.5 ms (`custos bench`, interleaved runs: 6.76 → 6.21 ms
+/// with tokens, 5.79 → 5.37 ms without), and ingest did not slow.
+/// (Passes every 50 ms cut that p99 as much but copied hot
+/// pages five times as often: ingest lost 10 %.)
 fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>, copied: Arc<AtomicBool>) {
+    let pass = || conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
     loop {
         match stop.recv_timeout(std::time::Duration::from_millis(250)) {
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    Ok(()) => copied.store(true, Ordering::Release),
-                    Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; will retry"),
-                }
-            }
+            Err(mpsc::RecvTimeoutError::Timeout) => match pass().and_then(|()| pass()) {
+                Ok(()) => copied.store(true, Ordering::Release),
+                Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; will retry"),
+            },
             _ => return,
         }
     }
@@ -626,8 +635,9 @@ const GROUP_MAX: usize = 256;
 /// start the WAL over: it would grow without bound (8.6 GB for a 0.95 GB
 /// database in a 100,000-patient load), every commit appending to a longer
 /// file (new blocks to allocate, the size to sync, colder pages). So after
-/// each background pass the writer, between two group commits when no
-/// frame can be added, copies the few frames committed since; its next
+/// each background pass (see `checkpoint_loop`) the writer, between two
+/// group commits when no frame can be added, copies the few frames
+/// committed since; its next
 /// commit then writes the WAL from the start again (unless a reader is
 /// still reading old frames; then after the next pass). Past `wal_limit`
 /// (readers keep it from starting over) it runs a TRUNCATE checkpoint: a
