@@ -510,7 +510,7 @@ impl AuditTrail {
 
     /// Queue the job that group-commits the waiting events. It takes them
     /// when the writer runs it, not when it is queued: the events that
-    /// arrive while the writer is busy (the previous commit's fsync, other
+    /// arrive while the writer is busy (the previous commit, other
     /// writes) ride on it, so batches grow with the load, and no delay is
     /// ever added. The writer answers each event's task directly after the
     /// commit. (An appender thread of our own between the request tasks and

@@ -35,7 +35,7 @@ pub type WriteDone = Box<dyn FnOnce(StoreResult<Box<dyn Any + Send>>) + Send>;
 pub(crate) enum WriteReply {
     /// To a task awaiting [`Store::run_write`].
     Wait(tokio::sync::oneshot::Sender<StoreResult<Box<dyn Any + Send>>>),
-    /// To the callback of [`Store::submit_write`], run on the writer's thread.
+    /// To the callback of [`Store::submit_write`], run on the backend's commit thread.
     Call(CallOnce),
 }
 
@@ -119,10 +119,11 @@ pub trait Store: Send + Sync + 'static {
     /// everything it did; other jobs are unaffected.
     async fn run_write(&self, job: WriteJob) -> StoreResult<Box<dyn Any + Send>>;
     /// Queue `job` like [`Store::run_write`] without waiting for it: `done`
-    /// gets its result after the commit, on the writer's own thread (so it
-    /// must be quick: wake someone, never block); if the writer stops with
-    /// the job still queued, `done` gets an error. On `Err` (the store is
-    /// closed) the job was not queued and `done` is not called. This spares
+    /// gets its result after the commit is durable, on one of the backend's
+    /// own threads (so it must be quick: wake someone, never block); if the
+    /// writer stops with the job still queued, `done` gets an error. On
+    /// `Err` (the store is closed) the job was not queued and `done` is not
+    /// called. This spares
     /// a caller that only relays the result (the audit trail's group
     /// commit) a thread hand-off per commit.
     fn submit_write(&self, job: WriteJob, done: WriteDone) -> StoreResult<()>;

@@ -4,6 +4,8 @@
 //! it drains every queued write job into one SQLite transaction, each job
 //! after the first that succeeds inside its own savepoint, so that a failing
 //! job rolls back alone and a burst of small writes costs one commit.
+//! A sync thread makes each commit durable and answers its jobs, while the
+//! writer goes on with the next (see `Syncer`).
 //! Readers use a pool of read-only connections on the blocking thread pool;
 //! WAL gives them consistent snapshots while the writer works.
 use std::any::Any;
@@ -25,7 +27,9 @@ use crate::{ReadJob, Store, WriteJob};
 /// How hard SQLite works to survive power loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Synchronous {
-    /// fsync the WAL at every commit: no acknowledged write is lost even on power loss.
+    /// fsync the WAL after every commit, before any of its jobs is answered
+    /// (on a thread of its own, see `Syncer`): no acknowledged write is lost
+    /// even on power loss.
     #[default]
     Full,
     /// fsync only at checkpoints: survives a process crash, may lose the last
@@ -550,9 +554,26 @@ impl SqliteStore {
         let writer_signal = signal.clone();
         let copied = Arc::new(AtomicBool::new(false));
         let writer_copied = copied.clone();
+        let syncer = match config.synchronous {
+            Synchronous::Full => Some(Syncer::start(&conn, wal.clone())?),
+            Synchronous::Normal => None,
+        };
         let handle = std::thread::Builder::new()
             .name("custos-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, wal, limit, writer_signal, writer_copied, sealer))
+            .spawn(move || {
+                writer_loop(
+                    conn,
+                    rx,
+                    WriterParts {
+                        wal,
+                        wal_limit: limit,
+                        signal: writer_signal,
+                        copied: writer_copied,
+                        syncer,
+                    },
+                    sealer,
+                )
+            })
             .map_err(|e| StoreError::Backend(e.to_string()))?;
         let ck_conn = open_connection(&config, false)?;
         let (stop, stopped) = mpsc::channel::<()>();
@@ -629,6 +650,10 @@ fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>, copied: Arc<Atomi
 /// Most write jobs drained into one group commit.
 const GROUP_MAX: usize = 256;
 
+/// How long the writer waits for another job before it looks again whether
+/// the previous commit is synced (a few times per `fdatasync`).
+const SYNC_POLL: std::time::Duration = std::time::Duration::from_micros(100);
+
 /// The writer: group commits (see the module documentation). It also keeps
 /// the WAL short. Under a sustained load the background checkpoint never
 /// copies the last frames (new ones keep coming), so SQLite would never
@@ -645,12 +670,24 @@ const GROUP_MAX: usize = 256;
 fn writer_loop(
     mut conn: Connection,
     rx: mpsc::Receiver<(WriteJob, Reply)>,
-    wal: [PathBuf; 2],
-    wal_limit: u64,
-    signal: Arc<SysSignal>,
-    copied: Arc<AtomicBool>,
+    parts: WriterParts,
     mut sealer: KeySealer,
 ) {
+    let WriterParts {
+        wal,
+        wal_limit,
+        signal,
+        copied,
+        mut syncer,
+    } = parts;
+    // Answers go out in commit order: through the syncer when there is one
+    // (after the frames of their commit, and of every commit before it, are
+    // on disk), otherwise at once.
+    let unsynced = syncer.as_ref().map(|s| s.in_flight.clone());
+    let mut answer = |results: Vec<(StoreResult<Box<dyn Any + Send>>, Reply)>| match &mut syncer {
+        Some(s) => s.after_sync(results),
+        None => results.into_iter().for_each(|(r, reply)| reply.send(r)),
+    };
     // Outbox rows up to this seq belong to committed batches: both files
     // hold their events, so the next batch that writes the main file anyway
     // removes them.
@@ -682,6 +719,9 @@ fn writer_loop(
         }
         let mut results: Vec<(StoreResult<Box<dyn Any + Send>>, Reply)> =
             Vec::with_capacity(batch.len());
+        // Jobs that failed alone: answered with the batch, never ahead of an
+        // earlier commit that is not yet on disk (their error may tell of it).
+        let mut failed = Vec::new();
         let mut sys_changed = false;
         let mut main_dirty = false;
         let mut outbox_last = None;
@@ -693,12 +733,34 @@ fn writer_loop(
         // every savepoint, whose sub-journal copies each page on its first
         // change (a quarter of an index insert's cost).
         let mut began = false;
-        for (job, reply) in batch {
+        let mut queued = batch.into_iter();
+        let mut taken = 0;
+        loop {
+            // While the previous commit is being synced, more jobs join this
+            // one (the sync is the slow part; see `Syncer`): commits stay as
+            // large as when the writer waited for each sync itself.
+            let next = match queued.next() {
+                Some(job) => Some(job),
+                None if taken < GROUP_MAX
+                    && unsynced
+                        .as_ref()
+                        .is_some_and(|u| u.load(Ordering::Acquire) > 0) =>
+                {
+                    match rx.recv_timeout(SYNC_POLL) {
+                        Ok(job) => Some(job),
+                        Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => None,
+                    }
+                }
+                None => None,
+            };
+            let Some((job, reply)) = next else { break };
+            taken += 1;
             if !began {
                 match conn.execute_batch("BEGIN IMMEDIATE") {
                     Ok(()) => began = true,
                     Err(e) => {
-                        reply.send(Err(StoreError::Backend(e.to_string())));
+                        failed.push((Err(StoreError::Backend(e.to_string())), reply));
                         continue;
                     }
                 }
@@ -710,7 +772,7 @@ fn writer_loop(
                     tracing::warn!(error = %e, "rolling back a failed write job failed");
                 }
                 began = false;
-                reply.send(result);
+                failed.push((result, reply));
                 continue;
             }
             sys_changed |= effects.sys_changed;
@@ -721,6 +783,7 @@ fn writer_loop(
         }
         if !began {
             // Every job failed (rolled back) or could not begin: nothing to commit.
+            answer(failed);
             continue;
         }
         // A step of the key index seal rides on the commit.
@@ -736,9 +799,11 @@ fn writer_loop(
         }
         if let Err(e) = conn.execute_batch("COMMIT") {
             let _ = conn.execute_batch("ROLLBACK");
-            for (_, reply) in results {
-                reply.send(Err(StoreError::Backend(e.to_string())));
-            }
+            let failed_commit = results
+                .into_iter()
+                .map(|(_, reply)| (Err(StoreError::Backend(e.to_string())), reply));
+            failed.extend(failed_commit);
+            answer(failed);
             sealer = KeySealer::recover(&conn);
             continue;
         }
@@ -756,9 +821,8 @@ fn writer_loop(
         if outbox_last.is_some() {
             outbox_done = outbox_last;
         }
-        for (result, reply) in results {
-            reply.send(result);
-        }
+        failed.extend(results);
+        answer(failed);
         if copied.swap(false, Ordering::AcqRel)
             && let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
         {
@@ -774,9 +838,173 @@ fn writer_loop(
     if let Some(done) = outbox_done {
         let _ = conn.execute("DELETE FROM main.audit_outbox WHERE seq <= ?1", [done]);
     }
+    // Every answer is out before the store reports itself closed.
+    if let Some(syncer) = syncer {
+        syncer.finish();
+    }
     // Closing: finish the seal now rather than at the next start.
     seal_alone(&conn, &mut sealer, true);
     let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+}
+
+/// What the writer thread works with besides its connection and jobs.
+struct WriterParts {
+    /// The WAL files of the main and the audit database.
+    wal: [PathBuf; 2],
+    /// WAL size past which the writer truncates it.
+    wal_limit: u64,
+    signal: Arc<SysSignal>,
+    /// Set by the checkpointer after a background pass.
+    copied: Arc<AtomicBool>,
+    /// `None` when SQLite itself syncs at commit or nothing syncs
+    /// ([`Synchronous::Normal`]).
+    syncer: Option<Syncer>,
+}
+
+thread_local! {
+    /// Which WAL files (bit 0 main, bit 1 audit) received frames since the
+    /// writer last looked; set by `note_wal_frames` on the writer's thread.
+    static WAL_WRITTEN: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
+}
+
+/// SQLite's WAL hook: called on the committing thread after each commit,
+/// once per database whose WAL the commit wrote.
+fn note_wal_frames(wal: &rusqlite::hooks::Wal, _frames: std::ffi::c_int) -> rusqlite::Result<()> {
+    let bit = if wal.name().to_bytes() == b"audit" {
+        2
+    } else {
+        1
+    };
+    WAL_WRITTEN.with(|w| w.set(w.get() | bit));
+    Ok(())
+}
+
+/// A group commit whose answers wait for its frames to reach the disk.
+struct Unsynced {
+    results: Vec<(StoreResult<Box<dyn Any + Send>>, Reply)>,
+    /// The WAL files its commit (and any unanswered commit before it) wrote.
+    written: u8,
+}
+
+/// Durable commits without the writer waiting for the disk.
+///
+/// With [`Synchronous::Full`], SQLite would `fdatasync` the WAL inside every
+/// `COMMIT`: the writer thread, which every write and every audit event
+/// goes through, sat idle through each sync (175–226 µs, more than half of
+/// an audited read's group commit), and no job could run meanwhile. So the
+/// writer's connection commits with `synchronous = NORMAL` (frames are
+/// written, not synced; SQLite keeps the database consistent either way
+/// and still syncs around checkpoints), and this thread syncs the WAL
+/// files after the commit and only then answers its jobs: no answer goes
+/// out before its commit, and every commit before it, is on disk, as with
+/// `FULL`. Meanwhile the writer already runs the jobs of the next group
+/// commit, and keeps taking jobs into it until the sync is done, so commits
+/// stay as large (and as few) as before; one sync covers every commit that
+/// came before it.
+///
+/// Other connections may read a commit a sync before it is on disk. Nothing
+/// they read reaches a client earlier than with `FULL`: an audited read
+/// answers only after its own audit event, committed later in the same
+/// WAL, is synced.
+struct Syncer {
+    queue: mpsc::Sender<Unsynced>,
+    /// Group commits handed over and not yet answered.
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    thread: std::thread::JoinHandle<()>,
+    wal: [PathBuf; 2],
+}
+
+impl Syncer {
+    /// Switch the writer's connection to syncing through a new syncer thread.
+    fn start(conn: &Connection, wal: [PathBuf; 2]) -> StoreResult<Syncer> {
+        conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA audit.synchronous = NORMAL;")
+            .map_err(backend_err)?;
+        // After `wal_autocheckpoint` (set in `open_connection`), which replaces the hook.
+        conn.wal_hook(Some(note_wal_frames));
+        let (queue, rx) = mpsc::channel::<Unsynced>();
+        let paths = wal.clone();
+        let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let answered = in_flight.clone();
+        let thread = std::thread::Builder::new()
+            .name("custos-sqlite-sync".into())
+            .spawn(move || sync_loop(rx, paths, answered))
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        Ok(Syncer {
+            queue,
+            in_flight,
+            thread,
+            wal,
+        })
+    }
+
+    /// Answer `results` once everything committed so far is on disk.
+    fn after_sync(&mut self, results: Vec<(StoreResult<Box<dyn Any + Send>>, Reply)>) {
+        let written = WAL_WRITTEN.with(|w| w.replace(0));
+        if results.is_empty() && written == 0 {
+            return;
+        }
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        if let Err(mpsc::SendError(unsynced)) = self.queue.send(Unsynced { results, written }) {
+            // The syncer thread is gone (it cannot panic short of a bug):
+            // sync here rather than answer early.
+            answer_synced(vec![unsynced], &self.wal);
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Answer what is queued and stop the thread.
+    fn finish(self) {
+        drop(self.queue);
+        let _ = self.thread.join();
+    }
+}
+
+fn sync_loop(
+    rx: mpsc::Receiver<Unsynced>,
+    wal: [PathBuf; 2],
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        batch.extend(rx.try_iter());
+        let n = batch.len();
+        answer_synced(batch, &wal);
+        in_flight.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// Sync the WAL files `batch` wrote, then answer its jobs in order.
+fn answer_synced(batch: Vec<Unsynced>, wal: &[PathBuf; 2]) {
+    let written = batch.iter().fold(0, |w, u| w | u.written);
+    let mut synced = Ok(());
+    for (bit, path) in [(1u8, &wal[0]), (2, &wal[1])] {
+        if written & bit != 0 && synced.is_ok() {
+            synced = sync_file(path);
+        }
+    }
+    if let Err(e) = &synced {
+        tracing::error!(error = %e, "the WAL could not be synced: the last commits may not survive a power loss");
+    }
+    for unsynced in batch {
+        for (result, reply) in unsynced.results {
+            reply.send(match &synced {
+                Ok(()) => result,
+                Err(e) => Err(StoreError::Backend(e.clone())),
+            });
+        }
+    }
+}
+
+/// `fdatasync` one WAL file. A missing file has nothing to sync: SQLite
+/// removes a WAL only after copying it all into the database and syncing that.
+fn sync_file(path: &Path) -> Result<(), String> {
+    match std::fs::File::open(path) {
+        Ok(file) => file
+            .sync_data()
+            .map_err(|e| format!("syncing {}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("opening {} to sync it: {e}", path.display())),
+    }
 }
 
 /// Take the seal's step for this commit (more while more than one block
@@ -2451,6 +2679,36 @@ impl SqliteTx<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The WAL hook marks exactly the files each commit wrote: the syncer
+    /// syncs those before it answers, so a file it missed would leave
+    /// acknowledged commits unsynced.
+    #[test]
+    fn the_wal_hook_marks_the_files_a_commit_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = SqliteConfig::new(dir.path().join("t.db"));
+        let conn = open_connection(&config, false).unwrap();
+        conn.execute_batch("CREATE TABLE main.m (x); CREATE TABLE audit.a (x);")
+            .unwrap();
+        conn.wal_hook(Some(note_wal_frames));
+        let written = |sql: &str| {
+            WAL_WRITTEN.with(|w| w.set(0));
+            conn.execute_batch(&format!("BEGIN IMMEDIATE; {sql} COMMIT;"))
+                .unwrap();
+            WAL_WRITTEN.with(|w| w.replace(0))
+        };
+        assert_eq!(written("INSERT INTO main.m VALUES (1);"), 1);
+        assert_eq!(written("INSERT INTO audit.a VALUES (1);"), 2);
+        assert_eq!(
+            written("INSERT INTO main.m VALUES (2); INSERT INTO audit.a VALUES (2);"),
+            3
+        );
+        assert_eq!(
+            written("SELECT count(*) FROM main.m;"),
+            0,
+            "nothing written"
+        );
+    }
 
     /// A cached statement with `LIMIT ?` runs again with another limit
     /// without being prepared again.
