@@ -964,6 +964,17 @@ fn sync_loop(
     wal: [PathBuf; 2],
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
 ) {
+    /// Clears the count when this thread ends, however it ends, so that the
+    /// writer never waits for a sync that cannot come (it then syncs
+    /// itself, see `Syncer::after_sync`).
+    struct ClearOnExit(Arc<std::sync::atomic::AtomicUsize>);
+    impl Drop for ClearOnExit {
+        fn drop(&mut self) {
+            self.0.store(0, Ordering::Release);
+        }
+    }
+    let in_flight = ClearOnExit(in_flight);
+    let in_flight = &in_flight.0;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
