@@ -99,7 +99,8 @@ pub(super) async fn audit_bench(
 /// The trail's own group commit under many waiting appenders, as every
 /// audited request waits for its event: events/s and the latency of one
 /// append (queued, committed, on disk). No HTTP and little CPU per event,
-/// so the figure is the writer's and the disk's, which bound audited reads.
+/// so the figure is the writer's and the disk's: the bound on audited reads
+/// wherever the CPUs are not the tighter one.
 async fn concurrent_appends(plan: &Plan, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     const TASKS: usize = 64;
     let secs = if plan.quick { 1.0 } else { 3.0 };

@@ -678,13 +678,13 @@ fn writer_loop(
         wal_limit,
         signal,
         copied,
-        mut syncer,
+        syncer,
     } = parts;
     // Answers go out in commit order: through the syncer when there is one
     // (after the frames of their commit, and of every commit before it, are
     // on disk), otherwise at once.
     let unsynced = syncer.as_ref().map(|s| s.in_flight.clone());
-    let mut answer = |results: Vec<(StoreResult<Box<dyn Any + Send>>, Reply)>| match &mut syncer {
+    let answer = |results: Vec<(StoreResult<Box<dyn Any + Send>>, Reply)>| match &syncer {
         Some(s) => s.after_sync(results),
         None => results.into_iter().for_each(|(r, reply)| reply.send(r)),
     };
@@ -882,7 +882,8 @@ fn note_wal_frames(wal: &rusqlite::hooks::Wal, _frames: std::ffi::c_int) -> rusq
 /// A group commit whose answers wait for its frames to reach the disk.
 struct Unsynced {
     results: Vec<(StoreResult<Box<dyn Any + Send>>, Reply)>,
-    /// The WAL files its commit (and any unanswered commit before it) wrote.
+    /// The WAL files written since the last hand-over: by its commit, and
+    /// by any seal step committed on its own in between.
     written: u8,
 }
 
@@ -898,9 +899,9 @@ struct Unsynced {
 /// files after the commit and only then answers its jobs: no answer goes
 /// out before its commit, and every commit before it, is on disk, as with
 /// `FULL`. Meanwhile the writer already runs the jobs of the next group
-/// commit, and keeps taking jobs into it until the sync is done, so commits
-/// stay as large (and as few) as before; one sync covers every commit that
-/// came before it.
+/// commit, and keeps taking jobs into it until the sync is done rather than
+/// commit at once (a first version did, making more and smaller commits,
+/// and read no faster); one sync covers every commit that came before it.
 ///
 /// Other connections may read a commit a sync before it is on disk. Nothing
 /// they read reaches a client earlier than with `FULL`: an audited read
@@ -938,7 +939,7 @@ impl Syncer {
     }
 
     /// Answer `results` once everything committed so far is on disk.
-    fn after_sync(&mut self, results: Vec<(StoreResult<Box<dyn Any + Send>>, Reply)>) {
+    fn after_sync(&self, results: Vec<(StoreResult<Box<dyn Any + Send>>, Reply)>) {
         let written = WAL_WRITTEN.with(|w| w.replace(0));
         if results.is_empty() && written == 0 {
             return;
