@@ -44,6 +44,9 @@ pub struct StorageConfig {
     pub synchronous: Option<String>,
     /// SQLite: page cache in MiB.
     pub cache_mib: Option<u32>,
+    /// SQLite: under concurrent writes, how long after a commit the next
+    /// one waits for more jobs, in microseconds (default 1,500; 0: never).
+    pub commit_delay_us: Option<u64>,
     /// PostgreSQL: a schema for the tables (default `public`).
     pub schema: Option<String>,
     /// PostgreSQL: read connections per node (default 16).
@@ -109,9 +112,26 @@ pub fn synchronous(s: &str) -> anyhow::Result<custos_store::Synchronous> {
     }
 }
 
+/// `storage.commit_delay_us`, at most 100 ms (a larger delay would only
+/// hold every request back).
+pub fn commit_delay(us: u64) -> anyhow::Result<std::time::Duration> {
+    if us > 100_000 {
+        bail!("storage.commit_delay_us must be at most 100000 (100 ms), not {us}");
+    }
+    Ok(std::time::Duration::from_micros(us))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_commit_delay_is_bounded() {
+        assert_eq!(commit_delay(0).unwrap(), std::time::Duration::ZERO);
+        assert_eq!(commit_delay(1500).unwrap().as_micros(), 1500);
+        let e = commit_delay(100_001).unwrap_err().to_string();
+        assert!(e.contains("at most 100000"), "{e}");
+    }
 
     #[test]
     fn the_stream_is_on_with_a_table_or_the_environment() {

@@ -342,6 +342,9 @@ pub async fn open_store(file: &FileConfig, dir: &Path) -> anyhow::Result<Arc<dyn
         if let Some(c) = s.cache_mib {
             sc.cache_mib = c;
         }
+        if let Some(us) = s.commit_delay_us {
+            sc.commit_delay = config::commit_delay(us)?;
+        }
     }
     Ok(Arc::new(
         SqliteStore::open(sc).context("cannot open the database")?,
