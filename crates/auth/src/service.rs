@@ -308,9 +308,13 @@ async fn verify_off_runtime(password: &str, hash: &str) -> bool {
 }
 
 /// Whether a cached token is the presented one, in constant time (for
-/// tokens of one length). Compared a machine word at a time: `subtle`'s
-/// byte-slice comparison puts an optimization barrier on every byte, about
-/// 0.7 µs for a bearer token, on every request.
+/// tokens of one length). `subtle`'s byte-slice comparison puts an
+/// optimization barrier on every byte (about 0.7 µs for a bearer token, on
+/// every request); with one per machine word, authentication and policy
+/// took 1.4 µs (p50, `custos bench`), with one per 64-byte block 1.3 µs
+/// (three alternating runs). A block's word differences are folded with
+/// `|` (no branch can leave early) and only its result passes through
+/// `subtle`.
 fn same_token(cached: &str, presented: &str) -> bool {
     let (a, b) = (cached.as_bytes(), presented.as_bytes());
     if a.len() != b.len() {
@@ -322,8 +326,12 @@ fn same_token(cached: &str, presented: &str) -> bool {
         u64::from_le_bytes(w)
     };
     let mut same = subtle::Choice::from(1);
-    for (x, y) in a.chunks(8).zip(b.chunks(8)) {
-        same &= word(x).ct_eq(&word(y));
+    for (x, y) in a.chunks(64).zip(b.chunks(64)) {
+        let diff = x
+            .chunks(8)
+            .zip(y.chunks(8))
+            .fold(0u64, |d, (p, q)| d | (word(p) ^ word(q)));
+        same &= diff.ct_eq(&0);
     }
     bool::from(same)
 }
@@ -1970,5 +1978,18 @@ mod tests {
         // Lengths differ: never equal, even as a prefix.
         assert!(!same_token(t, &t[..t.len() - 1]));
         assert!(!same_token(&t[..8], t));
+        // A token of several 64-byte blocks: a difference at any byte, in
+        // any block (the last one partial), is seen.
+        let long = t.repeat(9);
+        assert!(same_token(&long, &long.clone()));
+        for i in 0..long.len() {
+            let mut other = long.clone().into_bytes();
+            other[i] ^= 0x01;
+            let other = String::from_utf8(other).unwrap();
+            assert!(
+                !same_token(&long, &other),
+                "a difference at byte {i} was missed"
+            );
+        }
     }
 }
