@@ -511,9 +511,10 @@ impl AuditTrail {
     /// Queue the job that group-commits the waiting events. It takes them
     /// when the writer runs it, not when it is queued: the events that
     /// arrive while the writer is busy (the previous commit, other
-    /// writes) ride on it, so batches grow with the load, and no delay is
-    /// ever added. The writer answers each event's task directly after the
-    /// commit. (An appender thread of our own between the request tasks and
+    /// writes) ride on it, so batches grow with the load; the trail adds no
+    /// delay of its own (the store may hold a commit briefly under load,
+    /// `storage.commit_delay_us`). The store answers each event's task
+    /// directly once the commit is durable. (An appender thread of our own between the request tasks and
     /// the writer cost two more thread wake-ups per commit, on the path of
     /// every audited request.)
     fn arm_commit(inner: &Arc<Inner>) {
