@@ -10,6 +10,7 @@ mod demo;
 mod embedded;
 mod leader;
 mod simulate;
+mod sqlite_malloc;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -217,6 +218,8 @@ fn main() {
     // zeroed pages (about a tenth of ingest CPU in the profile).
     // SAFETY: sets a process-wide allocator option before any threads start.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 1000) };
+    // Before anything opens SQLite.
+    let sqlite_malloc = sqlite_malloc::install();
     let cli = Cli::parse();
     // The demo and the benchmark print their own story; keep the log to warnings there.
     let default_filter = match cli.command {
@@ -238,6 +241,9 @@ fn main() {
         log.json().init();
     } else {
         log.init();
+    }
+    if let Err(e) = sqlite_malloc {
+        tracing::warn!("SQLite keeps its own allocator: {e:#}");
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
