@@ -153,8 +153,37 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .context("the benchmark thread stopped unexpectedly")?
 }
 
+/// Warnings only; detection's one line per alert stays out, since the load
+/// generator's bulk reads are meant to raise them and the `detect` rows
+/// report detection.
 fn bench_log_filter() -> tracing_subscriber::EnvFilter {
-    tracing_subscriber::EnvFilter::try_from_env("CUSTOS_LOG").unwrap_or_else(|_| "warn".into())
+    tracing_subscriber::EnvFilter::try_from_env("CUSTOS_LOG")
+        .unwrap_or_else(|_| "warn,custos_detect::live=error".into())
+}
+
+/// Syncs timed by [`disk_sync_latency`].
+const DISK_PROBE_SYNCS: usize = 400;
+
+/// How long `fdatasync` takes in the data dirs' file system: a 16 KiB
+/// write at a varying offset of a 1 MiB file, then the sync, as a commit does.
+fn disk_sync_latency() -> anyhow::Result<Lat> {
+    use std::io::{Seek, SeekFrom, Write};
+    let dir = TempDir::new("disk-probe")?;
+    std::fs::create_dir(dir.path())?;
+    let mut f = std::fs::File::create(dir.path().join("probe"))?;
+    f.write_all(&vec![0u8; 1 << 20])?;
+    f.sync_all()?;
+    let mut page = [0u8; 16 << 10];
+    let mut micros = Vec::with_capacity(DISK_PROBE_SYNCS);
+    for i in 0..DISK_PROBE_SYNCS {
+        page[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        f.seek(SeekFrom::Start(((i * page.len()) % (1 << 20)) as u64))?;
+        f.write_all(&page)?;
+        let t = Instant::now();
+        f.sync_data()?;
+        micros.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+    }
+    Ok(Lat::of(micros))
 }
 
 /// Make this thread log through the benchmark's filter for the rest of its life.
@@ -1047,7 +1076,7 @@ async fn bench(plan: Plan, postgres: Option<String>) -> anyhow::Result<()> {
     };
     let log = match std::env::var("CUSTOS_LOG") {
         Ok(v) => format!("CUSTOS_LOG={v}"),
-        Err(_) => "warn (set CUSTOS_LOG=info to include the per-request log)".to_string(),
+        Err(_) => "warn, without detection's alert lines (set CUSTOS_LOG=info to include the per-request log)".to_string(),
     };
     let total = Instant::now();
     println!(
@@ -1066,6 +1095,15 @@ async fn bench(plan: Plan, postgres: Option<String>) -> anyhow::Result<()> {
         std::env::temp_dir().display()
     );
     println!("log       {log}");
+    match tokio::task::spawn_blocking(disk_sync_latency).await {
+        Ok(Ok(lat)) => println!(
+            "disk      fdatasync after a 16 KiB write: p50 / p99 / max {} ({} syncs; every audited request waits for a synced commit, so this p99 is a floor for theirs)",
+            lat.text(),
+            DISK_PROBE_SYNCS
+        ),
+        Ok(Err(e)) => println!("disk      fdatasync latency unknown: {e:#}"),
+        Err(e) => println!("disk      fdatasync latency unknown: {e}"),
+    }
     if let Ok(l) = std::fs::read_to_string("/proc/loadavg") {
         let l: Vec<&str> = l.split_whitespace().take(3).collect();
         println!(
