@@ -47,6 +47,9 @@ pub struct StorageConfig {
     /// SQLite: under concurrent writes, how long after a commit the next
     /// one waits for more jobs, in microseconds (default 1,500; 0: never).
     pub commit_delay_us: Option<u64>,
+    /// Data keys kept unwrapped in memory, one per patient compartment
+    /// (default 65,536); a read outside the cache unwraps its key again.
+    pub key_cache: Option<usize>,
     /// PostgreSQL: a schema for the tables (default `public`).
     pub schema: Option<String>,
     /// PostgreSQL: read connections per node (default 16).
@@ -80,7 +83,28 @@ impl FileConfig {
     pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+        toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "invalid config file {}: {}",
+                path.display(),
+                toml_error_line(&text, &e)
+            )
+        })
+    }
+}
+
+/// A TOML error on one line: where, then what (its own display draws the
+/// line with a caret over several lines).
+fn toml_error_line(text: &str, e: &toml::de::Error) -> String {
+    let what = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {what}")
+        }
+        None => what,
     }
 }
 
@@ -121,9 +145,52 @@ pub fn commit_delay(us: u64) -> anyhow::Result<std::time::Duration> {
     Ok(std::time::Duration::from_micros(us))
 }
 
+/// `storage.key_cache`: from 1 to 16,777,216 keys (a few hundred bytes
+/// each, unwrapped key material: no more than the patients served).
+pub fn key_cache(n: usize) -> anyhow::Result<usize> {
+    if !(1..=KEY_CACHE_MAX).contains(&n) {
+        bail!("storage.key_cache must be from 1 to {KEY_CACHE_MAX}, not {n}");
+    }
+    Ok(n)
+}
+
+const KEY_CACHE_MAX: usize = 1 << 24;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_key_cache_is_bounded() {
+        assert_eq!(key_cache(1).unwrap(), 1);
+        assert_eq!(key_cache(250_000).unwrap(), 250_000);
+        for bad in [0, KEY_CACHE_MAX + 1] {
+            let e = key_cache(bad).unwrap_err().to_string();
+            assert!(e.contains("storage.key_cache must be from 1"), "{e}");
+        }
+        let file: FileConfig = toml::from_str("[storage]\nkey_cache = 200000\n").unwrap();
+        assert_eq!(file.storage.unwrap().key_cache, Some(200_000));
+    }
+
+    #[test]
+    fn a_bad_config_file_is_reported_on_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("custos.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:8080\"\n[storage]\n  keycache = 1\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", FileConfig::load(&path).unwrap_err());
+        assert!(!e.contains('\n'), "{e}");
+        assert!(
+            e.contains("line 3, column 3: unknown field `keycache`"),
+            "{e}"
+        );
+        std::fs::write(&path, "listen = \n").unwrap();
+        let e = format!("{:#}", FileConfig::load(&path).unwrap_err());
+        assert!(!e.contains('\n') && e.contains("line 1"), "{e}");
+    }
 
     #[test]
     fn the_commit_delay_is_bounded() {

@@ -372,6 +372,9 @@ pub async fn open_data(
     let provider = kek_provider(&dir)?;
     let store = open_store(&file, &dir).await?;
     let mut rc = RecordsConfig::default();
+    if let Some(n) = file.storage.as_ref().and_then(|s| s.key_cache) {
+        rc.key_cache = config::key_cache(n)?;
+    }
     if let Some(s) = &file.search {
         rc.default_count = s.default_count.unwrap_or(rc.default_count);
         rc.max_count = s.max_count.unwrap_or(rc.max_count);
