@@ -92,7 +92,7 @@ impl EmbeddedServer {
             ),
             _ => None,
         };
-        let state = AppState {
+        let state = AppState::new(custos_server::AppStateInner {
             detection: detection.clone(),
             audit: audit.clone(),
             records,
@@ -102,7 +102,7 @@ impl EmbeddedServer {
             },
             config: Arc::new(config),
             ops: Default::default(),
-        };
+        });
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             custos_server::serve(listener, state, async move {

@@ -568,14 +568,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let duties =
                 leader::Duties::follow(trail.clone(), detection.clone(), stream_config.clone())
                     .await;
-            let state = custos_server::AppState {
+            let state = custos_server::AppState::new(custos_server::AppStateInner {
                 records: opened.records.clone(),
                 access: custos_server::Access::Enforced(auth.clone()),
                 audit: Some(trail.clone()),
                 detection: detection.clone(),
                 config: Arc::new(sc),
                 ops: Default::default(),
-            };
+            });
             tracing::info!(%addr, tls, issuer, "custos listening");
             println!("custos listening on {scheme}://{addr}");
             custos_server::serve(listener, state, shutdown_signal()).await?;

@@ -46,9 +46,36 @@ impl Default for ServerConfig {
     }
 }
 
-/// Shared state of the handlers.
+/// Shared state of the handlers: a handle to [`AppStateInner`].
+///
+/// One pointer, so that a clone is one reference-count increment: axum
+/// clones the state for each `from_fn_with_state` layer and each `State`
+/// extractor a request passes (the log layer, the authentication layer and
+/// the handler for a FHIR read). A clone of the fields themselves touched
+/// eight shared reference counts, cache lines that every request moved
+/// between the cores.
+///
+/// A constructor and `Deref` to the fields: handlers read `s.records`
+/// as before.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppStateInner>);
+
+impl AppState {
+    /// Share `inner` with the handlers.
+    pub fn new(inner: AppStateInner) -> AppState {
+        AppState(Arc::new(inner))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppStateInner;
+    fn deref(&self) -> &AppStateInner {
+        &self.0
+    }
+}
+
+/// What every handler shares (behind [`AppState`]).
+pub struct AppStateInner {
     /// The unrestricted record service; handlers use the caller's guarded handle.
     pub records: Records,
     pub access: Access,
