@@ -1201,16 +1201,10 @@ async fn bench(plan: Plan, postgres: Option<String>) -> anyhow::Result<()> {
             if k == 0 {
                 // The same data served without authentication, by a second
                 // server in this process; runs alternate, best of two each.
-                // Audited too (anonymously): the ratio isolates authentication and policy.
-                let open = EmbeddedServer::start(
-                    server.records.clone(),
-                    None,
-                    Some(custos_audit::AuditConfig {
-                        checkpoint_secs: 0,
-                        ..custos_audit::AuditConfig::default()
-                    }),
-                )
-                .await?;
+                // Audited too (anonymously), through the same trail, and
+                // judged by the same detection: the ratio isolates
+                // authentication and policy.
+                let open = server.server.unauthenticated_twin(server.records.clone())?;
                 let open_client = FhirClient::new(&open.url());
                 let paths = Arc::new(read_paths(&ing, plan.seed));
                 let mut best_auth = read;

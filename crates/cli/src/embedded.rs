@@ -92,7 +92,7 @@ impl EmbeddedServer {
             ),
             _ => None,
         };
-        let state = AppState::new(custos_server::AppStateInner {
+        let state = custos_server::AppStateInner {
             detection: detection.clone(),
             audit: audit.clone(),
             records,
@@ -102,7 +102,47 @@ impl EmbeddedServer {
             },
             config: Arc::new(config),
             ops: Default::default(),
-        });
+        };
+        Ok(Self::serve(listener, addr, state, auth, audit, detection))
+    }
+
+    /// The benchmark's baseline beside this server: the same `records`
+    /// served without authentication on another port, through this
+    /// server's audit trail and watched by its detection. Its reads are
+    /// then recorded and judged as this server's are (handed over to
+    /// detection at commit); through an audit trail of its own, detection
+    /// read each of its events back from the log and opened it, work the
+    /// authenticated runs are spared, and the baseline ran slower than it
+    /// should. Stopping the twin leaves the trail and detection running.
+    pub fn unauthenticated_twin(&self, records: Records) -> anyhow::Result<EmbeddedServer> {
+        let listener = std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .context("cannot bind a loopback port")?;
+        let addr = listener.local_addr()?;
+        let state = custos_server::AppStateInner {
+            detection: self.detection.clone(),
+            audit: self.audit.clone(),
+            records,
+            access: Access::OpenForBenchmark,
+            config: Arc::new(ServerConfig {
+                listen: addr,
+                ..ServerConfig::default()
+            }),
+            ops: Default::default(),
+        };
+        Ok(Self::serve(listener, addr, state, None, None, None))
+    }
+
+    /// Serve `state` on `listener`; `audit` and `detection` are the ones
+    /// this server owns (closed and stopped when it stops).
+    fn serve(
+        listener: std::net::TcpListener,
+        addr: SocketAddr,
+        state: custos_server::AppStateInner,
+        auth: Option<Arc<AuthService>>,
+        audit: Option<custos_audit::AuditTrail>,
+        detection: Option<custos_detect::Detection>,
+    ) -> EmbeddedServer {
+        let state = AppState::new(state);
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             custos_server::serve(listener, state, async move {
@@ -110,14 +150,14 @@ impl EmbeddedServer {
             })
             .await
         });
-        Ok(EmbeddedServer {
+        EmbeddedServer {
             addr,
             auth,
             audit,
             detection,
             stop: Some(stop_tx),
             task,
-        })
+        }
     }
 
     /// `http://127.0.0.1:PORT`.
