@@ -66,6 +66,7 @@ const LOG_PASS_EVERY: Duration = Duration::from_millis(20);
 /// held a worker for a millisecond or two, and the requests queued on it
 /// waited that long. 32 events are about 0.1 ms of work.
 const YIELD_EVERY: usize = 32;
+
 /// Committed events the trail holds for the pipeline reading the local log
 /// (so that it need not read them back and open them): well over what
 /// commits between two passes at full load.
