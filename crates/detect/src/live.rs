@@ -906,41 +906,57 @@ impl Detection {
     /// with the cursor. Returns the cursor that the save made durable, if it
     /// saved one.
     async fn save_state(&self, global: bool) -> Result<Option<u64>, DetectError> {
-        let (dirty, registry, g, cursor) = {
-            let mut e = self.inner.engine.lock();
-            let dirty = e.take_dirty();
-            let registry = e.take_dirty_registry();
-            let cursor = e.state().cursor;
-            (dirty, registry, global.then(|| e.global_state()), cursor)
-        };
-        if dirty.is_empty() && registry.is_empty() && g.is_none() {
+        // Serializing runs on the blocking pool, not on a runtime worker:
+        // a principal that reads in bulk (a system client, an export)
+        // remembers every patient it opened in 90 days, and its state is
+        // then megabytes of JSON; serialized in the pipeline's task, under
+        // the engine's lock, that held one of the request workers for tens
+        // of milliseconds at every save.
+        let inner = self.inner.clone();
+        let prepared = tokio::task::spawn_blocking(move || {
+            let (dirty, registry, g, cursor) = {
+                let mut e = inner.engine.lock();
+                let dirty = e.take_dirty();
+                let registry = e.take_dirty_registry();
+                let cursor = e.state().cursor;
+                (dirty, registry, global.then(|| e.global_state()), cursor)
+            };
+            if dirty.is_empty() && registry.is_empty() && g.is_none() {
+                return None;
+            }
+            let vault = inner.auth.vault();
+            let rows: Vec<(&str, String, Vec<u8>)> = dirty
+                .into_iter()
+                .map(|(subject, state)| {
+                    let key = vault.blind_key("detect-user", &subject);
+                    let raw = serde_json::value::RawValue::from_string(
+                        String::from_utf8(state).expect("JSON is UTF-8"),
+                    )
+                    .expect("valid JSON");
+                    let value = serde_json::to_vec(&(subject, raw)).expect("serializes");
+                    (USER_STATE_KIND, key, value)
+                })
+                .chain(registry.into_iter().map(|entry| {
+                    let (kind, key) = match &entry {
+                        RegistryEntry::Identifier { identifier, .. } => {
+                            (IDENTIFIER_KIND, format!("{identifier:016x}"))
+                        }
+                        RegistryEntry::Encounter { patient, .. } => {
+                            (ENCOUNTER_KIND, vault.blind_key(ENCOUNTER_KIND, patient))
+                        }
+                    };
+                    (kind, key, serde_json::to_vec(&entry).expect("serializes"))
+                }))
+                .collect();
+            Some((rows, g, cursor))
+        })
+        .await
+        .map_err(|e| DetectError::Store(format!("preparing the detection state failed: {e}")))?;
+        let Some((rows, g, cursor)) = prepared else {
             return Ok(None);
-        }
+        };
         let saved = g.is_some().then_some(cursor);
         let vault = self.inner.auth.vault().clone();
-        let rows: Vec<(&str, String, Vec<u8>)> = dirty
-            .into_iter()
-            .map(|(subject, state)| {
-                let key = vault.blind_key("detect-user", &subject);
-                let raw = serde_json::value::RawValue::from_string(
-                    String::from_utf8(state).expect("JSON is UTF-8"),
-                )
-                .expect("valid JSON");
-                let value = serde_json::to_vec(&(subject, raw)).expect("serializes");
-                (USER_STATE_KIND, key, value)
-            })
-            .chain(registry.into_iter().map(|entry| {
-                let (kind, key) = match &entry {
-                    RegistryEntry::Identifier { identifier, .. } => {
-                        (IDENTIFIER_KIND, format!("{identifier:016x}"))
-                    }
-                    RegistryEntry::Encounter { patient, .. } => {
-                        (ENCOUNTER_KIND, vault.blind_key(ENCOUNTER_KIND, patient))
-                    }
-                };
-                (kind, key, serde_json::to_vec(&entry).expect("serializes"))
-            }))
-            .collect();
         vault
             .write(move |tx, v| {
                 for (kind, key, value) in &rows {
