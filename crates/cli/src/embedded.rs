@@ -24,6 +24,19 @@ pub struct EmbeddedServer {
     task: JoinHandle<anyhow::Result<()>>,
 }
 
+/// A listener on 127.0.0.1 at a port the OS chooses, its address, and the
+/// server settings that serve on it.
+fn bind_loopback() -> anyhow::Result<(std::net::TcpListener, SocketAddr, ServerConfig)> {
+    let listener = std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .context("cannot bind a loopback port")?;
+    let addr = listener.local_addr()?;
+    let config = ServerConfig {
+        listen: addr,
+        ..ServerConfig::default()
+    };
+    Ok((listener, addr, config))
+}
+
 impl EmbeddedServer {
     /// Serve `records` on 127.0.0.1 (port chosen by the OS) with
     /// authentication and the audit trail; `None` serves without
@@ -56,13 +69,7 @@ impl EmbeddedServer {
         detect: Option<DetectConfig>,
         issuer: Option<String>,
     ) -> anyhow::Result<EmbeddedServer> {
-        let listener = std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .context("cannot bind a loopback port")?;
-        let addr = listener.local_addr()?;
-        let config = ServerConfig {
-            listen: addr,
-            ..ServerConfig::default()
-        };
+        let (listener, addr, config) = bind_loopback()?;
         let audit = match (&auth, audit) {
             (Some(_), a) | (None, a @ Some(_)) => Some(
                 custos_audit::AuditTrail::open(&records, a.unwrap_or_default())
@@ -115,18 +122,13 @@ impl EmbeddedServer {
     /// authenticated runs are spared, and the baseline ran slower than it
     /// should. Stopping the twin leaves the trail and detection running.
     pub fn unauthenticated_twin(&self, records: Records) -> anyhow::Result<EmbeddedServer> {
-        let listener = std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .context("cannot bind a loopback port")?;
-        let addr = listener.local_addr()?;
+        let (listener, addr, config) = bind_loopback()?;
         let state = custos_server::AppStateInner {
             detection: self.detection.clone(),
             audit: self.audit.clone(),
             records,
             access: Access::OpenForBenchmark,
-            config: Arc::new(ServerConfig {
-                listen: addr,
-                ..ServerConfig::default()
-            }),
+            config: Arc::new(config),
             ops: Default::default(),
         };
         Ok(Self::serve(listener, addr, state, None, None, None))
