@@ -1,6 +1,7 @@
 //! `custos bench`: figures for ingest, reads, searches and sealing cost,
 //! measured on this machine with an in-process server and an in-process
-//! load generator (hyper, keep-alive connections).
+//! load generator (hyper's client for ingest and searches; for reads by id
+//! a `wrk`-like connection loop, `loadgen.rs`; keep-alive connections).
 //!
 //! Phases:
 //! 1. ingest synthetic transaction Bundles (AES-256-GCM sealing);
@@ -790,7 +791,9 @@ async fn scratch_data(
     Ok((dir, opened))
 }
 
-/// `conns` keep-alive loops of `GET /{Type}/{id}` for 1 s of warm-up and then `secs` measured seconds.
+/// `conns` keep-alive loops of `GET /{Type}/{id}` (one connection each,
+/// `loadgen::Conn`, with `client`'s base and token) for 1 s of warm-up and
+/// then `secs` measured seconds.
 async fn read_bench(
     client: &FhirClient,
     paths: Arc<Vec<String>>,
@@ -808,8 +811,10 @@ async fn read_bench(
         cpu_delta(c0, process_cpu_secs())
     });
     let mut tasks = Vec::with_capacity(conns);
+    let target = crate::loadgen::Target::new(client.base(), client.authorization())?;
     for t in 0..conns {
-        let (c, paths) = (client.clone(), paths.clone());
+        let paths = paths.clone();
+        let mut conn = crate::loadgen::Conn::new(target.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat: Vec<u32> = Vec::with_capacity(per_task);
             let mut failures = Failures::default();
@@ -822,7 +827,7 @@ async fn read_bench(
                 }
                 let path = &paths[i % paths.len()];
                 i += 1;
-                let r = c.send("GET", path, None).await;
+                let r = conn.get(path).await;
                 let t1 = Instant::now();
                 match &r {
                     Ok((200, _)) => {}

@@ -44,6 +44,11 @@ impl FhirClient {
         &self.base
     }
 
+    /// The `Authorization` header value this client sends, if any.
+    pub fn authorization(&self) -> Option<&str> {
+        self.authorization.as_ref().and_then(|a| a.to_str().ok())
+    }
+
     /// Send a request; returns the status and the raw body.
     pub async fn send(
         &self,

@@ -9,6 +9,7 @@ mod config;
 mod demo;
 mod embedded;
 mod leader;
+mod loadgen;
 mod simulate;
 mod sqlite_malloc;
 
