@@ -257,15 +257,21 @@ mod tests {
         let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n".to_vec();
         let bad_length = b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n".to_vec();
         let garbage = b"NOT HTTP AT ALL\r\n\r\n".to_vec();
-        for answer in [chunked, bad_length, garbage] {
+        for (answer, why) in [
+            (chunked, "chunked"),
+            (bad_length, "Content-Length"),
+            (garbage, "invalid HTTP version"),
+        ] {
             let (base, _server) = scripted(vec![answer]).await;
             let mut conn = Conn::new(Target::new(&base, None).unwrap());
-            assert!(conn.get("Patient/1").await.is_err());
+            let err = conn.get("Patient/1").await.unwrap_err();
+            assert!(format!("{err:#}").contains(why), "{err:#}");
         }
         // Nothing listening: an error, not a panic.
         let (base, server) = scripted(Vec::new()).await;
         server.await.unwrap();
         let mut conn = Conn::new(Target::new(&base, None).unwrap());
-        assert!(conn.get("Patient/1").await.is_err());
+        let err = conn.get("Patient/1").await.unwrap_err();
+        assert!(format!("{err:#}").contains("connecting to"), "{err:#}");
     }
 }

@@ -660,8 +660,10 @@ const WAL_LIMIT_BYTES: u64 = 256 * 1024 * 1024;
 fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>, copied: Arc<AtomicBool>) {
     let pass = || conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
     let audit_pass = || conn.query_row("PRAGMA audit.wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-    let ticks_per_pass = (CHECKPOINT_EVERY.as_millis() / AUDIT_CHECKPOINT_EVERY.as_millis()).max(1);
-    let mut tick = 0u128;
+    let ticks_per_pass = CHECKPOINT_EVERY
+        .as_millis()
+        .div_ceil(AUDIT_CHECKPOINT_EVERY.as_millis()) as u64;
+    let mut tick = 0u64;
     loop {
         match stop.recv_timeout(AUDIT_CHECKPOINT_EVERY) {
             Err(mpsc::RecvTimeoutError::Timeout) => {
